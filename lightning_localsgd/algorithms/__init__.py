@@ -1,0 +1,7 @@
+"""Algorithm cores: plain PyTorch, one module per paper, no Lightning import."""
+
+from lightning_localsgd.algorithms.local_sgd import LocalSGD
+from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.algorithms.vrl_sgd import VRLSGD
+
+__all__ = ["VRLSGD", "LocalSGD", "PeriodicAlgorithm"]

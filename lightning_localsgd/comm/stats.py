@@ -1,0 +1,39 @@
+"""Counters of what a rank sent over the network."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class CommStats:
+    """Per-rank communication counters.
+
+    Attributes:
+        rounds: synchronisations the algorithm performed (a warm-up step counts as one round).
+        collectives: collective calls issued (a round is one collective per bucket).
+        bytes_sent: bytes this rank put on the wire, by the algorithm's cost model
+            (ring all-reduce: ``2 (N - 1) / N`` times the payload).
+        seconds: wall-clock seconds spent inside blocking collectives.
+    """
+
+    rounds: int = 0
+    collectives: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+    def as_metrics(self, prefix: str = "comm/") -> dict[str, float]:
+        return {
+            f"{prefix}rounds": float(self.rounds),
+            f"{prefix}collectives": float(self.collectives),
+            f"{prefix}mb_sent": self.bytes_sent / 1e6,
+            f"{prefix}seconds": self.seconds,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, type(getattr(self, key))(value))
