@@ -1,0 +1,172 @@
+"""One 2-process CPU training run through ``Trainer.fit``; each rank saves what it saw to ``<out>/rank<R>.pt``.
+
+Started by the tests as ``python tests/e2e/run_case.py --strategy vrl_sgd --out DIR [...]``; Lightning's
+launcher starts rank 1 by re-running this script, exactly as it does for users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_localsgd  # noqa: F401 - registers the strategy names
+
+COLLECTIVES = [0]
+
+
+def count_collectives() -> None:
+    """Wrap torch.distributed's collectives so every call, by anyone, is counted."""
+    names = ["all_reduce", "broadcast", "all_gather", "gather", "scatter", "reduce", "reduce_scatter", "barrier",
+             "all_gather_object", "gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv",
+             "all_to_all", "all_gather_into_tensor", "reduce_scatter_tensor"]
+    for name in names:
+        original = getattr(dist, name)
+
+        @functools.wraps(original)
+        def counted(*args, _original=original, **kwargs):
+            COLLECTIVES[0] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+class SameBatchEveryStep(Dataset):
+    """Rank-dependent data, one identical batch per step: resumed runs see exactly the same data."""
+
+    def __init__(self, rank: int, batch: int, steps: int) -> None:
+        g = torch.Generator().manual_seed(rank)
+        self.x = torch.randn(batch, 6, generator=g) + 2 * rank
+        self.y = (self.x[:, :1] * (rank + 1)).sin()
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.batch * self.steps
+
+    def __getitem__(self, i: int):
+        return self.x[i % self.batch], self.y[i % self.batch]
+
+
+def flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+def float_buffers(module: nn.Module) -> torch.Tensor:
+    return torch.cat([b.detach().reshape(-1).clone() for b in module.buffers() if b.is_floating_point()])
+
+
+class Recorder(L.LightningModule):
+    def __init__(self, optimizer: str, manual: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+        self.optimizer_name = optimizer
+        self.automatic_optimization = not manual
+        self.records: dict[str, list] = {"steps": [], "val": [], "buffers_before_round": []}
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        if self.automatic_optimization:
+            return loss
+        opt_body, opt_head = self.optimizers()
+        opt_body.zero_grad()
+        opt_head.zero_grad()
+        self.manual_backward(loss)
+        opt_body.step()
+        opt_head.step()
+        return None
+
+    def on_before_optimizer_step(self, optimizer):
+        self.records["buffers_before_round"].append(float_buffers(self))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        strategy = self.trainer.strategy
+        self.records["steps"].append(
+            {
+                "params": flat(self),
+                "buffers": float_buffers(self),
+                "collectives": COLLECTIVES[0],
+                "algorithm_step": strategy.algorithm.step,
+                "in_sync": strategy.algorithm.in_sync,
+                "global_step": self.trainer.global_step,
+            }
+        )
+
+    def on_validation_start(self):  # runs before the strategy swaps the consensus in
+        self._local_before_validation = flat(self)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=False)
+        self.records["val"].append({"local": self._local_before_validation, "evaluated": flat(self),
+                                    "step": self.trainer.global_step})
+
+    def configure_optimizers(self):
+        make = {
+            "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-4),
+            "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+        }[self.optimizer_name]
+        if not self.automatic_optimization:
+            return make(self.body.parameters()), make(self.head.parameters())
+        return make(self.parameters())
+
+    def train_dataloader(self):
+        return DataLoader(SameBatchEveryStep(self.global_rank, 8, 200), batch_size=8)
+
+    def val_dataloader(self):
+        return DataLoader(SameBatchEveryStep(self.global_rank, 8, 1), batch_size=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="vrl_sgd")
+    parser.add_argument("--period", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--manual", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=12)
+    parser.add_argument("--val-every", type=int, default=None)
+    parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    count_collectives()
+    out = Path(args.out)
+    cls = {"vrl_sgd": lightning_localsgd.VRLSGDStrategy, "local_sgd": lightning_localsgd.LocalSGDStrategy}
+    strategy = cls[args.strategy](period=args.period, warmup_steps=args.warmup)
+    callbacks = []
+    if args.ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1,
+                                         filename="{step}"))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps, callbacks=callbacks,
+        accumulate_grad_batches=args.accumulate, use_distributed_sampler=False, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=1 if args.val_every else 0, val_check_interval=args.val_every,
+        enable_checkpointing=bool(args.ckpt_every),
+    )
+    model = Recorder(args.optimizer, manual=args.manual)
+    trainer.fit(model, ckpt_path=args.resume)
+    model.records["final"] = flat(model)
+    model.records["final_buffers"] = float_buffers(model)
+    model.records["comm"] = strategy.comm_stats.state_dict()
+    torch.save(model.records, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

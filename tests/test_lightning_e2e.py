@@ -1,0 +1,134 @@
+"""Two real processes (CPU, gloo) through ``Trainer.fit``, as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "e2e" / "run_case.py"
+
+
+def run_case(out: Path, *args: str) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), *args],
+        cwd=out, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def vrl_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vrl")
+    return out, run_case(out, "--strategy", "vrl_sgd", "--period", "4", "--val-every", "5", "--ckpt-every", "6")
+
+
+def test_parameters_equal_on_all_ranks_right_after_a_round_and_not_before(vrl_run):
+    _, ranks = vrl_run
+    rounds = 0
+    for mine, other in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        spread = (mine["params"] - other["params"]).abs().max().item()
+        if mine["global_step"] % 4 == 0:
+            assert mine["in_sync"] and spread == 0.0
+            rounds += 1
+        else:
+            assert not mine["in_sync"] and spread > 1e-3
+    assert rounds == 3 and ranks[0]["comm"]["rounds"] == 3
+
+
+def test_float_buffers_are_averaged_at_each_round(vrl_run):
+    _, ranks = vrl_run
+    for i, step in enumerate(ranks[0]["steps"]):
+        if step["in_sync"]:
+            expected = (ranks[0]["buffers_before_round"][i] + ranks[1]["buffers_before_round"][i]) / 2
+            torch.testing.assert_close(step["buffers"], expected)
+            torch.testing.assert_close(ranks[1]["steps"][i]["buffers"], expected)
+            assert (ranks[0]["buffers_before_round"][i] - ranks[1]["buffers_before_round"][i]).abs().max() > 1e-3
+
+
+def test_validation_sees_the_averaged_model_and_training_resumes_from_the_local_one(vrl_run):
+    _, ranks = vrl_run
+    assert [v["step"] for v in ranks[0]["val"]] == [5, 10]
+    for v0, v1 in zip(ranks[0]["val"], ranks[1]["val"]):
+        assert (v0["local"] - v1["local"]).abs().max() > 1e-3  # mid-period: replicas differ
+        torch.testing.assert_close(v0["evaluated"], (v0["local"] + v1["local"]) / 2)
+        torch.testing.assert_close(v1["evaluated"], v0["evaluated"])
+    # After validation at step 5 each rank trains on from its own replica: at step 6 they still differ.
+    assert (ranks[0]["steps"][5]["params"] - ranks[1]["steps"][5]["params"]).abs().max() > 1e-3
+
+
+def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(vrl_run):
+    out, ranks = vrl_run
+    ckpt = torch.load(out / "ckpt" / "step=6.ckpt", weights_only=False)
+    weights = torch.cat([ckpt["state_dict"][k].reshape(-1) for k in
+                         ["body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "head.weight", "head.bias"]])
+    local = [r["steps"][5]["params"] for r in ranks]
+    torch.testing.assert_close(weights, (local[0] + local[1]) / 2)
+    section = ckpt["lightning_localsgd"]
+    assert section["world_size"] == 2
+    for rank in range(2):
+        saved = torch.cat(section["ranks"][rank]["algorithm"]["param_buckets"])
+        torch.testing.assert_close(saved, local[rank])
+    deltas = [torch.cat(section["ranks"][r]["algorithm"]["delta"]) for r in range(2)]
+    assert (deltas[0] + deltas[1]).abs().max() < 1e-5 and deltas[0].abs().max() > 1e-3
+
+
+def test_model_after_fit_is_the_average_on_every_rank(vrl_run):
+    _, ranks = vrl_run
+    torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["final"], ranks[0]["steps"][-1]["params"])  # last step was a round
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_from_a_mid_period_checkpoint_matches_the_uninterrupted_run(tmp_path, optimizer):
+    extra = ["--strategy", "vrl_sgd", "--period", "4", "--optimizer", optimizer, "--max-steps", "10"]
+    full = run_case(tmp_path / "full", *extra, "--ckpt-every", "6")
+    ckpt = tmp_path / "full" / "ckpt" / "step=6.ckpt"
+    resumed = run_case(tmp_path / "resumed", *extra, "--resume", str(ckpt))
+    assert resumed[0]["steps"][0]["global_step"] == 7
+    for rank in range(2):
+        # The last step (10) is mid-period: the replicas differ, and each must match its uninterrupted twin.
+        torch.testing.assert_close(resumed[rank]["steps"][-1]["params"], full[rank]["steps"][-1]["params"])
+        torch.testing.assert_close(resumed[rank]["final"], full[rank]["final"])
+        assert resumed[rank]["comm"]["rounds"] == full[rank]["comm"]["rounds"]
+    assert (full[0]["steps"][-1]["params"] - full[1]["steps"][-1]["params"]).abs().max() > 1e-3
+
+
+def test_no_collective_is_issued_on_a_local_step(tmp_path):
+    ranks = run_case(tmp_path, "--strategy", "local_sgd", "--period", "3", "--warmup", "2", "--max-steps", "11")
+    steps = ranks[0]["steps"]
+    previous = None
+    for step in steps:
+        if previous is not None:
+            issued = step["collectives"] - previous["collectives"]
+            if step["in_sync"]:
+                # warm-up: gradients + buffers + Lightning's SIGTERM flag; round: parameters + buffers + flag
+                assert issued == 3, step
+            else:
+                assert issued == 0, step
+        previous = step
+    # warm-up steps 1-2 synchronous, then torch's phase: rounds after local steps 1, 4, 7
+    assert [s["global_step"] for s in steps if s["in_sync"]] == [1, 2, 3, 6, 9]
+
+
+def test_one_count_per_batch_with_two_optimizers_in_manual_optimization(tmp_path):
+    ranks = run_case(tmp_path, "--strategy", "local_sgd", "--period", "2", "--manual", "--max-steps", "12")
+    steps = ranks[0]["steps"]
+    # Lightning's global_step counts each optimizer's step (2 per batch); the algorithm counts batches.
+    assert [s["algorithm_step"] for s in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1]["global_step"] == 2 * len(steps)
+
+
+def test_one_count_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    ranks = run_case(tmp_path, "--strategy", "vrl_sgd", "--period", "2", "--accumulate", "3", "--max-steps", "4")
+    steps = ranks[0]["steps"]
+    assert len(steps) == 12  # 12 micro-batches
+    assert [s["algorithm_step"] for s in steps] == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
+    assert [s["in_sync"] for s in steps[2::3]] == [False, True, False, True]
