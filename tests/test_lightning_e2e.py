@@ -18,7 +18,11 @@ def run_case(out: Path, *args: str) -> list[dict]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), *args],
-        cwd=out, env=env, capture_output=True, text=True, timeout=240,
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -67,8 +71,12 @@ def test_validation_sees_the_averaged_model_and_training_resumes_from_the_local_
 def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(vrl_run):
     out, ranks = vrl_run
     ckpt = torch.load(out / "ckpt" / "step=6.ckpt", weights_only=False)
-    weights = torch.cat([ckpt["state_dict"][k].reshape(-1) for k in
-                         ["body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "head.weight", "head.bias"]])
+    weights = torch.cat(
+        [
+            ckpt["state_dict"][k].reshape(-1)
+            for k in ["body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "head.weight", "head.bias"]
+        ]
+    )
     local = [r["steps"][5]["params"] for r in ranks]
     torch.testing.assert_close(weights, (local[0] + local[1]) / 2)
     section = ckpt["lightning_localsgd"]

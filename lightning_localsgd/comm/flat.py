@@ -60,9 +60,7 @@ class FlatParameters:
                 self._slots[i] = (len(sizes) - 1, sizes[-1])
                 sizes[-1] += p.numel()
                 used_bytes += nbytes
-        self.buckets: list[Tensor] = [
-            torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(sizes, templates)
-        ]
+        self.buckets: list[Tensor] = [torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(sizes, templates)]
         self._expected_ptrs: list[int] = []
         self.rehome()
 

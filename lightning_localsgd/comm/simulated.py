@@ -78,7 +78,7 @@ def run_simulated(world_size: int, worker: Callable[[int, Communicator], T], tim
     def run(rank: int) -> None:
         try:
             results[rank] = worker(rank, group.communicator(rank))
-        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as error:
             errors.append(error)
             group._barrier.abort()
 

@@ -17,16 +17,33 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import lightning_localsgd  # noqa: F401 - registers the strategy names
+import lightning_localsgd
 
 COLLECTIVES = [0]
 
 
 def count_collectives() -> None:
     """Wrap torch.distributed's collectives so every call, by anyone, is counted."""
-    names = ["all_reduce", "broadcast", "all_gather", "gather", "scatter", "reduce", "reduce_scatter", "barrier",
-             "all_gather_object", "gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv",
-             "all_to_all", "all_gather_into_tensor", "reduce_scatter_tensor"]
+    names = [
+        "all_reduce",
+        "broadcast",
+        "all_gather",
+        "gather",
+        "scatter",
+        "reduce",
+        "reduce_scatter",
+        "barrier",
+        "all_gather_object",
+        "gather_object",
+        "broadcast_object_list",
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "all_to_all",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+    ]
     for name in names:
         original = getattr(dist, name)
 
@@ -110,8 +127,9 @@ class Recorder(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=False)
-        self.records["val"].append({"local": self._local_before_validation, "evaluated": flat(self),
-                                    "step": self.trainer.global_step})
+        self.records["val"].append(
+            {"local": self._local_before_validation, "evaluated": flat(self), "step": self.trainer.global_step}
+        )
 
     def configure_optimizers(self):
         make = {
@@ -151,13 +169,23 @@ def main() -> None:
     strategy = cls[args.strategy](period=args.period, warmup_steps=args.warmup)
     callbacks = []
     if args.ckpt_every:
-        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1,
-                                         filename="{step}"))
+        callbacks.append(
+            ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1, filename="{step}")
+        )
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps, callbacks=callbacks,
-        accumulate_grad_batches=args.accumulate, use_distributed_sampler=False, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=1 if args.val_every else 0, val_check_interval=args.val_every,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        callbacks=callbacks,
+        accumulate_grad_batches=args.accumulate,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1 if args.val_every else 0,
+        val_check_interval=args.val_every,
         enable_checkpointing=bool(args.ckpt_every),
     )
     model = Recorder(args.optimizer, manual=args.manual)
