@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 Scheme = Literal["label_sorted", "dirichlet", "iid"]
@@ -31,7 +32,7 @@ class NonIIDSampler(DistributedSampler):
 
     Args:
         labels: one integer label per dataset item.
-        num_replicas, rank: default to the initialised process group's.
+        num_replicas, rank: default to the initialised process group's (1 and 0 without one).
         scheme: ``"label_sorted"``, ``"dirichlet"`` or ``"iid"``.
         alpha: Dirichlet concentration, for ``scheme="dirichlet"`` only.
         shuffle: reshuffle the order inside the shard every epoch.
@@ -49,6 +50,8 @@ class NonIIDSampler(DistributedSampler):
         seed: int = 0,
     ) -> None:
         labels_tensor = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if num_replicas is None and not (dist.is_available() and dist.is_initialized()):
+            num_replicas, rank = 1, 0  # a single process: one shard holding everything
         super().__init__(labels_tensor, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         if scheme not in ("label_sorted", "dirichlet", "iid"):
             raise ValueError(f"`scheme` must be 'label_sorted', 'dirichlet' or 'iid', got {scheme!r}.")

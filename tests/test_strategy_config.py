@@ -1,0 +1,100 @@
+"""Strategy names, constructor validation and LightningCLI configuration (no processes are started)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_localsgd
+from lightning_localsgd import LocalSGDStrategy, VRLSGDStrategy
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize(("name", "cls", "period"), [("local_sgd", LocalSGDStrategy, 16), ("vrl_sgd", VRLSGDStrategy, 20)])
+def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
+    assert type(trainer.strategy) is cls
+    assert trainer.strategy.algorithm.period == period
+    assert trainer.strategy.world_size == 2
+
+
+def test_registration_is_idempotent():
+    importlib.reload(lightning_localsgd)
+    VRLSGDStrategy.register_strategies(StrategyRegistry)
+    assert StrategyRegistry["vrl_sgd"]["strategy"].__name__ == "VRLSGDStrategy"
+
+
+@pytest.mark.parametrize("cls", [LocalSGDStrategy, VRLSGDStrategy])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"period": 0}, "period"),
+        ({"period": 2.5}, "period"),
+        ({"period": True}, "period"),
+        ({"period": "16"}, "period"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
+        ({"bucket_cap_mb": float("nan")}, "bucket_cap_mb"),
+        ({"first_period_one_step": "yes"}, "first_period_one_step"),
+        ({"log_comm_metrics": 1}, "log_comm_metrics"),
+    ],
+)
+def test_bad_arguments_raise_at_construction_naming_the_argument(cls, kwargs, named):
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        cls(**kwargs)
+
+
+def test_bad_arguments_raise_before_any_process_starts():
+    # Trainer construction happens before the launcher starts rank 1: the error stops everything there.
+    with pytest.raises(ValueError, match="`period`"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=VRLSGDStrategy(period=-3))
+
+
+@pytest.mark.parametrize("config", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_yaml_configures_the_strategy(config, tmp_path):
+    pytest.importorskip("sklearn")  # the examples' data ship with scikit-learn (a dev dependency)
+    from lightning_localsgd.demos.digits import DigitsCNN, DigitsDataModule
+
+    cli = LightningCLI(
+        DigitsCNN, DigitsDataModule, run=False, args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert isinstance(cli.trainer.strategy, lightning_localsgd.LocalUpdateStrategy)
+
+
+def test_yaml_class_path_with_init_args(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 2\n  strategy:\n"
+        "    class_path: lightning_localsgd.VRLSGDStrategy\n    init_args:\n      period: 7\n      warmup_steps: 3\n"
+    )
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(config)])
+    assert isinstance(cli.trainer.strategy, VRLSGDStrategy)
+    assert (cli.trainer.strategy.algorithm.period, cli.trainer.strategy.algorithm.warmup_steps) == (7, 3)
+
+
+def test_yaml_strategy_name(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer:\n  accelerator: cpu\n  devices: 2\n  strategy: local_sgd\n")
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(config)])
+    assert isinstance(cli.trainer.strategy, LocalSGDStrategy)
+
+
+def test_example_cli_trains_for_real_from_yaml(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config", str(EXAMPLES / "vrl_sgd.yaml"),
+         "--trainer.max_steps", "30", "--trainer.strategy.init_args.period", "7", "--trainer.logger", "false",
+         "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "`max_steps=30` reached" in proc.stdout + proc.stderr
