@@ -1,0 +1,154 @@
+"""The two costs the strategies add on top of the work itself, measured side by side in one run.
+
+1. A local (non-round) step of LocalSGDStrategy / VRLSGDStrategy (2 processes) against a step of plain
+   single-process Lightning training of the same model (target: at most 1.05).
+2. One round (parameter average) against one raw ``all_reduce`` of a flat tensor of the model's size in the
+   same 2-process gloo group (target: at most 1.2).
+
+    python benchmarks/overhead.py [--steps 400]
+
+Each rank runs one thread; with 2 ranks on 2 cores every process has a core, as the single process does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+import lightning_localsgd
+from lightning_localsgd.algorithms import LocalSGD
+from lightning_localsgd.comm import ProcessGroupCommunicator
+from lightning_localsgd.demos.mlp import SyntheticMLP, mlp
+
+
+class StepTimer(Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def time_lightning_steps(strategy: str, steps: int, out: Path) -> None:
+    """Runs inside the launched processes; rank 0 writes the median step time of local steps."""
+    torch.set_num_threads(1)
+    timer = StepTimer()
+    if strategy == "single":
+        trainer_strategy, devices = "auto", 1
+    else:
+        cls = {"local_sgd": lightning_localsgd.LocalSGDStrategy, "vrl_sgd": lightning_localsgd.VRLSGDStrategy}
+        trainer_strategy, devices = cls[strategy](period=10**6, first_period_one_step=False), 2
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=trainer_strategy,
+        max_steps=steps,
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(SyntheticMLP())
+    if trainer.global_rank == 0:
+        intervals = [b - a for a, b in zip(timer.ends[20:], timer.ends[21:])]  # skip warm-up iterations
+        out.write_text(json.dumps({"median": statistics.median(intervals), "mean": statistics.mean(intervals)}))
+
+
+def round_vs_raw_all_reduce(repeats: int) -> dict[str, float]:
+    """Runs inside a 2-process gloo group: median seconds of a LocalSGD round and of a raw all_reduce."""
+    torch.set_num_threads(1)
+    model = mlp()
+    algo = LocalSGD(period=1)
+    algo.setup(model, ProcessGroupCommunicator())
+    raw = torch.zeros(algo.flat.numel)
+    round_times, raw_times = [], []
+    for i in range(repeats):  # interleaved, alternating which goes first, so drift hits both alike
+        for which in ("raw", "round") if i % 2 else ("round", "raw"):
+            dist.barrier()
+            start = time.perf_counter()
+            if which == "raw":
+                dist.all_reduce(raw)
+            else:
+                algo.end_step()  # period 1: every step is a round
+            (raw_times if which == "raw" else round_times).append(time.perf_counter() - start)
+    return {"round": statistics.median(round_times), "raw": statistics.median(raw_times)}
+
+
+def launch_round_benchmark(repeats: int) -> dict[str, float]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "WORLD_SIZE": "2"}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--_round-worker", str(rank), "--repeats", str(repeats), "--_out", tmp],
+                env=env,
+            )
+            for rank in range(2)
+        ]
+        for proc in procs:
+            if proc.wait() != 0:
+                raise SystemExit("round benchmark worker failed")
+        return json.loads((Path(tmp) / "round.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--trials", type=int, default=2, help="alternating repetitions of each step timing")
+    parser.add_argument("--_step-worker", default=None)
+    parser.add_argument("--_round-worker", type=int, default=None)
+    parser.add_argument("--_out", default=None)
+    args = parser.parse_args()
+
+    if args._step_worker:
+        time_lightning_steps(args._step_worker, args.steps, Path(args._out))
+        return
+    if args._round_worker is not None:
+        dist.init_process_group("gloo", rank=args._round_worker, world_size=2)
+        result = round_vs_raw_all_reduce(args.repeats)
+        if args._round_worker == 0:
+            (Path(args._out) / "round.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+        return
+
+    medians: dict[str, list[float]] = {"single": [], "local_sgd": [], "vrl_sgd": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.trials):
+            for name in medians:
+                out = Path(tmp) / f"{name}.json"
+                subprocess.run(
+                    [sys.executable, __file__, "--_step-worker", name, "--steps", str(args.steps), "--_out", str(out)],
+                    check=True,
+                    capture_output=True,
+                )
+                medians[name].append(json.loads(out.read_text())["median"])
+    step = {name: {"median": statistics.median(values)} for name, values in medians.items()}
+    rounds = launch_round_benchmark(args.repeats)
+
+    base = step["single"]["median"]
+    print("| measurement | seconds (median) | ratio | target |")
+    print("|---|---:|---:|---:|")
+    print(f"| single-process Lightning step | {base:.5f} | 1.00 | |")
+    for name in ("local_sgd", "vrl_sgd"):
+        print(
+            f"| {name} local step (2 ranks) | {step[name]['median']:.5f} | {step[name]['median'] / base:.3f} | <= 1.05 |"
+        )
+    print(f"| raw all_reduce of {sum(p.numel() for p in mlp().parameters()):,} fp32 | {rounds['raw']:.5f} | 1.00 | |")
+    print(f"| one LocalSGD round | {rounds['round']:.5f} | {rounds['round'] / rounds['raw']:.3f} | <= 1.2 |")
+
+
+if __name__ == "__main__":
+    main()
