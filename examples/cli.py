@@ -1,7 +1,7 @@
 """LightningCLI entry point for the examples: any model and data module, any strategy, from YAML.
 
-    python examples/cli.py fit --config examples/vrl_sgd.yaml
-    python examples/cli.py fit --config examples/vrl_sgd.yaml --trainer.strategy.init_args.period 50
+python examples/cli.py fit --config examples/vrl_sgd.yaml
+python examples/cli.py fit --config examples/vrl_sgd.yaml --trainer.strategy.init_args.period 50
 """
 
 import torch

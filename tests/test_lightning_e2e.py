@@ -31,7 +31,9 @@ def run_case(out: Path, *args: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def vrl_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vrl")
-    return out, run_case(out, "--strategy", "vrl_sgd", "--period", "4", "--val-every", "5", "--ckpt-every", "6")
+    return out, run_case(
+        out, "--strategy", "vrl_sgd", "--period", "4", "--val-every", "5", "--ckpt-every", "6", "--csv"
+    )
 
 
 def test_parameters_equal_on_all_ranks_right_after_a_round_and_not_before(vrl_run):
@@ -86,6 +88,21 @@ def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(vrl_r
         torch.testing.assert_close(saved, local[rank])
     deltas = [torch.cat(section["ranks"][r]["algorithm"]["delta"]) for r in range(2)]
     assert (deltas[0] + deltas[1]).abs().max() < 1e-5 and deltas[0].abs().max() > 1e-3
+
+
+def test_communication_metrics_reach_the_logger(vrl_run):
+    import csv
+
+    out, ranks = vrl_run
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [(int(r["step"]), float(r["comm/rounds"]), float(r["comm/mb_sent"])) for r in rows if r["comm/rounds"]]
+    # every 2 steps (log_every_n_steps=2) and once more at the end of training
+    assert [step for step, _, _ in logged][:5] == [2, 4, 6, 8, 10]
+    assert [rounds for step, rounds, _ in logged if step in (2, 4, 8)] == [0.0, 1.0, 2.0]
+    assert logged[-1][1] == ranks[0]["comm"]["rounds"] == 3
+    assert logged[-1][2] == pytest.approx(ranks[0]["comm"]["bytes_sent"] / 1e6)
+    assert "comm/seconds" in rows[-1]
 
 
 def test_model_after_fit_is_the_average_on_every_rank(vrl_run):

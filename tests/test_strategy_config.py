@@ -17,7 +17,9 @@ from lightning_localsgd import LocalSGDStrategy, VRLSGDStrategy
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-@pytest.mark.parametrize(("name", "cls", "period"), [("local_sgd", LocalSGDStrategy, 16), ("vrl_sgd", VRLSGDStrategy, 20)])
+@pytest.mark.parametrize(
+    ("name", "cls", "period"), [("local_sgd", LocalSGDStrategy, 16), ("vrl_sgd", VRLSGDStrategy, 20)]
+)
 def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
     assert type(trainer.strategy) is cls
@@ -91,10 +93,26 @@ def test_example_cli_trains_for_real_from_yaml(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config", str(EXAMPLES / "vrl_sgd.yaml"),
-         "--trainer.max_steps", "30", "--trainer.strategy.init_args.period", "7", "--trainer.logger", "false",
-         "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={tmp_path}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(EXAMPLES / "cli.py"),
+            "fit",
+            "--config",
+            str(EXAMPLES / "vrl_sgd.yaml"),
+            "--trainer.max_steps",
+            "30",
+            "--trainer.strategy.init_args.period",
+            "7",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "`max_steps=30` reached" in proc.stdout + proc.stderr

@@ -66,6 +66,7 @@ class PeriodicAlgorithm:
         """Bind to this rank's replica: re-home its trainable parameters and start every rank from rank 0's model."""
         self._module = module
         self._comm = comm
+        self.step = 0  # a new run; resuming restores the count through `load_state_dict`
         trainable = [p for p in module.parameters() if p.requires_grad]
         self._check_same_model_on_every_rank(module, trainable)
         self._flat = FlatParameters(trainable, self.bucket_cap_mb)

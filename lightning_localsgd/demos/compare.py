@@ -20,8 +20,19 @@ STRATEGIES = ("ddp", "local_sgd", "vrl_sgd")
 
 def run_one(strategy: str, args: argparse.Namespace, out: Path) -> dict:
     summary = out / f"{strategy}.json"
-    command = [sys.executable, "-m", "lightning_localsgd.demos.digits", "--strategy", strategy,
-               "--epochs", str(args.epochs), "--period", str(args.period), "--json", str(summary)]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_localsgd.demos.digits",
+        "--strategy",
+        strategy,
+        "--epochs",
+        str(args.epochs),
+        "--period",
+        str(args.period),
+        "--json",
+        str(summary),
+    ]
     print(f"$ {' '.join(command[1:])}", flush=True)
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:

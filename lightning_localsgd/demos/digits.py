@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.global_rank != 0:
         return
     train_loss, train_acc = evaluate(model, data.train_set)
-    test_loss, test_acc = evaluate(model, data.test_set)
+    _, test_acc = evaluate(model, data.test_set)
     steps = trainer.global_step
     n_params = sum(p.numel() for p in model.parameters())
     if isinstance(trainer.strategy, lightning_localsgd.LocalUpdateStrategy):

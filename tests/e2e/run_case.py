@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--csv", action="store_true", help="log to a CSVLogger in <out>/logs every 2 steps")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -180,7 +182,8 @@ def main() -> None:
         callbacks=callbacks,
         accumulate_grad_batches=args.accumulate,
         use_distributed_sampler=False,
-        logger=False,
+        logger=CSVLogger(out / "logs", name="", version="") if args.csv else False,
+        log_every_n_steps=2,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
