@@ -1,25 +1,37 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
-Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``) with Lightning.
+Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
+``cocod_sgd``) with Lightning.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_localsgd.algorithms import VRLSGD, LocalSGD
+from lightning_localsgd.algorithms import VRLSGD, CoCoDSGD, LocalSGD, OverlapLocalSGD
 from lightning_localsgd.data import NonIIDSampler
-from lightning_localsgd.strategies import LocalSGDStrategy, LocalUpdateStrategy, VRLSGDStrategy
+from lightning_localsgd.strategies import (
+    ALL_STRATEGIES,
+    CoCoDSGDStrategy,
+    LocalSGDStrategy,
+    LocalUpdateStrategy,
+    OverlapLocalSGDStrategy,
+    VRLSGDStrategy,
+)
 
 __version__ = "0.1.0"
 
-for _strategy in (LocalSGDStrategy, VRLSGDStrategy):
+for _strategy in ALL_STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "VRLSGD",
+    "CoCoDSGD",
+    "CoCoDSGDStrategy",
     "LocalSGD",
     "LocalSGDStrategy",
     "LocalUpdateStrategy",
     "NonIIDSampler",
+    "OverlapLocalSGD",
+    "OverlapLocalSGDStrategy",
     "VRLSGDStrategy",
     "__version__",
 ]

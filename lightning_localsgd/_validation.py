@@ -26,3 +26,13 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__}).")
     return value
+
+
+def check_unit_interval(name: str, value: Any, include_one: bool = True) -> float:
+    """A number in [0, 1] (or [0, 1) with ``include_one=False``)."""
+    upper = "1]" if include_one else "1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a number in [0, {upper}, got {value!r}.")
+    if value < 0 or value > 1 or (value == 1 and not include_one):
+        raise ValueError(f"`{name}` must be in [0, {upper}, got {value}.")
+    return float(value)

@@ -28,39 +28,50 @@ def run_case(out: Path, *args: str) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.fixture(scope="module")
-def vrl_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vrl")
-    return out, run_case(
-        out, "--strategy", "vrl_sgd", "--period", "4", "--val-every", "5", "--ckpt-every", "6", "--csv"
-    )
+STRATEGIES = ["vrl_sgd", "overlap_local_sgd", "cocod_sgd"]
+SYNCHRONISING = {"vrl_sgd", "local_sgd"}  # replicas agree after a round (the overlapping ones never do)
 
 
-def test_parameters_equal_on_all_ranks_right_after_a_round_and_not_before(vrl_run):
-    _, ranks = vrl_run
-    rounds = 0
-    for mine, other in zip(ranks[0]["steps"], ranks[1]["steps"]):
+@pytest.fixture(scope="module", params=STRATEGIES)
+def fit_run(request, tmp_path_factory):
+    """A 12-step run with period 4, validation every 5 steps and a checkpoint every 6 (both mid-period)."""
+    out = tmp_path_factory.mktemp(request.param)
+    args = ["--strategy", request.param, "--period", "4", "--val-every", "5", "--ckpt-every", "6", "--csv"]
+    return request.param, out, run_case(out, *args)
+
+
+def round_steps(rank_steps: list[dict]) -> list[int]:
+    """Indices of the steps that ended with a round (warm-up steps included)."""
+    rounds = [s["rounds"] for s in rank_steps]
+    return [i for i, r in enumerate(rounds) if r > (rounds[i - 1] if i else 0)]
+
+
+def test_parameters_equal_on_all_ranks_right_after_a_round_and_not_before(fit_run):
+    name, _, ranks = fit_run
+    rounds = round_steps(ranks[0]["steps"])
+    assert [ranks[0]["steps"][i]["global_step"] for i in rounds] == [4, 8, 12]
+    for i, (mine, other) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"])):
         spread = (mine["params"] - other["params"]).abs().max().item()
-        if mine["global_step"] % 4 == 0:
+        if name in SYNCHRONISING and i in rounds:
             assert mine["in_sync"] and spread == 0.0
-            rounds += 1
         else:
             assert not mine["in_sync"] and spread > 1e-3
-    assert rounds == 3 and ranks[0]["comm"]["rounds"] == 3
+    assert ranks[0]["comm"]["rounds"] == 3
 
 
-def test_float_buffers_are_averaged_at_each_round(vrl_run):
-    _, ranks = vrl_run
+def test_float_buffers_are_averaged_at_each_round(fit_run):
+    _, _, ranks = fit_run
+    rounds = round_steps(ranks[0]["steps"])
     for i, step in enumerate(ranks[0]["steps"]):
-        if step["in_sync"]:
+        if i in rounds:
             expected = (ranks[0]["buffers_before_round"][i] + ranks[1]["buffers_before_round"][i]) / 2
             torch.testing.assert_close(step["buffers"], expected)
             torch.testing.assert_close(ranks[1]["steps"][i]["buffers"], expected)
             assert (ranks[0]["buffers_before_round"][i] - ranks[1]["buffers_before_round"][i]).abs().max() > 1e-3
 
 
-def test_validation_sees_the_averaged_model_and_training_resumes_from_the_local_one(vrl_run):
-    _, ranks = vrl_run
+def test_validation_sees_the_averaged_model_and_training_resumes_from_the_local_one(fit_run):
+    _, _, ranks = fit_run
     assert [v["step"] for v in ranks[0]["val"]] == [5, 10]
     for v0, v1 in zip(ranks[0]["val"], ranks[1]["val"]):
         assert (v0["local"] - v1["local"]).abs().max() > 1e-3  # mid-period: replicas differ
@@ -70,8 +81,8 @@ def test_validation_sees_the_averaged_model_and_training_resumes_from_the_local_
     assert (ranks[0]["steps"][5]["params"] - ranks[1]["steps"][5]["params"]).abs().max() > 1e-3
 
 
-def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(vrl_run):
-    out, ranks = vrl_run
+def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(fit_run):
+    name, out, ranks = fit_run
     ckpt = torch.load(out / "ckpt" / "step=6.ckpt", weights_only=False)
     weights = torch.cat(
         [
@@ -86,14 +97,15 @@ def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(vrl_r
     for rank in range(2):
         saved = torch.cat(section["ranks"][rank]["algorithm"]["param_buckets"])
         torch.testing.assert_close(saved, local[rank])
-    deltas = [torch.cat(section["ranks"][r]["algorithm"]["delta"]) for r in range(2)]
-    assert (deltas[0] + deltas[1]).abs().max() < 1e-5 and deltas[0].abs().max() > 1e-3
+    if name == "vrl_sgd":
+        deltas = [torch.cat(section["ranks"][r]["algorithm"]["delta"]) for r in range(2)]
+        assert (deltas[0] + deltas[1]).abs().max() < 1e-5 and deltas[0].abs().max() > 1e-3
 
 
-def test_communication_metrics_reach_the_logger(vrl_run):
+def test_communication_metrics_reach_the_logger(fit_run):
     import csv
 
-    out, ranks = vrl_run
+    _, out, ranks = fit_run
     with open(out / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = [(int(r["step"]), float(r["comm/rounds"]), float(r["comm/mb_sent"])) for r in rows if r["comm/rounds"]]
@@ -105,15 +117,20 @@ def test_communication_metrics_reach_the_logger(vrl_run):
     assert "comm/seconds" in rows[-1]
 
 
-def test_model_after_fit_is_the_average_on_every_rank(vrl_run):
-    _, ranks = vrl_run
+def test_model_after_fit_is_the_average_on_every_rank(fit_run):
+    _, _, ranks = fit_run
     torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], rtol=0, atol=0)
-    torch.testing.assert_close(ranks[0]["final"], ranks[0]["steps"][-1]["params"])  # last step was a round
+    last = [r["steps"][-1]["params"] for r in ranks]
+    torch.testing.assert_close(ranks[0]["final"], (last[0] + last[1]) / 2)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_resume_from_a_mid_period_checkpoint_matches_the_uninterrupted_run(tmp_path, optimizer):
-    extra = ["--strategy", "vrl_sgd", "--period", "4", "--optimizer", optimizer, "--max-steps", "10"]
+@pytest.mark.parametrize(
+    ("strategy", "optimizer"),
+    [("vrl_sgd", "sgd"), ("vrl_sgd", "adam"), ("overlap_local_sgd", "sgd"), ("cocod_sgd", "adam")],
+)
+def test_resume_from_a_mid_period_checkpoint_matches_the_uninterrupted_run(tmp_path, strategy, optimizer):
+    # period 4, checkpoint at step 6: mid-period, and for the overlapping strategies with a transfer in flight
+    extra = ["--strategy", strategy, "--period", "4", "--optimizer", optimizer, "--max-steps", "10"]
     full = run_case(tmp_path / "full", *extra, "--ckpt-every", "6")
     ckpt = tmp_path / "full" / "ckpt" / "step=6.ckpt"
     resumed = run_case(tmp_path / "resumed", *extra, "--resume", str(ckpt))
@@ -126,21 +143,23 @@ def test_resume_from_a_mid_period_checkpoint_matches_the_uninterrupted_run(tmp_p
     assert (full[0]["steps"][-1]["params"] - full[1]["steps"][-1]["params"]).abs().max() > 1e-3
 
 
-def test_no_collective_is_issued_on_a_local_step(tmp_path):
-    ranks = run_case(tmp_path, "--strategy", "local_sgd", "--period", "3", "--warmup", "2", "--max-steps", "11")
+@pytest.mark.parametrize("strategy", ["local_sgd", "overlap_local_sgd"])
+def test_no_collective_is_issued_on_a_local_step(tmp_path, strategy):
+    ranks = run_case(tmp_path, "--strategy", strategy, "--period", "3", "--warmup", "2", "--max-steps", "11")
     steps = ranks[0]["steps"]
-    previous = None
-    for step in steps:
-        if previous is not None:
-            issued = step["collectives"] - previous["collectives"]
-            if step["in_sync"]:
-                # warm-up: gradients + buffers + Lightning's SIGTERM flag; round: parameters + buffers + flag
-                assert issued == 3, step
-            else:
-                assert issued == 0, step
-        previous = step
-    # warm-up steps 1-2 synchronous, then torch's phase: rounds after local steps 1, 4, 7
-    assert [s["global_step"] for s in steps if s["in_sync"]] == [1, 2, 3, 6, 9]
+    rounds = round_steps(steps)
+    for i in range(1, len(steps)):
+        issued = steps[i]["collectives"] - steps[i - 1]["collectives"]
+        if i in rounds:
+            # warm-up: gradients + buffers + Lightning's SIGTERM flag; round: parameters + buffers + flag
+            # (the overlapping strategy starts its parameter transfer at a round and waits for it at the next)
+            assert issued == 3, steps[i]
+        else:
+            assert issued == 0, steps[i]
+    if strategy == "local_sgd":  # warm-up steps 1-2, then torch's phase: rounds after local steps 1, 4, 7
+        assert [steps[i]["global_step"] for i in rounds] == [1, 2, 3, 6, 9]
+    else:  # warm-up steps 1-2, then every 3rd local step
+        assert [steps[i]["global_step"] for i in rounds] == [1, 2, 5, 8, 11]
 
 
 def test_one_count_per_batch_with_two_optimizers_in_manual_optimization(tmp_path):

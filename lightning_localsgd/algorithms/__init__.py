@@ -1,7 +1,9 @@
 """Algorithm cores: plain PyTorch, one module per paper, no Lightning import."""
 
+from lightning_localsgd.algorithms.cocod_sgd import CoCoDSGD
 from lightning_localsgd.algorithms.local_sgd import LocalSGD
+from lightning_localsgd.algorithms.overlap_local_sgd import OverlapLocalSGD
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.vrl_sgd import VRLSGD
 
-__all__ = ["VRLSGD", "LocalSGD", "PeriodicAlgorithm"]
+__all__ = ["VRLSGD", "CoCoDSGD", "LocalSGD", "OverlapLocalSGD", "PeriodicAlgorithm"]

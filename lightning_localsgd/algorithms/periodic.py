@@ -33,6 +33,10 @@ from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB, float_buffers
 class PeriodicAlgorithm:
     """Local steps with a parameter average every ``period`` optimizer steps (Local SGD's skeleton).
 
+    Subclasses change what a round does (:meth:`_round`), may start work when local steps begin
+    (:meth:`_begin_local_phase`), and declare with :attr:`rounds_synchronise` whether replicas agree after
+    a round. Non-blocking work in flight is settled by :meth:`_settle_in_flight` before state is read.
+
     Args:
         period: optimizer steps between two rounds (H, k or tau in the papers).
         warmup_steps: initial optimizer steps run as synchronous SGD (gradients averaged every step).
@@ -41,6 +45,8 @@ class PeriodicAlgorithm:
             ``PeriodicModelAverager``; if False, rounds come after local steps H, 2H, ...
         bucket_cap_mb: size of the flat buckets parameters are stored in; one collective per bucket.
     """
+
+    rounds_synchronise: bool = True  # after a round every replica holds the same model
 
     def __init__(
         self,
@@ -77,6 +83,8 @@ class PeriodicAlgorithm:
         self.in_sync = True
         self._on_setup()
         self.register_optimizers(optimizers)
+        if self.warmup_steps == 0:
+            self._begin_local_phase()
 
     def register_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         """Tell the algorithm which optimizers exist, in a fixed order (their index keys per-optimizer state)."""
@@ -84,6 +92,12 @@ class PeriodicAlgorithm:
 
     def _on_setup(self) -> None:
         """Allocate algorithm state once the flat parameters exist."""
+
+    def _begin_local_phase(self) -> None:
+        """The replicas are in sync and local steps are about to begin (after set-up or warm-up)."""
+
+    def _settle_in_flight(self) -> None:
+        """Finish any non-blocking collective in flight, keeping its result for the next round."""
 
     def _check_same_model_on_every_rank(self, module: nn.Module, trainable: list[nn.Parameter]) -> None:
         # Averaging different parameter sets on different ranks corrupts training silently (torch issue 74157).
@@ -159,12 +173,14 @@ class PeriodicAlgorithm:
             average_float_buffers(self.module, self.comm)
             self.comm.stats.rounds += 1
             self.in_sync = True
+            if self.step == self.warmup_steps:
+                self._begin_local_phase()
             return True
         if self.is_round_after(step):
             self.flat.ensure_views()
             self._round()
             self.comm.stats.rounds += 1
-            self.in_sync = True
+            self.in_sync = self.rounds_synchronise
             return True
         self.in_sync = False
         return False
@@ -216,6 +232,7 @@ class PeriodicAlgorithm:
 
     def finalize(self) -> None:
         """End of training: leave every rank holding the average of the replicas, for good."""
+        self._settle_in_flight()
         if self._local_backup is not None:
             self._local_backup = None  # the module already holds the average
         elif not self.in_sync:
@@ -226,7 +243,11 @@ class PeriodicAlgorithm:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: counters, its own replica (even while the consensus is swapped in), algorithm state."""
+        """This rank's state: counters, its own replica (even while the consensus is swapped in), algorithm state.
+
+        A collective still in flight is finished first, so that its result is part of the state.
+        """
+        self._settle_in_flight()
         if self._local_backup is not None:
             buckets, buffers = self._local_backup
         else:
@@ -248,6 +269,7 @@ class PeriodicAlgorithm:
                 "resume with the same strategy that wrote the checkpoint."
             )
         self.exit_consensus()
+        self._settle_in_flight()  # e.g. a transfer started at set-up: every rank started it, every rank ends it
         self.flat.ensure_views()
         _copy_checked("parameter bucket", self.flat.buckets, state["param_buckets"])
         _copy_checked("floating-point buffer", float_buffers(self.module), state["float_buffers"])
@@ -269,6 +291,23 @@ class PeriodicAlgorithm:
                 return index
         self._optimizers.append(optimizer)
         return len(self._optimizers) - 1
+
+    def _params_by_lr(self) -> list[tuple[float, list[int]]]:
+        """Managed parameters grouped by their current learning rate: [(lr, indices into flat.params)].
+
+        Parameters that no registered optimizer steps are grouped under lr 0.
+        """
+        position = {id(p): i for i, p in enumerate(self.flat.params)}
+        lr_of: dict[int, float] = {}
+        for optimizer in self._optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) in position:
+                        lr_of[position[id(p)]] = float(group["lr"])
+        groups: dict[float, list[int]] = {}
+        for i in range(len(self.flat.params)):
+            groups.setdefault(lr_of.get(i, 0.0), []).append(i)
+        return list(groups.items())
 
     def _managed_params_of(self, optimizer: Optimizer) -> list[nn.Parameter]:
         managed = {id(p) for p in self.flat.params}

@@ -7,10 +7,12 @@ threads of one process, which is how the update rules are tested exactly.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,8 +64,26 @@ class Communicator(ABC):
         self._wait_for_device(tensors)
         self.stats.seconds += time.perf_counter() - start
 
+    def start_all_reduce_mean_(self, tensor: Tensor) -> PendingAllReduce:
+        """Start averaging ``tensor`` in place without blocking; call ``.wait()`` on the result before reading it.
+
+        Non-blocking collectives run on a group of their own, so they never interleave with blocking ones;
+        at most one should be in flight at a time, started in the same order on every rank.
+        """
+        pending = PendingAllReduce(self, tensor)
+        if self.world_size > 1:
+            self.stats.collectives += 1
+            self.stats.bytes_sent += ring_all_reduce_bytes(tensor.numel() * tensor.element_size(), self.world_size)
+            pending._started = time.perf_counter()
+            pending._join = self._start_all_reduce_sum_(tensor, pending._on_complete)
+        return pending
+
     @abstractmethod
     def _all_reduce_sum_(self, tensor: Tensor) -> None: ...
+
+    @abstractmethod
+    def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
+        """Start a sum all-reduce; call ``on_complete`` when it finishes; return a function that waits for it."""
 
     @abstractmethod
     def _broadcast_(self, tensor: Tensor, src: int) -> None: ...
@@ -83,14 +103,65 @@ class Communicator(ABC):
             torch.cuda.current_stream(tensors[0].device).synchronize()
 
 
-class ProcessGroupCommunicator(Communicator):
-    """A :class:`Communicator` over a ``torch.distributed`` process group (gloo, NCCL, ...)."""
+class PendingAllReduce:
+    """A non-blocking mean all-reduce in flight; :meth:`wait` finishes it (division included) and times the wait."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, comm: Communicator, tensor: Tensor) -> None:
+        self.comm = comm
+        self.tensor = tensor
+        self._started = 0.0
+        self._completed: Optional[float] = None
+        self._join: Optional[Callable[[], None]] = None
+        self.done = comm.world_size == 1
+
+    def _on_complete(self) -> None:
+        # Runs on the communication thread when the transfer ends: that is the in-flight time.
+        self._completed = time.perf_counter()
+
+    def wait(self) -> Tensor:
+        if self.done:
+            return self.tensor
+        start = time.perf_counter()
+        assert self._join is not None
+        self._join()
+        self.comm._wait_for_device([self.tensor])
+        waited = time.perf_counter() - start
+        self.tensor.div_(self.comm.world_size)
+        stats = self.comm.stats
+        stats.seconds += waited
+        stats.wait_seconds += waited
+        stats.background_seconds += (self._completed or time.perf_counter()) - self._started
+        self.done = True
+        return self.tensor
+
+
+class ProcessGroupCommunicator(Communicator):
+    """A :class:`Communicator` over a ``torch.distributed`` process group (gloo, NCCL, ...).
+
+    Args:
+        group: the process group for blocking collectives (default: the world).
+        timeout: timeout of the extra group created for non-blocking collectives.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Optional[timedelta] = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ProcessGroupCommunicator needs an initialised torch.distributed process group.")
         self.group = group
+        self.timeout = timeout
+        self._async_group: Optional[dist.ProcessGroup] = None
         super().__init__(dist.get_rank(group), dist.get_world_size(group))
+
+    def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
+        if self._async_group is None:
+            # Created on first use, which every rank reaches at the same point of training. A group of its own
+            # keeps non-blocking transfers from racing blocking ones (and Lightning's own collectives).
+            ranks = dist.get_process_group_ranks(self.group) if self.group is not None else None
+            self._async_group = dist.new_group(ranks=ranks, timeout=self.timeout, backend=dist.get_backend(self.group))
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._async_group, async_op=True)
+        assert work is not None
+        with contextlib.suppress(RuntimeError):  # a backend without futures: only the wait time is measured
+            work.get_future().then(lambda _: on_complete())
+        return work.wait
 
     def _all_reduce_sum_(self, tensor: Tensor) -> None:
         # SUM then divide: gloo has no AVG reduction.

@@ -8,8 +8,7 @@ bitwise-identical result, as a real all-reduce delivers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from torch import Tensor
 
@@ -36,23 +35,48 @@ class SimulatedGroup:
         self._barrier.wait()  # nobody overwrites a slot before everyone has read it
         return values
 
-    def communicator(self, rank: int) -> SimulatedCommunicator:
-        return SimulatedCommunicator(self, rank)
+    def abort(self) -> None:
+        """Release every worker waiting here (with ``BrokenBarrierError``): one of them failed."""
+        self._barrier.abort()
+
+    def communicator(self, rank: int, async_group: Optional[SimulatedGroup] = None) -> SimulatedCommunicator:
+        return SimulatedCommunicator(self, rank, async_group)
 
 
 class SimulatedCommunicator(Communicator):
     """A :class:`Communicator` for one simulated worker of a :class:`SimulatedGroup`."""
 
-    def __init__(self, group: SimulatedGroup, rank: int) -> None:
+    def __init__(self, group: SimulatedGroup, rank: int, async_group: Optional[SimulatedGroup] = None) -> None:
         super().__init__(rank, group.world_size)
         self.group = group
+        self.async_group = async_group
 
     def _all_reduce_sum_(self, tensor: Tensor) -> None:
-        values = self.group.exchange(self.rank, tensor.clone())
-        total = values[0].clone()
-        for value in values[1:]:
-            total.add_(value)
-        tensor.copy_(total)
+        _sum_into(self.group, self.rank, tensor)
+
+    def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
+        # A thread of its own on a group of its own: the transfer really runs while the worker computes.
+        if self.async_group is None:
+            raise RuntimeError("This simulated worker has no group for non-blocking collectives (see run_simulated).")
+        group = self.async_group
+        errors: list[BaseException] = []
+
+        def transfer() -> None:
+            try:
+                _sum_into(group, self.rank, tensor)
+                on_complete()
+            except BaseException as error:  # re-raised by join
+                errors.append(error)
+
+        thread = threading.Thread(target=transfer, daemon=True)
+        thread.start()
+
+        def join() -> None:
+            thread.join()
+            if errors:
+                raise errors[0]
+
+        return join
 
     def _broadcast_(self, tensor: Tensor, src: int) -> None:
         values = self.group.exchange(self.rank, tensor.clone())
@@ -66,21 +90,31 @@ class SimulatedCommunicator(Communicator):
         return values if self.rank == dst else None
 
 
+def _sum_into(group: SimulatedGroup, rank: int, tensor: Tensor) -> None:
+    values = group.exchange(rank, tensor.clone())
+    total = values[0].clone()
+    for value in values[1:]:
+        total.add_(value)
+    tensor.copy_(total)
+
+
 def run_simulated(world_size: int, worker: Callable[[int, Communicator], T], timeout: float = 60.0) -> list[T]:
     """Run ``worker(rank, communicator)`` for every rank in its own thread; return the results in rank order.
 
     An exception in any worker is re-raised here (the others are released by the broken barrier).
     """
     group = SimulatedGroup(world_size, timeout=timeout)
+    async_group = SimulatedGroup(world_size, timeout=timeout)
     results: list[Any] = [None] * world_size
     errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         try:
-            results[rank] = worker(rank, group.communicator(rank))
-        except BaseException as error:
+            results[rank] = worker(rank, group.communicator(rank, async_group))
+        except BaseException as error:  # re-raised in the caller's thread
             errors.append(error)
-            group._barrier.abort()
+            group.abort()
+            async_group.abort()
 
     threads = [threading.Thread(target=run, args=(rank,), daemon=True) for rank in range(world_size)]
     for thread in threads:

@@ -15,13 +15,19 @@ class CommStats:
         collectives: collective calls issued (a round is one collective per bucket).
         bytes_sent: bytes this rank put on the wire, by the algorithm's cost model
             (ring all-reduce: ``2 (N - 1) / N`` times the payload).
-        seconds: wall-clock seconds spent inside blocking collectives.
+        seconds: wall-clock seconds training was blocked on communication (blocking collectives, and waits
+            for non-blocking ones).
+        background_seconds: wall-clock seconds non-blocking collectives were in flight (start to completion).
+        wait_seconds: the part of ``seconds`` spent waiting for non-blocking collectives; the communication
+            hidden behind computation is ``1 - wait_seconds / background_seconds``.
     """
 
     rounds: int = 0
     collectives: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
+    background_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
     def as_metrics(self, prefix: str = "comm/") -> dict[str, float]:
         return {
@@ -29,6 +35,8 @@ class CommStats:
             f"{prefix}collectives": float(self.collectives),
             f"{prefix}mb_sent": self.bytes_sent / 1e6,
             f"{prefix}seconds": self.seconds,
+            f"{prefix}background_seconds": self.background_seconds,
+            f"{prefix}wait_seconds": self.wait_seconds,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -36,4 +44,5 @@ class CommStats:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            setattr(self, key, type(getattr(self, key))(value))
+            if hasattr(self, key):  # tolerate checkpoints written by older or newer versions
+                setattr(self, key, type(getattr(self, key))(value))

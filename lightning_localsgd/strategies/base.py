@@ -109,7 +109,7 @@ class LocalUpdateStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         assert self.model is not None
         self.model = self._setup_model(self.model)
-        self.algorithm.setup(self.model, ProcessGroupCommunicator())
+        self.algorithm.setup(self.model, ProcessGroupCommunicator(timeout=self._timeout))
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

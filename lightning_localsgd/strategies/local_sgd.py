@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any, Literal, Optional
-
-import lightning.pytorch as pl
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.plugins.precision import Precision
+from typing import Any
 
 from lightning_localsgd.algorithms import LocalSGD
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
@@ -27,7 +21,8 @@ class LocalSGDStrategy(LocalUpdateStrategy):
             of torch's ``PeriodicModelAverager``). False: rounds after local steps ``period``, 2 ``period``, ...
         bucket_cap_mb: flat bucket size; each bucket is one collective.
         log_comm_metrics: log ``comm/*`` metrics to the trainer's loggers.
-        Other arguments: as :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        **kwargs: :class:`LocalUpdateStrategy` / :class:`~lightning.pytorch.strategies.DDPStrategy` arguments
+            (``timeout``, ``process_group_backend``, ``start_method``, ...).
     """
 
     strategy_names = ("local_sgd",)
@@ -38,25 +33,6 @@ class LocalSGDStrategy(LocalUpdateStrategy):
         warmup_steps: int = 0,
         first_period_one_step: bool = True,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-        log_comm_metrics: bool = True,
-        accelerator: Optional[pl.accelerators.Accelerator] = None,
-        parallel_devices: Optional[list[Any]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
-        process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            LocalSGD(period, warmup_steps, first_period_one_step, bucket_cap_mb),
-            log_comm_metrics=log_comm_metrics,
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
+        super().__init__(LocalSGD(period, warmup_steps, first_period_one_step, bucket_cap_mb), **kwargs)

@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import lightning_localsgd
+import lightning_localsgd  # noqa: F401 - registers the strategy names
 
 COLLECTIVES = [0]
 
@@ -118,6 +119,7 @@ class Recorder(L.LightningModule):
                 "collectives": COLLECTIVES[0],
                 "algorithm_step": strategy.algorithm.step,
                 "in_sync": strategy.algorithm.in_sync,
+                "rounds": strategy.comm_stats.rounds,
                 "global_step": self.trainer.global_step,
             }
         )
@@ -167,8 +169,7 @@ def main() -> None:
     torch.set_num_threads(1)
     count_collectives()
     out = Path(args.out)
-    cls = {"vrl_sgd": lightning_localsgd.VRLSGDStrategy, "local_sgd": lightning_localsgd.LocalSGDStrategy}
-    strategy = cls[args.strategy](period=args.period, warmup_steps=args.warmup)
+    strategy = StrategyRegistry[args.strategy]["strategy"](period=args.period, warmup_steps=args.warmup)
     callbacks = []
     if args.ckpt_every:
         callbacks.append(
