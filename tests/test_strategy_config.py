@@ -12,13 +12,20 @@ from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_localsgd
-from lightning_localsgd import LocalSGDStrategy, VRLSGDStrategy
+from lightning_localsgd import CoCoDSGDStrategy, LocalSGDStrategy, OverlapLocalSGDStrategy, VRLSGDStrategy
+from lightning_localsgd.strategies import ALL_STRATEGIES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 @pytest.mark.parametrize(
-    ("name", "cls", "period"), [("local_sgd", LocalSGDStrategy, 16), ("vrl_sgd", VRLSGDStrategy, 20)]
+    ("name", "cls", "period"),
+    [
+        ("local_sgd", LocalSGDStrategy, 16),
+        ("vrl_sgd", VRLSGDStrategy, 20),
+        ("overlap_local_sgd", OverlapLocalSGDStrategy, 2),
+        ("cocod_sgd", CoCoDSGDStrategy, 2),
+    ],
 )
 def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
@@ -33,21 +40,26 @@ def test_registration_is_idempotent():
     assert StrategyRegistry["vrl_sgd"]["strategy"].__name__ == "VRLSGDStrategy"
 
 
-@pytest.mark.parametrize("cls", [LocalSGDStrategy, VRLSGDStrategy])
-@pytest.mark.parametrize(
-    ("kwargs", "named"),
-    [
-        ({"period": 0}, "period"),
-        ({"period": 2.5}, "period"),
-        ({"period": True}, "period"),
-        ({"period": "16"}, "period"),
-        ({"warmup_steps": -1}, "warmup_steps"),
-        ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
-        ({"bucket_cap_mb": float("nan")}, "bucket_cap_mb"),
-        ({"first_period_one_step": "yes"}, "first_period_one_step"),
-        ({"log_comm_metrics": 1}, "log_comm_metrics"),
-    ],
-)
+COMMON_BAD_ARGUMENTS = [
+    ({"period": 0}, "period"),
+    ({"period": 2.5}, "period"),
+    ({"period": True}, "period"),
+    ({"period": "16"}, "period"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
+    ({"bucket_cap_mb": float("nan")}, "bucket_cap_mb"),
+    ({"log_comm_metrics": 1}, "log_comm_metrics"),
+]
+BAD_ARGUMENTS = [
+    *[(cls, kwargs, named) for cls in ALL_STRATEGIES for kwargs, named in COMMON_BAD_ARGUMENTS],
+    *[(cls, {"first_period_one_step": "yes"}, "first_period_one_step") for cls in (LocalSGDStrategy, VRLSGDStrategy)],
+    (OverlapLocalSGDStrategy, {"pullback": 1.2}, "pullback"),
+    (OverlapLocalSGDStrategy, {"anchor_momentum": -0.5}, "anchor_momentum"),
+    (OverlapLocalSGDStrategy, {"anchor_momentum": 1}, "anchor_momentum"),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "named"), BAD_ARGUMENTS)
 def test_bad_arguments_raise_at_construction_naming_the_argument(cls, kwargs, named):
     with pytest.raises(ValueError, match=f"`{named}`"):
         cls(**kwargs)
