@@ -25,7 +25,6 @@ from torch import Tensor
 
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm, _copy_checked
 from lightning_localsgd.comm import average_float_buffers
-from lightning_localsgd.comm.communicator import PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 
 
@@ -38,12 +37,10 @@ class CoCoDSGD(PeriodicAlgorithm):
         super().__init__(period, warmup_steps, first_period_one_step=False, bucket_cap_mb=bucket_cap_mb)
         self._round_start: list[Tensor] = []  # x_i^s
         self._start_mean: list[Tensor] = []  # x_i^s, then mean_j x_j^s once the transfer lands
-        self._in_flight: list[PendingAllReduce] = []
 
     def _on_setup(self) -> None:
         self._round_start = self.flat.zeros_like_buckets()
         self._start_mean = self.flat.zeros_like_buckets()
-        self._in_flight = []
 
     def _begin_local_phase(self) -> None:
         self._start_round()
@@ -54,11 +51,6 @@ class CoCoDSGD(PeriodicAlgorithm):
             start.copy_(x)
             mean.copy_(x)
         self._in_flight = [self.comm.start_all_reduce_mean_(mean) for mean in self._start_mean]
-
-    def _settle_in_flight(self) -> None:
-        for pending in self._in_flight:
-            pending.wait()
-        self._in_flight = []
 
     def _round(self) -> None:
         self._settle_in_flight()

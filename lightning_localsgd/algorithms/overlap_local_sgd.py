@@ -32,7 +32,6 @@ from torch import Tensor
 from lightning_localsgd._validation import check_unit_interval
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm, _copy_checked
 from lightning_localsgd.comm import average_float_buffers
-from lightning_localsgd.comm.communicator import PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 
 
@@ -54,7 +53,6 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self.anchor_momentum = check_unit_interval("anchor_momentum", anchor_momentum, include_one=False)
         self._anchor: list[Tensor] = []  # z; while a transfer is in flight, the buffer it is writing
         self._velocity: list[Tensor] = []  # v_i, in gradient units
-        self._in_flight: list[PendingAllReduce] = []
 
     @property
     def anchor(self) -> list[Tensor]:
@@ -64,7 +62,6 @@ class OverlapLocalSGD(PeriodicAlgorithm):
     def _on_setup(self) -> None:
         self._anchor = [b.detach().clone() for b in self.flat.buckets]
         self._velocity = self.flat.zeros_like_buckets()
-        self._in_flight = []
 
     def _begin_local_phase(self) -> None:
         self._settle_in_flight()
@@ -72,11 +69,6 @@ class OverlapLocalSGD(PeriodicAlgorithm):
             z.copy_(x)  # z = x0: the replicas are in sync here
         for v in self._velocity:
             v.zero_()
-
-    def _settle_in_flight(self) -> None:
-        for pending in self._in_flight:
-            pending.wait()  # the averaged buffer is the new anchor
-        self._in_flight = []
 
     def _round(self) -> None:
         self._settle_in_flight()  # 1. z <- the all-reduce started one round ago

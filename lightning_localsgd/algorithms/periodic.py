@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_bool, check_int, check_positive_float
 from lightning_localsgd.comm import Communicator, FlatParameters, average_float_buffers, average_gradients
+from lightning_localsgd.comm.communicator import PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB, float_buffers
 
 
@@ -66,6 +67,7 @@ class PeriodicAlgorithm:
         self._flat: Optional[FlatParameters] = None
         self._optimizers: list[Optimizer] = []
         self._local_backup: Optional[tuple[list[Tensor], list[Tensor]]] = None
+        self._in_flight: list[PendingAllReduce] = []  # non-blocking transfers started by a round
 
     # ------------------------------------------------------------------ set-up
     def setup(self, module: nn.Module, comm: Communicator, optimizers: Sequence[Optimizer] = ()) -> None:
@@ -97,7 +99,10 @@ class PeriodicAlgorithm:
         """The replicas are in sync and local steps are about to begin (after set-up or warm-up)."""
 
     def _settle_in_flight(self) -> None:
-        """Finish any non-blocking collective in flight, keeping its result for the next round."""
+        """Finish the non-blocking collectives in flight; their results stay in the buffers they wrote."""
+        for pending in self._in_flight:
+            pending.wait()
+        self._in_flight = []
 
     def _check_same_model_on_every_rank(self, module: nn.Module, trainable: list[nn.Parameter]) -> None:
         # Averaging different parameter sets on different ranks corrupts training silently (torch issue 74157).
