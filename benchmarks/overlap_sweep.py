@@ -1,0 +1,84 @@
+"""Where communication stops fitting behind computation: Local SGD, Overlap Local-SGD and CoCoD-SGD by period.
+
+    sudo python -m benchmarks.overlap_sweep --link 200mbit [--periods 8 16 32 64 128]
+
+Same lab, workload and peers' runner as :mod:`benchmarks.slow_link` (MLP by default). For each period it
+reports throughput as a fraction of the compute limit and of "every rank at once, no communication" (what 2
+ranks sharing this machine can do at best), the seconds the overlapping strategies waited for a transfer
+against the seconds transfers were in flight (hidden fraction = 1 - wait / in flight), and the final loss,
+which should match Local SGD's at the same period (same loss per step, communication off the clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from benchmarks import report
+from benchmarks.netlab import NetLab
+from benchmarks.peers import Peer
+from benchmarks.slow_link import REPO, run_peer
+from benchmarks.workloads import WORKLOADS
+
+STRATEGIES = ("local_sgd", "overlap_local_sgd", "cocod_sgd")
+
+
+def hidden(ranks: list[dict[str, Any]]) -> str:
+    comm = ranks[0].get("comm") or {}
+    if not comm.get("background_seconds"):
+        return ""
+    wait, flight = comm["wait_seconds"], comm["background_seconds"]
+    return f"{wait:.2f} / {flight:.2f} s ({100 * (1 - wait / flight):.0f} % hidden)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--link", default="200mbit")
+    parser.add_argument("--workload", default="mlp", choices=sorted(WORKLOADS))
+    parser.add_argument("--periods", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--steps", type=int, default=512)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    workload = WORKLOADS[args.workload]
+    run_args = argparse.Namespace(
+        workload=args.workload, ranks=2, warmup=workload.warmup, steps=args.steps,
+        eval_every=args.steps, timeout=args.timeout,
+    )  # fmt: skip
+    out = REPO / "results" / f"overlap-sweep-{args.workload}-{args.link}"
+    peers = [Peer("compute limit", "compute"), Peer("every rank at once, no comm", "compute_pair")]
+    peers += [Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods for s in STRATEGIES]
+    rows: list[dict[str, Any]] = []
+    with NetLab(2, args.link) as lab:
+        print(lab.notice, flush=True)
+        for i, peer in enumerate(peers):
+            run_dir = out / "runs" / peer.slug
+            run_peer(peer, lab, run_args, run_dir, 29711 + i)
+            ranks = report.load_ranks(run_dir)
+            scored = ranks[:1] if peer.kind == "compute_pair" else ranks
+            points = report.curve(workload, run_dir, scored)
+            rows.append({"label": peer.label, "steps_per_s": ranks[0]["steps_per_s"], "hidden": hidden(ranks),
+                         "final_loss": points[-1]["loss"]})  # fmt: skip
+            print(f"-- {peer.label}: {rows[-1]['steps_per_s']:.1f} steps/s {rows[-1]['hidden']}", flush=True)
+    limit, pair = rows[0]["steps_per_s"], rows[1]["steps_per_s"]
+    lines = [
+        f"{args.workload} over {args.link}, 2 ranks x 1 thread, {args.steps} steps measured",
+        "",
+        lab.notice,
+        "",
+        "| strategy | steps/s | of compute limit | of every-rank-at-once | waited / in flight | final loss |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['steps_per_s']:.1f} | {100 * r['steps_per_s'] / limit:.1f} % | "
+            f"{100 * r['steps_per_s'] / pair:.1f} % | {r['hidden']} | {r['final_loss']:.3f} |"
+        )
+    text = "\n".join(lines)
+    (out / "table.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(rows))
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

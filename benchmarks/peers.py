@@ -1,0 +1,83 @@
+"""The one table of what the lab runs: the compute limit, the peers, and our strategies.
+
+A strategy of ours enters the lab by being registered: rows whose name is not in Lightning's
+``StrategyRegistry`` (after ``import lightning_localsgd``) are skipped, and registered names of ours that no
+row mentions are added at period 32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_localsgd
+
+# How a peer runs: "compute" = 1 process, plain loop, no communication (the compute limit); "compute_pair" =
+# the same in every rank at once, still no communication (what the machine gives N ranks sharing it);
+# "lightning" = a Trainer with a registered strategy; "torch_ddp" = plain loop, DistributedDataParallel;
+# "torch_post_local" = plain loop, DDP + PostLocalSGDState(post_local_gradient_allreduce=False) +
+# PeriodicModelAverager (a plain loop because Lightning registers DDP comm hooks only on CUDA).
+AGAIN = "compute limit, again at the end"
+KINDS = ("compute", "compute_pair", "lightning", "torch_ddp", "torch_post_local")
+
+
+@dataclass(frozen=True)
+class Peer:
+    label: str
+    kind: str
+    strategy: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    ours: bool = False
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "_" for c in self.label.lower()).strip("_")
+
+
+PEERS: tuple[Peer, ...] = (
+    Peer("compute limit (1 process, no comm)", "compute"),
+    Peer("compute, every rank at once (no comm)", "compute_pair"),
+    Peer("Lightning 1 process (no comm)", "lightning", "single"),
+    Peer("Lightning DDP", "lightning", "ddp"),
+    Peer("torch DDP", "torch_ddp"),
+    Peer("torch DDP + post-local SGD, period 16", "torch_post_local", options={"period": 16}),
+    Peer("local_sgd, period 16", "lightning", "local_sgd", {"period": 16}, ours=True),
+    Peer("local_sgd, period 32", "lightning", "local_sgd", {"period": 32}, ours=True),
+    Peer("vrl_sgd, period 32", "lightning", "vrl_sgd", {"period": 32}, ours=True),
+    Peer("overlap_local_sgd, period 32", "lightning", "overlap_local_sgd", {"period": 32}, ours=True),
+    Peer("cocod_sgd, period 32", "lightning", "cocod_sgd", {"period": 32}, ours=True),
+    # The machine's speed drifts by tens of % over minutes (a shared VM): measuring the limit again after the
+    # peers and dividing by the larger of the two keeps every fraction an underestimate.
+    Peer(AGAIN, "compute"),
+)
+DEFAULT_PERIOD = 32  # for registered strategies of ours that no row names
+
+
+def ours_registered() -> list[str]:
+    """Registered strategy names whose class comes from this package."""
+    package = lightning_localsgd.__name__
+    return [name for name in StrategyRegistry if StrategyRegistry[name]["strategy"].__module__.startswith(package)]
+
+
+def runnable_peers(smoke: bool = False) -> list[Peer]:
+    """The rows to run, in order; ``smoke`` keeps one row of each kind and one of ours."""
+    registered = set(StrategyRegistry.available_strategies())
+    rows = [p for p in PEERS if p.kind != "lightning" or p.strategy == "single" or p.strategy in registered]
+    named = {p.strategy for p in rows}
+    for name in ours_registered():
+        if name not in named:
+            rows.append(Peer(f"{name}, period {DEFAULT_PERIOD}", "lightning", name, {"period": DEFAULT_PERIOD}, True))
+    rows.sort(key=lambda p: p.label == AGAIN)  # last, after the rows of ours added above
+    if smoke:
+        # every code path once (plain loop alone, plain loop with DDP, Lightning with a strategy), in seconds
+        keep = {"compute limit (1 process, no comm)", "torch DDP + post-local SGD, period 16"}
+        first_ours = next((p for p in rows if p.ours), None)
+        rows = [p for p in rows if p.label in keep or p is first_ours]
+    return rows
+
+
+def skipped_peers() -> list[str]:
+    registered = set(StrategyRegistry.available_strategies())
+    return [p.label for p in PEERS if p.kind == "lightning" and p.strategy not in registered | {"single"}]
