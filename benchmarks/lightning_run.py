@@ -85,4 +85,6 @@ def run_lightning(
         enable_model_summary=False,
     )
     trainer.fit(module)
+    if isinstance(strategy, lightning_localsgd.LocalUpdateStrategy):
+        recorder.extra["comm"] = strategy.comm_stats.state_dict()  # rounds, waits, time in flight
     return recorder

@@ -51,6 +51,7 @@ class StepRecorder:
         self.points: list[dict[str, float]] = []
         self.window: dict[str, float] = {}
         self.t0 = 0.0
+        self.extra: dict[str, object] = {}  # anything else a runner wants in rank<r>.json
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -96,6 +97,7 @@ class StepRecorder:
             if self.wire_bytes is not None
             else None,
             "points": self.points,
+            **self.extra,
             **extra,
         }
         (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
