@@ -124,10 +124,10 @@ class LocalUpdateStrategy(DDPStrategy):
         self.algorithm.register_optimizers(self.optimizers)
         self._round_callback = RoundCallback(self)
         trainer.callbacks.insert(0, self._round_callback)
-        self._check_val_sigterm_per_round(trainer)
+        self._move_sigterm_check_to_rounds(trainer)
         self._active = True
 
-    def _check_val_sigterm_per_round(self, trainer: pl.Trainer) -> None:
+    def _move_sigterm_check_to_rounds(self, trainer: pl.Trainer) -> None:
         # Lightning broadcasts a SIGTERM flag before *every* training step when world_size > 1: a collective on
         # every local step. Keep the check, but only before steps that synchronise anyway.
         epoch_loop = trainer.fit_loop.epoch_loop
