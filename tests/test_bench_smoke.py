@@ -1,0 +1,22 @@
+"""The benchmark lab's smoke mode runs end to end (loopback, a few steps), so the scripts cannot rot unseen."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).parent.parent
+
+
+def test_slow_link_smoke_writes_a_table_with_our_strategy_and_the_peers(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.slow_link", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = (tmp_path / "mlp-loopback-smoke" / "table.md").read_text()
+    assert "NOTICE: loopback" in table  # says plainly that the link was not shaped
+    assert "compute limit" in table and "post-local SGD" in table and "local_sgd" in table
+    assert "FAILED" not in proc.stdout
+    assert (tmp_path / "mlp-loopback-smoke" / "loss_vs_seconds.png").stat().st_size > 0
