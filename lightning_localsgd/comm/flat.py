@@ -68,10 +68,6 @@ class FlatParameters:
     def numel(self) -> int:
         return sum(b.numel() for b in self.buckets)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buckets)
-
     def views_of(self, buckets: Sequence[Tensor]) -> list[Tensor]:
         """Per-parameter views into ``buckets`` (same layout as :attr:`buckets`), in parameter order."""
         views = []
