@@ -53,6 +53,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self.anchor_momentum = check_unit_interval("anchor_momentum", anchor_momentum, include_one=False)
         self._anchor: list[Tensor] = []  # z; while a transfer is in flight, the buffer it is writing
         self._velocity: list[Tensor] = []  # v_i, in gradient units
+        self._anchor_views: list[Tensor] = []  # per-parameter views of the buckets above
+        self._velocity_views: list[Tensor] = []
 
     @property
     def anchor(self) -> list[Tensor]:
@@ -62,6 +64,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
     def _on_setup(self) -> None:
         self._anchor = [b.detach().clone() for b in self.flat.buckets]
         self._velocity = self.flat.zeros_like_buckets()
+        self._anchor_views = self.flat.views_of(self._anchor)
+        self._velocity_views = self.flat.views_of(self._velocity)
 
     def _begin_local_phase(self) -> None:
         self._settle_in_flight()
@@ -88,9 +92,7 @@ class OverlapLocalSGD(PeriodicAlgorithm):
 
     def _views(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         x = [self.flat.params[i].data for i in indices]
-        z_views = self.flat.views_of(self._anchor)
-        v_views = self.flat.views_of(self._velocity)
-        return x, [z_views[i] for i in indices], [v_views[i] for i in indices]
+        return x, [self._anchor_views[i] for i in indices], [self._velocity_views[i] for i in indices]
 
     def _extra_state(self) -> dict[str, Any]:
         return {

@@ -302,7 +302,7 @@ class PeriodicAlgorithm:
 
         Parameters that no registered optimizer steps are grouped under lr 0.
         """
-        position = {id(p): i for i, p in enumerate(self.flat.params)}
+        position = self.flat.index_of
         lr_of: dict[int, float] = {}
         for optimizer in self._optimizers:
             for group in optimizer.param_groups:
@@ -315,7 +315,7 @@ class PeriodicAlgorithm:
         return list(groups.items())
 
     def _managed_params_of(self, optimizer: Optimizer) -> list[nn.Parameter]:
-        managed = {id(p) for p in self.flat.params}
+        managed = self.flat.index_of
         return [p for group in optimizer.param_groups for p in group["params"] if id(p) in managed]
 
 

@@ -56,7 +56,6 @@ class VRLSGD(PeriodicAlgorithm):
         self._lr_sums: dict[GroupKey, float] = {}
         # Per (optimizer, group): the managed parameters, their Delta views and their indices in flat.params.
         self._members: dict[GroupKey, tuple[list[Tensor], list[Tensor], list[int], int]] = {}
-        self._position: dict[int, int] = {}  # id(parameter) -> index in flat.params
 
     @property
     def delta(self) -> list[Tensor]:
@@ -69,7 +68,6 @@ class VRLSGD(PeriodicAlgorithm):
         self._before_average = self.flat.zeros_like_buckets()
         self._lr_sums = {}
         self._members = {}
-        self._position = {id(p): i for i, p in enumerate(self.flat.params)}
 
     def register_optimizers(self, optimizers: Any) -> None:
         super().register_optimizers(optimizers)
@@ -85,7 +83,8 @@ class VRLSGD(PeriodicAlgorithm):
             key = (index, group_index)
             cached = self._members.get(key)
             if cached is None or cached[3] != len(group["params"]):
-                indices = [self._position[id(p)] for p in group["params"] if id(p) in self._position]
+                position = self.flat.index_of
+                indices = [position[id(p)] for p in group["params"] if id(p) in position]
                 params: list[Tensor] = [self.flat.params[i] for i in indices]
                 deltas = [self._delta_views[i] for i in indices]
                 self._members[key] = (params, deltas, indices, len(group["params"]))

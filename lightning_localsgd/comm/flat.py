@@ -41,6 +41,7 @@ class FlatParameters:
 
     def __init__(self, params: Iterable[nn.Parameter], bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> None:
         self.params: list[nn.Parameter] = list(dict.fromkeys(params))  # drop tied duplicates, keep order
+        self.index_of: dict[int, int] = {id(p): i for i, p in enumerate(self.params)}  # id(parameter) -> index
         if not self.params:
             raise ValueError("There are no trainable parameters to synchronise (none has `requires_grad=True`).")
         cap_bytes = int(bucket_cap_mb * 2**20)
