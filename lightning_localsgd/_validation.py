@@ -36,3 +36,9 @@ def check_unit_interval(name: str, value: Any, include_one: bool = True) -> floa
     if value < 0 or value > 1 or (value == 1 and not include_one):
         raise ValueError(f"`{name}` must be in [0, {upper}, got {value}.")
     return float(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value

@@ -17,15 +17,25 @@ after that the replicas step locally and average every ``period`` steps.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_localsgd._validation import check_bool, check_int, check_positive_float
+from lightning_localsgd._validation import check_bool, check_choice, check_int, check_positive_float
+from lightning_localsgd.algorithms.guard import (
+    ON_NONFINITE_CHOICES,
+    agree,
+    all_finite,
+    failures_named,
+    nonfinite_error,
+)
 from lightning_localsgd.comm import Communicator, FlatParameters, average_float_buffers, average_gradients
 from lightning_localsgd.comm.communicator import PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB, float_buffers
@@ -68,6 +78,23 @@ class PeriodicAlgorithm:
         self._optimizers: list[Optimizer] = []
         self._local_backup: Optional[tuple[list[Tensor], list[Tensor]]] = None
         self._in_flight: list[PendingAllReduce] = []  # non-blocking transfers started by a round
+        # Safety (see guard.py): set by the training loop's glue, read at every synchronisation point.
+        self.label = type(self).__name__  # names the run in error messages
+        self.timeout: Optional[timedelta] = None  # the collectives' timeout, quoted in error messages
+        self.on_nonfinite = "raise"
+        self.gradients_may_overflow = False  # a grad scaler handles inf gradients itself (fp16 AMP)
+        self.request_pending = False  # raised locally (e.g. by a signal); agreed at the next synchronisation point
+        self.agreed_request = False  # some rank raised the request: every rank acts on it at this step
+        self.rounds_rolled_back = 0
+        self._rollback_point: Optional[tuple[dict[str, Any], list[dict[str, Any]], Callable[[], None]]] = None
+        self._skip_step = False  # this step's gradients were non-finite and were dropped on every rank
+
+    def set_nonfinite_policy(self, policy: str) -> None:
+        """``"raise"``: stop with :class:`~lightning_localsgd.errors.NonFiniteError` naming the rank and step.
+        ``"skip_round"``: every rank returns to its state at the last good round (replica, optimizer and
+        algorithm state; one extra copy of each is kept) and training goes on; a warm-up step whose gradients
+        are non-finite is dropped on every rank."""
+        self.on_nonfinite = check_choice("on_nonfinite", policy, ON_NONFINITE_CHOICES)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, module: nn.Module, comm: Communicator, optimizers: Sequence[Optimizer] = ()) -> None:
@@ -76,17 +103,20 @@ class PeriodicAlgorithm:
         self._comm = comm
         self.step = 0  # a new run; resuming restores the count through `load_state_dict`
         trainable = [p for p in module.parameters() if p.requires_grad]
-        self._check_same_model_on_every_rank(module, trainable)
-        self._flat = FlatParameters(trainable, self.bucket_cap_mb)
-        with torch.no_grad():
-            comm.broadcast_(self._flat.buckets, src=0)
-            buffers = float_buffers(module)
-            comm.broadcast_(buffers, src=0)
-        self.in_sync = True
-        self._on_setup()
-        self.register_optimizers(optimizers)
-        if self.warmup_steps == 0:
-            self._begin_local_phase()
+        if not trainable:
+            raise ValueError(f"{self.label}: the model has no trainable parameters; there is nothing to average.")
+        with failures_named(self.label, "set-up", self.timeout):
+            self._check_same_model_on_every_rank(module, trainable)
+            self._flat = FlatParameters(trainable, self.bucket_cap_mb)
+            with torch.no_grad():
+                comm.broadcast_(self._flat.buckets, src=0)
+                buffers = float_buffers(module)
+                comm.broadcast_(buffers, src=0)
+            self.in_sync = True
+            self._on_setup()
+            self.register_optimizers(optimizers)
+            if self.warmup_steps == 0:
+                self._start_local_phase()
 
     def register_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         """Tell the algorithm which optimizers exist, in a fixed order (their index keys per-optimizer state)."""
@@ -97,6 +127,10 @@ class PeriodicAlgorithm:
 
     def _begin_local_phase(self) -> None:
         """The replicas are in sync and local steps are about to begin (after set-up or warm-up)."""
+
+    def _start_local_phase(self) -> None:
+        self._keep_rollback_point(self._begin_local_phase)
+        self._begin_local_phase()
 
     def _settle_in_flight(self) -> None:
         """Finish the non-blocking collectives in flight; their results stay in the buffers they wrote."""
@@ -163,32 +197,107 @@ class PeriodicAlgorithm:
     # ------------------------------------------------------------------ moments of a training step
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
         """After backward, before ``optimizer.step()``: in warm-up, average the gradients this optimizer will use."""
-        if self.in_warmup():
-            average_gradients(self._managed_params_of(optimizer), self.comm)
+        if not self.in_warmup():
+            return
+        params = self._managed_params_of(optimizer)
+        where = f"warm-up step {self.step}"
+        with failures_named(self.label, where, self.timeout):
+            finite = self.gradients_may_overflow or all_finite([p.grad for p in params if p.grad is not None])
+            bad = self._agree(finite)
+            if bad:
+                if self.on_nonfinite == "raise":
+                    raise nonfinite_error(self.label, where, "gradients", bad, self.step)
+                self._warn_skipped(bad, where, self.step, "its gradients were dropped on every rank")
+                for p in params:
+                    p.grad = None  # the optimizer skips parameters without a gradient: no update anywhere
+                self._skip_step = True
+                return
+            average_gradients(params, self.comm)
 
     def after_optimizer_step(self, optimizer: Optimizer) -> None:
         """Right after ``optimizer.step()``. Local SGD does nothing here."""
 
     def end_step(self) -> bool:
         """Count one training step; average the replicas if the schedule says so. Returns True on a round."""
+        if self._skip_step:  # non-finite warm-up gradients were dropped: no step happened
+            self._skip_step = False
+            return False
         step = self.step
         self.step += 1
         if step < self.warmup_steps:
-            # The gradients were averaged; bring BatchNorm statistics along, as DDP's buffer broadcast would.
-            average_float_buffers(self.module, self.comm)
-            self.comm.stats.rounds += 1
-            self.in_sync = True
-            if self.step == self.warmup_steps:
-                self._begin_local_phase()
+            with failures_named(self.label, f"warm-up step {step}", self.timeout):
+                # The gradients were averaged; bring BatchNorm statistics along, as DDP's buffer broadcast would.
+                average_float_buffers(self.module, self.comm)
+                self.comm.stats.rounds += 1
+                self.in_sync = True
+                if self.step == self.warmup_steps:
+                    self._start_local_phase()
             return True
         if self.is_round_after(step):
-            self.flat.ensure_views()
-            self._round()
+            where = f"round {self.comm.stats.rounds + 1}"
+            with failures_named(self.label, where, self.timeout):
+                self.flat.ensure_views()
+                if self._check_replicas(where, step):
+                    self._rolled_back_resume()  # back at the last good round; that round's work follows
+                self._keep_rollback_point(self._round)
+                self._round()
             self.comm.stats.rounds += 1
             self.in_sync = self.rounds_synchronise
             return True
         self.in_sync = False
         return False
+
+    # ------------------------------------------------------------------ non-finite values and requests
+    def _agree(self, finite: bool) -> list[int]:
+        """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite."""
+        verdict = agree(self.comm, finite, self.request_pending, self.flat.buckets[0].device)
+        self.request_pending = False
+        self.agreed_request = self.agreed_request or verdict.request
+        return verdict.nonfinite_ranks
+
+    def _contribution_is_finite(self) -> bool:
+        """Whether what this rank is about to average (its replica and float buffers) is finite."""
+        return all_finite(self.flat.buckets) and all_finite(float_buffers(self.module))
+
+    def _check_replicas(self, where: str, step: int) -> bool:
+        """Agree on the replicas' finiteness before averaging them. Raises, or rolls every rank back to the last
+        good round (``on_nonfinite="skip_round"``) and returns True."""
+        bad = self._agree(self._contribution_is_finite())
+        if not bad:
+            return False
+        if self.on_nonfinite == "raise" or self._rollback_point is None:
+            raise nonfinite_error(self.label, where, "parameters", bad, step)
+        self._warn_skipped(bad, where, step, "every rank went back to its state at the last good round")
+        state, optimizer_states, _ = self._rollback_point
+        current_step, stats = self.step, self.comm.stats.state_dict()
+        self.load_state_dict(state)
+        self.step, self.in_sync = current_step, False  # the schedule goes on; only the model goes back
+        self.comm.stats.load_state_dict(stats)
+        for optimizer, saved in zip(self._optimizers, optimizer_states):
+            optimizer.load_state_dict(copy.deepcopy(saved))  # a copy: the point may be needed again
+        self.rounds_rolled_back += 1
+        return True
+
+    def _rolled_back_resume(self) -> None:
+        # The point was kept just before a `_round` (which the caller is about to run) or before the local
+        # phase began (run that first; a round after zero local steps changes nothing).
+        assert self._rollback_point is not None
+        if self._rollback_point[2] == self._begin_local_phase:
+            self._begin_local_phase()
+
+    def _keep_rollback_point(self, resume: Callable[[], None]) -> None:
+        if self.on_nonfinite != "skip_round":
+            return
+        optimizer_states = [copy.deepcopy(optimizer.state_dict()) for optimizer in self._optimizers]
+        self._rollback_point = (self.state_dict(), optimizer_states, resume)
+
+    def _warn_skipped(self, ranks: list[int], where: str, step: int, outcome: str) -> None:
+        warnings.warn(
+            f"{self.label}: rank(s) {ranks} held inf/NaN values at {where} (step {step}); {outcome} "
+            "(`on_nonfinite='skip_round'`).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _round(self) -> None:
         """One synchronisation: x_i <- mean_j x_j for parameters and floating-point buffers."""
@@ -205,12 +314,18 @@ class PeriodicAlgorithm:
         """Make the module hold the average of the replicas, keeping this rank's own copy aside."""
         if self.in_sync or self._local_backup is not None:
             return
-        self.flat.ensure_views()
-        buffers = float_buffers(self.module)
-        self._local_backup = ([b.clone() for b in self.flat.buckets], [b.clone() for b in buffers])
-        with torch.no_grad():
-            self.comm.all_reduce_mean_(self.flat.buckets)
-            average_float_buffers(self.module, self.comm)
+        where = f"the consensus after step {self.step}"
+        with failures_named(self.label, where, self.timeout):
+            self.flat.ensure_views()
+            if self._check_replicas(where, self.step):
+                self._redo_after_rollback()
+                if self.in_sync:
+                    return
+            buffers = float_buffers(self.module)
+            self._local_backup = ([b.clone() for b in self.flat.buckets], [b.clone() for b in buffers])
+            with torch.no_grad():
+                self.comm.all_reduce_mean_(self.flat.buckets)
+                average_float_buffers(self.module, self.comm)
 
     def exit_consensus(self) -> None:
         """Give the module its local replica back (undo :meth:`enter_consensus`)."""
@@ -237,14 +352,28 @@ class PeriodicAlgorithm:
 
     def finalize(self) -> None:
         """End of training: leave every rank holding the average of the replicas, for good."""
-        self._settle_in_flight()
-        if self._local_backup is not None:
-            self._local_backup = None  # the module already holds the average
-        elif not self.in_sync:
-            with torch.no_grad():
-                self.comm.all_reduce_mean_(self.flat.buckets)
-                average_float_buffers(self.module, self.comm)
+        where = f"the final average after step {self.step}"
+        with failures_named(self.label, where, self.timeout):
+            self._settle_in_flight()
+            if self._local_backup is not None:
+                self._local_backup = None  # the module already holds the average
+            elif not self.in_sync:
+                if self._check_replicas(where, self.step):
+                    self._redo_after_rollback()
+                with torch.no_grad():
+                    self.comm.all_reduce_mean_(self.flat.buckets)
+                    average_float_buffers(self.module, self.comm)
         self.in_sync = True
+
+    def _redo_after_rollback(self) -> None:
+        """After a rollback outside a round: redo what followed the kept point, so replicas are as after that round."""
+        self._rolled_back_resume()
+        assert self._rollback_point is not None
+        if self._rollback_point[2] == self._round:
+            self._round()
+            self.in_sync = self.rounds_synchronise
+        else:
+            self.in_sync = True  # the point was kept where the replicas agreed, before local steps began
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

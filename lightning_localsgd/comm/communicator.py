@@ -51,6 +51,18 @@ class Communicator(ABC):
         self._wait_for_device(tensors)
         self.stats.seconds += time.perf_counter() - start
 
+    def all_reduce_sum_(self, tensors: Sequence[Tensor]) -> None:
+        """Replace each tensor, in place, by its sum over the ranks (for small flag tensors)."""
+        if self.world_size == 1:
+            return
+        start = time.perf_counter()
+        for tensor in tensors:
+            self._all_reduce_sum_(tensor)
+            self.stats.collectives += 1
+            self.stats.bytes_sent += ring_all_reduce_bytes(tensor.numel() * tensor.element_size(), self.world_size)
+        self._wait_for_device(tensors)
+        self.stats.seconds += time.perf_counter() - start
+
     def broadcast_(self, tensors: Sequence[Tensor], src: int = 0) -> None:
         """Overwrite each tensor, in place, with rank ``src``'s copy."""
         if self.world_size == 1:

@@ -1,0 +1,85 @@
+"""What every synchronisation point checks before anything is averaged, and how failures are named.
+
+One tiny collective per synchronisation point (a round, a warm-up step, a consensus) carries, for every
+rank, "my contribution holds inf/NaN", plus one slot for a request that all ranks must act on at the same
+step (e.g. "checkpoint and requeue", raised by a signal on some ranks). A non-finite contribution is found
+*before* it is averaged into every replica, so the other ranks' models and all algorithm state stay clean.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_localsgd.comm.communicator import Communicator
+from lightning_localsgd.errors import NonFiniteError, PeerFailureError
+
+ON_NONFINITE_CHOICES = ("raise", "skip_round")
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element is finite: one read of each tensor and one host sync.
+
+    A sum is non-finite iff an element is, or the sum overflows float32, which only a diverged model does.
+    """
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not tensors:
+        return True
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])
+    return bool(torch.isfinite(sums).all())
+
+
+@dataclass
+class Verdict:
+    """What the ranks agreed on at one synchronisation point."""
+
+    nonfinite_ranks: list[int]
+    request: bool
+
+
+def agree(comm: Communicator, finite: bool, request: bool, device: torch.device) -> Verdict:
+    """Every rank's finiteness flag and the OR of the requests, by one all-reduce of ``world_size + 1`` floats."""
+    flags = torch.zeros(comm.world_size + 1, device=device)
+    flags[comm.rank] = 0.0 if finite else 1.0
+    flags[-1] = 1.0 if request else 0.0
+    comm.all_reduce_sum_([flags])
+    values = flags.tolist()
+    return Verdict([rank for rank, flag in enumerate(values[:-1]) if flag > 0], values[-1] > 0)
+
+
+def nonfinite_error(label: str, where: str, what: str, ranks: list[int], step: int) -> NonFiniteError:
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+    return NonFiniteError(
+        f"{label}: {who} held inf/NaN {what} at {where} (step {step}). Nothing was averaged: the other ranks' "
+        "models and the algorithm's state are as they were after the last good round, and so is the last "
+        "checkpoint. Lower the learning rate, clip gradients, check that rank's data, or pass "
+        "`on_nonfinite='skip_round'` to roll back to the last good round and go on.",
+        ranks,
+        step,
+    )
+
+
+@contextmanager
+def failures_named(label: str, where: str, timeout: Optional[timedelta]) -> Iterator[None]:
+    """Turn a failed or timed-out collective into a :class:`PeerFailureError` that says where it happened."""
+    start = time.monotonic()
+    try:
+        yield
+    except (NonFiniteError, PeerFailureError, ValueError):
+        raise
+    except RuntimeError as error:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        waited = time.monotonic() - start
+        limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+        raise PeerFailureError(
+            f"{label}: a collective at {where} failed after {waited:.1f} s ({error}). A peer rank died, is stuck, "
+            f"or the link between ranks broke; collectives wait at most {limit} (the strategy's `timeout` "
+            "argument). Restart from the last complete checkpoint (RoundCheckpoint finds it with "
+            "`ckpt_path='last'`)."
+        ) from error
