@@ -7,6 +7,7 @@ Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_localsgd.algorithms import VRLSGD, CoCoDSGD, LocalSGD, OverlapLocalSGD
+from lightning_localsgd.callbacks import RoundCheckpoint
 from lightning_localsgd.data import NonIIDSampler
 from lightning_localsgd.strategies import (
     ALL_STRATEGIES,
@@ -32,6 +33,7 @@ __all__ = [
     "NonIIDSampler",
     "OverlapLocalSGD",
     "OverlapLocalSGDStrategy",
+    "RoundCheckpoint",
     "VRLSGDStrategy",
     "__version__",
 ]

@@ -14,3 +14,7 @@ class NonFiniteError(RuntimeError):
 
 class PeerFailureError(RuntimeError):
     """A collective failed or timed out: a peer rank died, is stuck, or the network between them broke."""
+
+
+class OutOfStepError(RuntimeError):
+    """Ranks reached different synchronisation points (different steps or kinds): their data or control flow differs."""

@@ -10,7 +10,7 @@ from sim_utils import flat_params, loss_of, make_model
 
 from lightning_localsgd.algorithms import VRLSGD, CoCoDSGD, LocalSGD, OverlapLocalSGD
 from lightning_localsgd.comm import run_simulated
-from lightning_localsgd.errors import NonFiniteError
+from lightning_localsgd.errors import NonFiniteError, OutOfStepError
 
 PERIOD = 4
 ALGORITHMS = {
@@ -95,7 +95,8 @@ def test_warmup_gradients_are_checked_before_they_are_averaged():
 
 
 def test_skip_round_drops_a_warmup_step_with_nonfinite_gradients_on_every_rank():
-    skipped = run_simulated(2, make_worker("local_sgd", "skip_round", range(8), poison_at=1, warmup=3, poison_grad=True))
+    poisoned = make_worker("local_sgd", "skip_round", range(8), poison_at=1, warmup=3, poison_grad=True)
+    skipped = run_simulated(2, poisoned)
     reference = run_simulated(2, make_worker("local_sgd", "raise", [0, 2, 3, 4, 5, 6, 7], warmup=3))
     for got, want in zip(skipped, reference):
         torch.testing.assert_close(got["params"], want["params"])
@@ -134,10 +135,38 @@ def test_a_request_raised_on_one_rank_is_agreed_by_all_at_the_next_round():
             loss_of(model, rank, step).backward()
             opt.step()
             if rank == 0 and step == 4:
-                algo.request_pending = True
+                algo.raise_request("requeue")
             algo.end_step()
-            seen.append(algo.agreed_request)
+            seen.append("requeue" in algo.agreed_requests)
         return seen
 
     for seen in run_simulated(2, worker):
         assert seen == [False] * 7 + [True]  # rounds after steps 3 and 7; raised at step 4
+
+
+def test_ranks_at_different_synchronisation_points_stop_with_a_clear_error_instead_of_mixing_tensors():
+    # Rank 1's data ran out one period early: it heads for the final average while rank 0 is at a round.
+    def worker(rank, comm):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        algo = LocalSGD(period=2, first_period_one_step=False)
+        algo.setup(model, comm, [opt])
+        for step in range(4 if rank == 0 else 3):
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            opt.step()
+            try:
+                algo.end_step()
+            except OutOfStepError as error:
+                return str(error)
+        before = flat_params(model).clone()
+        try:
+            algo.finalize()
+        except OutOfStepError as error:
+            assert torch.equal(flat_params(model), before)  # nothing averaged
+            return str(error)
+        return None
+
+    for message in run_simulated(2, worker):
+        assert message is not None
+        assert "rank 0: round at step 3" in message and "rank 1: final average at step 3" in message

@@ -1,8 +1,9 @@
 """What every synchronisation point checks before anything is averaged, and how failures are named.
 
 One tiny collective per synchronisation point (a round, a warm-up step, a consensus) carries, for every
-rank, "my contribution holds inf/NaN", plus one slot for a request that all ranks must act on at the same
-step (e.g. "checkpoint and requeue", raised by a signal on some ranks). A non-finite contribution is found
+rank, "my contribution holds inf/NaN" and where it stands, plus one slot per request that all ranks must
+act on at the same step ("requeue": checkpoint and requeue, "stop": SIGTERM; raised by a signal on some
+ranks, at different moments). A non-finite contribution is found
 *before* it is averaged into every replica, so the other ranks' models and all algorithm state stay clean.
 """
 
@@ -19,9 +20,10 @@ import torch
 from torch import Tensor
 
 from lightning_localsgd.comm.communicator import Communicator
-from lightning_localsgd.errors import NonFiniteError, PeerFailureError
+from lightning_localsgd.errors import NonFiniteError, OutOfStepError, PeerFailureError
 
 ON_NONFINITE_CHOICES = ("raise", "skip_round")
+REQUESTS = ("requeue", "stop")
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -41,17 +43,27 @@ class Verdict:
     """What the ranks agreed on at one synchronisation point."""
 
     nonfinite_ranks: list[int]
-    request: bool
+    positions: list[int]  # each rank's synchronisation point, as encoded by the caller
+    requests: set[str]  # raised on at least one rank
 
 
-def agree(comm: Communicator, finite: bool, request: bool, device: torch.device) -> Verdict:
-    """Every rank's finiteness flag and the OR of the requests, by one all-reduce of ``world_size + 1`` floats."""
-    flags = torch.zeros(comm.world_size + 1, device=device)
-    flags[comm.rank] = 0.0 if finite else 1.0
-    flags[-1] = 1.0 if request else 0.0
+def agree(comm: Communicator, finite: bool, position: int, requests: set[str], device: torch.device) -> Verdict:
+    """Every rank's finiteness flag and position, and the requests raised anywhere: one small all-reduce.
+
+    The positions let a rank that reached a different synchronisation point (e.g. its data ran out, so it is
+    at the final average while the others are at a round) be found here instead of pairing its collectives
+    with the wrong ones, which would average unrelated tensors or hang.
+    """
+    world = comm.world_size
+    flags = torch.zeros(2 * world + len(REQUESTS), dtype=torch.int64, device=device)
+    flags[comm.rank] = 0 if finite else 1
+    flags[world + comm.rank] = position
+    for slot, name in enumerate(REQUESTS):
+        flags[2 * world + slot] = 1 if name in requests else 0
     comm.all_reduce_sum_([flags])
     values = flags.tolist()
-    return Verdict([rank for rank, flag in enumerate(values[:-1]) if flag > 0], values[-1] > 0)
+    raised = {name for slot, name in enumerate(REQUESTS) if values[2 * world + slot] > 0}
+    return Verdict([r for r in range(world) if values[r] > 0], values[world : 2 * world], raised)
 
 
 def nonfinite_error(label: str, where: str, what: str, ranks: list[int], step: int) -> NonFiniteError:
@@ -72,14 +84,14 @@ def failures_named(label: str, where: str, timeout: Optional[timedelta]) -> Iter
     start = time.monotonic()
     try:
         yield
-    except (NonFiniteError, PeerFailureError, ValueError):
+    except (NonFiniteError, OutOfStepError, PeerFailureError, ValueError):
         raise
     except RuntimeError as error:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
         waited = time.monotonic() - start
         limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
         raise PeerFailureError(
             f"{label}: a collective at {where} failed after {waited:.1f} s ({error}). A peer rank died, is stuck, "
-            f"or the link between ranks broke; collectives wait at most {limit} (the strategy's `timeout` "
+            f"or the link between ranks broke; collectives wait at most {limit} (the strategy's `collective_timeout` "
             "argument). Restart from the last complete checkpoint (RoundCheckpoint finds it with "
             "`ckpt_path='last'`)."
         ) from error

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_bool, check_choice, check_int, check_positive_float
 from lightning_localsgd.algorithms.guard import (
     ON_NONFINITE_CHOICES,
+    REQUESTS,
     agree,
     all_finite,
     failures_named,
@@ -39,6 +40,11 @@ from lightning_localsgd.algorithms.guard import (
 from lightning_localsgd.comm import Communicator, FlatParameters, average_float_buffers, average_gradients
 from lightning_localsgd.comm.communicator import PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB, float_buffers
+from lightning_localsgd.errors import OutOfStepError
+
+# Kinds of synchronisation point, encoded with the step in the guard's collective.
+_SYNC_POINT_KINDS = ("round", "warm-up step", "consensus", "final average")
+_ROUND, _WARMUP, _CONSENSUS, _FINAL = range(len(_SYNC_POINT_KINDS))
 
 
 class PeriodicAlgorithm:
@@ -83,8 +89,8 @@ class PeriodicAlgorithm:
         self.timeout: Optional[timedelta] = None  # the collectives' timeout, quoted in error messages
         self.on_nonfinite = "raise"
         self.gradients_may_overflow = False  # a grad scaler handles inf gradients itself (fp16 AMP)
-        self.request_pending = False  # raised locally (e.g. by a signal); agreed at the next synchronisation point
-        self.agreed_request = False  # some rank raised the request: every rank acts on it at this step
+        self.requests_pending: set[str] = set()  # raised here (e.g. by a signal), sent at the next sync point
+        self.agreed_requests: set[str] = set()  # raised by some rank: every rank acts on them at the same step
         self.rounds_rolled_back = 0
         self._rollback_point: Optional[tuple[dict[str, Any], list[dict[str, Any]], Callable[[], None]]] = None
         self._skip_step = False  # this step's gradients were non-finite and were dropped on every rank
@@ -203,7 +209,7 @@ class PeriodicAlgorithm:
         where = f"warm-up step {self.step}"
         with failures_named(self.label, where, self.timeout):
             finite = self.gradients_may_overflow or all_finite([p.grad for p in params if p.grad is not None])
-            bad = self._agree(finite)
+            bad = self._agree(finite, self.step, _WARMUP, where)
             if bad:
                 if self.on_nonfinite == "raise":
                     raise nonfinite_error(self.label, where, "gradients", bad, self.step)
@@ -237,7 +243,7 @@ class PeriodicAlgorithm:
             where = f"round {self.comm.stats.rounds + 1}"
             with failures_named(self.label, where, self.timeout):
                 self.flat.ensure_views()
-                if self._check_replicas(where, step):
+                if self._check_replicas(where, step, _ROUND):
                     self._rolled_back_resume()  # back at the last good round; that round's work follows
                 self._keep_rollback_point(self._round)
                 self._round()
@@ -248,21 +254,46 @@ class PeriodicAlgorithm:
         return False
 
     # ------------------------------------------------------------------ non-finite values and requests
-    def _agree(self, finite: bool) -> list[int]:
+    def _agree(self, finite: bool, step: int, kind: int, where: str) -> list[int]:
         """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite."""
-        verdict = agree(self.comm, finite, self.request_pending, self.flat.buckets[0].device)
-        self.request_pending = False
-        self.agreed_request = self.agreed_request or verdict.request
+        position = step * len(_SYNC_POINT_KINDS) + kind
+        verdict = agree(self.comm, finite, position, self.requests_pending, self.flat.buckets[0].device)
+        if len(set(verdict.positions)) > 1:
+            described = [
+                f"rank {rank}: {_SYNC_POINT_KINDS[p % len(_SYNC_POINT_KINDS)]} at step {p // len(_SYNC_POINT_KINDS)}"
+                for rank, p in enumerate(verdict.positions)
+            ]
+            raise OutOfStepError(
+                f"{self.label}: the ranks reached different synchronisation points ({'; '.join(described)}), "
+                f"seen at this rank's {where}. Their data or control flow differ: give every rank the same number "
+                "of batches (the strategy agrees on it for sized data loaders) and take optimizer steps on all "
+                "ranks alike. Nothing was averaged."
+            )
+        self.requests_pending = set()
+        self.agreed_requests |= verdict.requests
         return verdict.nonfinite_ranks
+
+    def raise_request(self, name: str) -> None:
+        """Ask every rank to act on ``name`` (one of ``guard.REQUESTS``) at the next synchronisation point.
+
+        Safe to call from a signal handler: it only records the request."""
+        self.requests_pending.add(check_choice("request", name, REQUESTS))
+
+    def take_agreed_request(self, name: str) -> bool:
+        """Whether the ranks agreed on ``name``; consumes it."""
+        if name in self.agreed_requests:
+            self.agreed_requests.discard(name)
+            return True
+        return False
 
     def _contribution_is_finite(self) -> bool:
         """Whether what this rank is about to average (its replica and float buffers) is finite."""
         return all_finite(self.flat.buckets) and all_finite(float_buffers(self.module))
 
-    def _check_replicas(self, where: str, step: int) -> bool:
+    def _check_replicas(self, where: str, step: int, kind: int) -> bool:
         """Agree on the replicas' finiteness before averaging them. Raises, or rolls every rank back to the last
         good round (``on_nonfinite="skip_round"``) and returns True."""
-        bad = self._agree(self._contribution_is_finite())
+        bad = self._agree(self._contribution_is_finite(), step, kind, where)
         if not bad:
             return False
         if self.on_nonfinite == "raise" or self._rollback_point is None:
@@ -314,10 +345,10 @@ class PeriodicAlgorithm:
         """Make the module hold the average of the replicas, keeping this rank's own copy aside."""
         if self.in_sync or self._local_backup is not None:
             return
-        where = f"the consensus after step {self.step}"
+        where = "the consensus (evaluation or checkpoint weights)"
         with failures_named(self.label, where, self.timeout):
             self.flat.ensure_views()
-            if self._check_replicas(where, self.step):
+            if self._check_replicas(where, self.step, _CONSENSUS):
                 self._redo_after_rollback()
                 if self.in_sync:
                     return
@@ -352,13 +383,13 @@ class PeriodicAlgorithm:
 
     def finalize(self) -> None:
         """End of training: leave every rank holding the average of the replicas, for good."""
-        where = f"the final average after step {self.step}"
+        where = "the final average"
         with failures_named(self.label, where, self.timeout):
             self._settle_in_flight()
             if self._local_backup is not None:
                 self._local_backup = None  # the module already holds the average
             elif not self.in_sync:
-                if self._check_replicas(where, self.step):
+                if self._check_replicas(where, self.step, _FINAL):
                     self._redo_after_rollback()
                 with torch.no_grad():
                     self.comm.all_reduce_mean_(self.flat.buckets)

@@ -15,10 +15,12 @@ It translates Lightning's life cycle into the algorithm's moments and nothing mo
 
 from __future__ import annotations
 
+import signal
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -27,11 +29,12 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_localsgd._validation import check_bool
+from lightning_localsgd._validation import check_bool, check_positive_float
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.strategies.checkpointing import (
@@ -42,6 +45,16 @@ from lightning_localsgd.strategies.checkpointing import (
     to_device,
 )
 from lightning_localsgd.strategies.round_callback import RoundCallback
+from lightning_localsgd.strategies.safety import (
+    agree_on_batches_per_epoch,
+    as_timeout,
+    check_supported_device,
+    check_supported_model,
+    check_supported_optimizers,
+    defer_signals,
+    grad_scaler_of,
+    restore_patched_hooks,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -57,8 +70,17 @@ class LocalUpdateStrategy(DDPStrategy):
         algorithm: the per-rank algorithm instance (not yet set up).
         log_comm_metrics: log ``comm/rounds``, ``comm/mb_sent``, ``comm/seconds`` and ``comm/collectives``
             to the trainer's loggers every ``log_every_n_steps`` steps and at the end of training.
-        Remaining arguments: as :class:`~lightning.pytorch.strategies.DDPStrategy` (``timeout`` bounds every
-        collective, so a dead peer becomes an error instead of a hang).
+        on_nonfinite: what a synchronisation point does when some rank's parameters (or, in warm-up, gradients)
+            hold inf/NaN: ``"raise"`` stops every rank with an error naming the rank and step before anything is
+            averaged; ``"skip_round"`` rolls every rank back to the last good round and goes on (keeps one
+            copy of the model, optimizer and algorithm state per rank).
+        collective_timeout: seconds any of the strategy's collectives (rounds, warm-up averages, consensus,
+            checkpoint gathers) may wait for a peer before the run stops with an error naming the strategy and
+            round: a dead or stuck peer becomes an error, never a hang. Allow for one round's transfer on the
+            slowest link.
+        timeout: as in ``DDPStrategy``: process-group start-up and Lightning's own collectives (seconds or a
+            ``timedelta``; Lightning's default, 30 minutes, tolerates ranks that start far apart).
+        Remaining arguments: as :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
 
     strategy_names: ClassVar[tuple[str, ...]] = ()
@@ -67,15 +89,19 @@ class LocalUpdateStrategy(DDPStrategy):
         self,
         algorithm: PeriodicAlgorithm,
         log_comm_metrics: bool = True,
+        on_nonfinite: str = "raise",
+        collective_timeout: float = 600.0,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[Any]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
         precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        timeout: Union[float, timedelta, None] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
+        timeout = as_timeout(timeout)
+        algorithm.set_nonfinite_policy(on_nonfinite)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -87,12 +113,16 @@ class LocalUpdateStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.algorithm = algorithm
+        self.algorithm.label = f"{type(self).__name__} ({type(algorithm).__name__})"
+        self.collective_timeout = timedelta(seconds=check_positive_float("collective_timeout", collective_timeout))
+        self.algorithm.timeout = self.collective_timeout
         self.log_comm_metrics = check_bool("log_comm_metrics", log_comm_metrics)
         self._active = False  # the algorithm drives the model (between setup and teardown of a fit)
         self._stepped_this_batch = False
         self._pending_rank_state: Optional[Any] = None
         self._round_callback: Optional[RoundCallback] = None
-        self._lightning_sigterm_check: Optional[Callable[[], None]] = None
+        self._patched_trainer: Optional[pl.Trainer] = None
+        self._requeue: Optional[Callable[[Any, Any], None]] = None  # Lightning's SLURM checkpoint-and-requeue
 
     # ------------------------------------------------------------------ public read-outs
     @property
@@ -109,10 +139,19 @@ class LocalUpdateStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         assert self.model is not None
         self.model = self._setup_model(self.model)
-        self.algorithm.setup(self.model, ProcessGroupCommunicator(timeout=self._timeout))
+        # A group of the strategy's own, so that its collectives carry `collective_timeout` (the default group's
+        # timeout also bounds start-up, where ranks may legitimately arrive minutes apart).
+        group = dist.new_group(timeout=self.collective_timeout)
+        self.algorithm.setup(self.model, ProcessGroupCommunicator(group, timeout=self.collective_timeout))
+
+    @override
+    def setup_environment(self) -> None:
+        check_supported_device(self.root_device, type(self).__name__)
+        super().setup_environment()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        check_supported_model(self.model, type(self).__name__)
         if trainer.state.fn == TrainerFn.FITTING and self._layer_sync is not None:
             rank_zero_warn(
                 f"`sync_batchnorm=True` all-reduces BatchNorm statistics at every forward pass, which undoes what "
@@ -121,37 +160,26 @@ class LocalUpdateStrategy(DDPStrategy):
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
+        check_supported_optimizers(self.optimizers, type(self).__name__)
         self.algorithm.register_optimizers(self.optimizers)
+        self.algorithm.gradients_may_overflow = grad_scaler_of(self.precision_plugin) is not None
         self._round_callback = RoundCallback(self)
         trainer.callbacks.insert(0, self._round_callback)
-        self._move_sigterm_check_to_rounds(trainer)
+        self._patched_trainer = trainer
+        self._requeue = defer_signals(trainer, self.algorithm)
+        agree_on_batches_per_epoch(trainer, self.algorithm.comm, type(self).__name__)
         self._active = True
-
-    def _move_sigterm_check_to_rounds(self, trainer: pl.Trainer) -> None:
-        # Lightning broadcasts a SIGTERM flag before *every* training step when world_size > 1: a collective on
-        # every local step. Keep the check, but only before steps that synchronise anyway.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        original = getattr(epoch_loop, "_broadcast_sigterm_tensor", None)
-        if original is None:
-            return
-        self._lightning_sigterm_check = original
-
-        def broadcast_sigterm_on_synchronising_steps() -> None:
-            if self.algorithm.step_synchronises():
-                original()
-
-        epoch_loop._broadcast_sigterm_tensor = broadcast_sigterm_on_synchronising_steps
 
     @override
     def teardown(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None:
-            if self._round_callback is not None and self._round_callback in trainer.callbacks:
-                trainer.callbacks.remove(self._round_callback)
-            if self._lightning_sigterm_check is not None:
-                del trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor  # back to the class method
+        if trainer is not None and self._round_callback is not None and self._round_callback in trainer.callbacks:
+            trainer.callbacks.remove(self._round_callback)
+        if self._patched_trainer is not None:
+            restore_patched_hooks(self._patched_trainer)
+        self._patched_trainer = None
+        self._requeue = None
         self._round_callback = None
-        self._lightning_sigterm_check = None
         self._active = False
         super().teardown()
 
@@ -172,7 +200,15 @@ class LocalUpdateStrategy(DDPStrategy):
             self.algorithm.before_optimizer_step(optimizer)
             return result
 
+        scaler = grad_scaler_of(self.precision_plugin)
+        scale_before = scaler.get_scale() if scaler is not None else None
         output = super().optimizer_step(optimizer, closure_then_synchronise, model, **kwargs)
+        if scaler is not None and scale_before is not None and scaler.get_scale() < scale_before:
+            # The scaler found inf gradients and skipped `optimizer.step()`: no update, so no correction. In
+            # warm-up (gradients averaged, so every rank skips alike) the step is not counted; in the local
+            # phase the batch still counts for the round schedule, which must stay identical on every rank.
+            self._stepped_this_batch = self._stepped_this_batch or not self.algorithm.in_warmup()
+            return output
         self.algorithm.after_optimizer_step(optimizer)
         self._stepped_this_batch = True
         return output
@@ -183,6 +219,11 @@ class LocalUpdateStrategy(DDPStrategy):
             return  # a micro-batch under gradient accumulation, or a skipped step
         self._stepped_this_batch = False
         self.algorithm.end_step()
+        # Requests (signals) raised anywhere were agreed at a synchronisation point: every rank acts at this step.
+        if self.algorithm.take_agreed_request("requeue") and self._requeue is not None:
+            self._requeue(signal.SIGUSR1, None)  # Lightning's: checkpoint (consistent here), `scontrol requeue`
+        if self.algorithm.take_agreed_request("stop"):
+            raise SIGTERMException()
         if self.log_comm_metrics and self.algorithm.step % max(trainer.log_every_n_steps, 1) == 0:
             self._log_comm_metrics(trainer)
 

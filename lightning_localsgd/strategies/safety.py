@@ -1,0 +1,189 @@
+"""Checks and Lightning patches that keep a local-update run from hanging, mixing tensors or losing work.
+
+* set-up refuses what cannot work (devices without a supported backend, sharded or already-wrapped models,
+  optimizers that communicate by themselves), with a message that says what to do instead;
+* ranks agree on the number of training batches per epoch before the epoch, so a rank with fewer batches
+  never leaves the others waiting at a round;
+* SLURM's requeue signal and SIGTERM are acted on at the next synchronisation point, where every rank is
+  at the same step, instead of inside the signal handler at whatever point each rank happens to be (and
+  Lightning's per-step SIGTERM broadcast, a collective on every local step, is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.comm import Communicator
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def as_timeout(value: Union[float, timedelta, None]) -> Optional[timedelta]:
+    """The collectives' timeout from seconds (as LightningCLI YAML gives it) or a ``timedelta``."""
+    if value is None or isinstance(value, timedelta):
+        seconds = None if value is None else value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"`timeout` must be a number of seconds or a datetime.timedelta, got {value!r}.")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"`timeout` must be positive, got {seconds} s.")
+    return None if seconds is None else timedelta(seconds=seconds)
+
+
+def check_supported_device(device: torch.device, strategy: str) -> None:
+    if device.type not in SUPPORTED_DEVICE_TYPES:
+        raise ValueError(
+            f"{strategy} runs on CPU (gloo) and CUDA GPUs (NCCL); this Trainer's device is {device.type!r}. "
+            "Use `accelerator='cpu'` or `accelerator='gpu'`."
+        )
+
+
+def check_supported_model(model: Optional[nn.Module], strategy: str) -> None:
+    """Refuse models that are sharded or already wrapped by another data-parallel engine."""
+    if model is None:
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, module in model.named_modules():
+        where = f"`{name}`" if name else "the model"
+        if isinstance(module, (FullyShardedDataParallel, FSDPModule)):
+            raise ValueError(
+                f"{where} is sharded with FSDP, but {strategy} keeps a full replica per rank and averages it. "
+                "Local-update strategies do not combine with FSDP: drop the FSDP wrapping/`fully_shard` from "
+                "the module, or use Lightning's `FSDPStrategy` without local updates."
+            )
+        if isinstance(module, DistributedDataParallel):
+            raise ValueError(
+                f"{where} is wrapped in DistributedDataParallel, which all-reduces gradients every step and "
+                f"would undo what {strategy} saves. Pass the bare module; the strategy does the synchronisation."
+            )
+        if type(module).__module__.split(".")[0] == "deepspeed":
+            raise ValueError(
+                f"{where} is a DeepSpeed engine; {strategy} does not combine with DeepSpeed (ZeRO shards the "
+                "state it averages). Pass the bare module, or use Lightning's `DeepSpeedStrategy` alone."
+            )
+
+
+def check_supported_optimizers(optimizers: list[Optimizer], strategy: str) -> None:
+    """Refuse optimizers that communicate by themselves: their collectives would race the strategy's."""
+    from torch.distributed.optim import PostLocalSGDOptimizer, ZeroRedundancyOptimizer
+
+    for optimizer in optimizers:
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            raise ValueError(
+                f"ZeroRedundancyOptimizer shards optimizer state across ranks and broadcasts parameters after every "
+                f"step; {strategy} needs each rank to step its own full replica. Return the plain optimizer "
+                f"(e.g. `{optimizer.optim.__class__.__name__}`) from `configure_optimizers`."
+            )
+        if isinstance(optimizer, PostLocalSGDOptimizer):
+            raise ValueError(
+                f"PostLocalSGDOptimizer averages parameters itself; with {strategy} the model would be averaged "
+                "twice. Return the wrapped optimizer and set the strategy's `period`/`warmup_steps` instead."
+            )
+
+
+def grad_scaler_of(precision: Precision) -> Optional[Any]:
+    """The enabled fp16 ``GradScaler`` of a mixed-precision plugin, if any."""
+    scaler = getattr(precision, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def agree_on_batches_per_epoch(trainer: pl.Trainer, comm: Communicator, strategy: str) -> None:
+    """After Lightning sizes the training data, make every rank run the smallest rank's number of batches."""
+    fit_loop = trainer.fit_loop
+    original = fit_loop.setup_data
+    agreed_for: list[Any] = [None]  # the combined loader last agreed on (set-up runs again each epoch)
+
+    def setup_data_then_agree() -> None:
+        original()
+        loader = fit_loop._combined_loader
+        if loader is None or loader is agreed_for[0]:
+            return
+        agreed_for[0] = loader
+        counts = comm.all_gather_object(fit_loop.max_batches)
+        fewest = min(counts)
+        if all(count == fewest for count in counts):
+            return
+        if fewest == float("inf"):
+            return
+        fit_loop.max_batches = fewest
+        if isinstance(trainer.val_check_interval, float) and trainer.check_val_every_n_epoch is not None:
+            trainer.val_check_batch = max(1, int(fewest * trainer.val_check_interval))
+        else:
+            trainer.val_check_batch = min(trainer.val_check_batch, fewest)
+        dropped = {rank: count - fewest for rank, count in enumerate(counts) if count != fewest}
+        rank_zero_warn(
+            f"{strategy}: the ranks have different numbers of training batches per epoch ({counts}, by rank). "
+            f"Every rank runs {fewest} so that rounds stay aligned; batches dropped per epoch: "
+            + ", ".join(f"rank {rank}: {n}" for rank, n in dropped.items())
+            + ". Give every rank an equal shard (e.g. `lightning_localsgd.NonIIDSampler` or Lightning's "
+            "DistributedSampler) to use all data."
+        )
+
+    fit_loop.setup_data = setup_data_then_agree  # type: ignore[method-assign]
+
+
+def defer_signals(trainer: pl.Trainer, algorithm: PeriodicAlgorithm) -> Callable[[Any, Any], None]:
+    """Make SLURM's requeue signal and SIGTERM requests that the ranks agree on at a synchronisation point.
+
+    Lightning saves the requeue checkpoint inside the signal handler, at whatever point each rank is, and the
+    strategy's checkpoint gathers every rank's state: ranks one step apart would be saved at different steps,
+    and a gather interleaved with a round's collectives would mix tensors. Its SIGTERM handler broadcasts
+    from inside the handler too, and its training loop broadcasts a SIGTERM flag before every step. Here the
+    handlers only record a request; the flag collective of the next round carries it to every rank.
+    Returns Lightning's requeue handler, to be called by every rank at the step the ranks agreed on.
+    """
+    connector = trainer._signal_connector
+    lightning_requeue = connector._slurm_sigusr_handler_fn
+
+    def request_requeue(signum: Any, frame: Any) -> None:
+        log.info("Requeue signal %s received: checkpointing at the next synchronisation point.", signum)
+        algorithm.raise_request("requeue")
+
+    def request_stop(signum: Any, frame: Any) -> None:
+        log.info("SIGTERM received: stopping at the next synchronisation point.")
+        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # pass it on to the processes this one launched
+        connector.received_sigterm = True
+        algorithm.raise_request("stop")
+
+    def no_collective_per_step() -> None:
+        if connector.received_sigterm:
+            algorithm.raise_request("stop")
+
+    connector._slurm_sigusr_handler_fn = request_requeue  # type: ignore[method-assign]
+    connector._sigterm_notifier_fn = request_stop  # type: ignore[method-assign]
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = no_collective_per_step  # type: ignore[method-assign]
+    return lightning_requeue
+
+
+_PATCHED = (
+    ("fit_loop", "setup_data"),
+    ("fit_loop.epoch_loop", "_broadcast_sigterm_tensor"),
+    ("_signal_connector", "_slurm_sigusr_handler_fn"),
+    ("_signal_connector", "_sigterm_notifier_fn"),
+)
+
+
+def restore_patched_hooks(trainer: pl.Trainer) -> None:
+    """Undo :func:`agree_on_batches_per_epoch` and :func:`defer_signals` (back to the class methods)."""
+    for path, name in _PATCHED:
+        owner: Any = trainer
+        for part in path.split("."):
+            owner = getattr(owner, part)
+        if name in vars(owner):
+            delattr(owner, name)
