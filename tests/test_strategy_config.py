@@ -49,6 +49,14 @@ COMMON_BAD_ARGUMENTS = [
     ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
     ({"bucket_cap_mb": float("nan")}, "bucket_cap_mb"),
     ({"log_comm_metrics": 1}, "log_comm_metrics"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+    ({"on_nonfinite": None}, "on_nonfinite"),
+    ({"collective_timeout": 0}, "collective_timeout"),
+    ({"collective_timeout": -5.0}, "collective_timeout"),
+    ({"collective_timeout": float("inf")}, "collective_timeout"),
+    ({"collective_timeout": "60"}, "collective_timeout"),
+    ({"timeout": -1}, "timeout"),
+    ({"timeout": "30 minutes"}, "timeout"),
 ]
 BAD_ARGUMENTS = [
     *[(cls, kwargs, named) for cls in ALL_STRATEGIES for kwargs, named in COMMON_BAD_ARGUMENTS],

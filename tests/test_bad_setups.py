@@ -1,0 +1,72 @@
+"""Set-ups that cannot work are refused with a message that says what to do (no training is started)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_localsgd import LocalSGDStrategy
+from lightning_localsgd.strategies.safety import (
+    check_supported_device,
+    check_supported_model,
+    check_supported_optimizers,
+)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class ShardedBlock(FullyShardedDataParallel):
+    """An FSDP-wrapped block as a user's model would contain it (construction of a real one needs a mesh)."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.inner = nn.Linear(2, 2)
+
+
+def test_a_model_with_an_fsdp_block_is_refused():
+    model = nn.Sequential(nn.Linear(2, 2), ShardedBlock())
+    with pytest.raises(ValueError, match=r"`1` is sharded with FSDP.*do not combine with FSDP"):
+        check_supported_model(model, "LocalSGDStrategy")
+
+
+def test_a_model_already_in_ddp_is_refused(one_rank_group):
+    with pytest.raises(ValueError, match=r"DistributedDataParallel.*Pass the bare module"):
+        check_supported_model(DistributedDataParallel(nn.Linear(2, 2)), "LocalSGDStrategy")
+
+
+def test_zero_redundancy_optimizer_is_refused_naming_the_plain_one(one_rank_group):
+    model = nn.Linear(2, 2)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.1)
+    with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer.*`AdamW`"):
+        check_supported_optimizers([zero], "LocalSGDStrategy")
+
+
+def test_plain_model_and_optimizer_pass():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    check_supported_model(model, "LocalSGDStrategy")
+    check_supported_optimizers([torch.optim.SGD(model.parameters(), lr=0.1)], "LocalSGDStrategy")
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_devices_without_a_supported_backend_are_refused(device):
+    with pytest.raises(ValueError, match="accelerator='cpu'"):
+        check_supported_device(torch.device(device), "VRLSGDStrategy")
+
+
+def test_timeouts_accept_seconds_or_timedelta():
+    strategy = LocalSGDStrategy(timeout=90, collective_timeout=30)
+    assert strategy._timeout == timedelta(seconds=90)
+    assert strategy.collective_timeout == timedelta(seconds=30)
+    assert LocalSGDStrategy(timeout=timedelta(minutes=2))._timeout == timedelta(minutes=2)
