@@ -90,3 +90,60 @@ def test_fp16_steps_the_grad_scaler_skips_are_not_counted_as_warmup_steps(tmp_pa
         skipped_in_warmup = [i for i in skipped if i <= warmup_end]
         assert warmup_end + 1 - len(skipped_in_warmup) == 6
     assert torch.equal(ranks[0]["final"], ranks[1]["final"])
+
+
+def _start_slurm_ranks(out: Path, restart_count: int | None, port: int, *args: str) -> list[subprocess.Popen]:
+    """Start both ranks as ``srun`` would: SLURM's variables, one task per rank, a recording ``scontrol``."""
+    bin_dir = out / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {out / "scontrol_calls.txt"}\n')
+    scontrol.chmod(0o755)
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "train",
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_NNODES": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        if restart_count is not None:
+            env["SLURM_RESTART_COUNT"] = str(restart_count)
+        log = open(out / f"slurm_rank{rank}_{restart_count}.log", "w")  # noqa: SIM115 - closed with the process
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=out, env=env, stdout=log, stderr=log
+            )
+        )
+    return procs
+
+
+def test_slurm_requeue_signal_checkpoints_every_rank_at_the_same_step_and_the_requeued_job_resumes_exactly(tmp_path):
+    from dist_utils import free_port
+
+    # Rank 0 gets the signal at step 5, rank 1 at step 7 (srun delivers it to each task at its own moment).
+    args = ("--strategy", "vrl_sgd", "--period", "4", "--usr1-at", "5,7", "--batches", "24")
+    for restart in (None, 1):  # the first run, then the requeued one
+        procs = _start_slurm_ranks(tmp_path, restart, free_port(), *args)
+        codes = [proc.wait(timeout=300) for proc in procs]
+        logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("slurm_rank*.log")))
+        assert codes == [0, 0], logs
+        if restart is None:
+            first_final = torch.load(tmp_path / "rank0.pt", weights_only=False)["final"]
+            hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+            rank_steps = [r["algorithm"]["step"] for r in hpc["lightning_localsgd"]["ranks"]]
+            assert rank_steps == [hpc["global_step"]] * 2 == [8, 8]  # the round after both signals, on both ranks
+            assert (tmp_path / "scontrol_calls.txt").read_text().split() == ["requeue", "4242"]  # rank 0 only
+    resumed = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert resumed[0]["steps"][0]["global_step"] == 9  # resumed after step 8, not from scratch
+    torch.testing.assert_close(resumed[0]["final"], first_final)
+    torch.testing.assert_close(resumed[1]["final"], first_final)

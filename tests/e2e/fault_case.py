@@ -2,7 +2,9 @@
 
 Faults: ``--uneven N`` (rank 1 has N fewer batches per epoch), ``--nan-at S`` (rank 1's loss turns NaN at
 global step S), ``--stall-at S`` (rank 1 stops answering at step S), ``--kill-at S`` (rank 1 SIGKILLs itself at
-step S), ``--fp16-init-scale X`` (fp16 AMP with a grad scaler that starts too high, so early steps overflow).
+step S), ``--fp16-init-scale X`` (fp16 AMP with a grad scaler that starts too high, so early steps overflow),
+``--usr1-at S0,S1`` (rank r sends itself SLURM's requeue signal at step S_r, on the job's first run only; the
+ranks are started by the test with SLURM's variables, as ``srun`` would).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Faulty(L.LightningModule):
             time.sleep(600)  # a stuck peer: alive, never reaching the next collective
         if rank == 1 and step == self.args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.args.usr1_at and step == self.args.usr1_at[rank] and os.environ.get("SLURM_RESTART_COUNT") is None:
+            os.kill(os.getpid(), signal.SIGUSR1)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--collective-timeout", type=float, default=60.0)
     parser.add_argument("--fp16-init-scale", type=float, default=None)
     parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--usr1-at", type=lambda text: [int(s) for s in text.split(",")], default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -113,6 +118,7 @@ def main() -> None:
         enable_model_summary=False,
         enable_checkpointing=bool(args.ckpt_every),
         limit_val_batches=0,
+        default_root_dir=out,
     )
     model = Faulty(args)
     trainer.fit(model)
