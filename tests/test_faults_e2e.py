@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "e2e" / "fault_case.py"
@@ -147,3 +148,37 @@ def test_slurm_requeue_signal_checkpoints_every_rank_at_the_same_step_and_the_re
     assert resumed[0]["steps"][0]["global_step"] == 9  # resumed after step 8, not from scratch
     torch.testing.assert_close(resumed[0]["final"], first_final)
     torch.testing.assert_close(resumed[1]["final"], first_final)
+
+
+def _torchrun(out: Path, *args: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
+    proc = subprocess.run(
+        [*command, str(SCRIPT), "--out", str(out), *args], cwd=out, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["local_sgd", "vrl_sgd", "overlap_local_sgd", "cocod_sgd"])
+def test_torchrun_restarts_after_a_rank_is_killed_and_ends_where_the_uninterrupted_run_ends(strategy, tmp_path):
+    # Shuffled data whose order matters, 2 epochs, a checkpoint every 2 rounds; rank 1 is SIGKILLed at step 30
+    # (mid-epoch, mid-period). torchrun restarts both ranks, which resume from the newest complete checkpoint.
+    args = ("--strategy", strategy, "--distinct", "--epochs", "2", "--batches", "24", "--round-ckpt", "2")
+    _torchrun(tmp_path / "uninterrupted", *args)
+    log = _torchrun(tmp_path / "killed", *args, "--kill-at", "30")
+    assert "PeerFailureError" in log  # the surviving rank saw its peer die, then torchrun restarted both
+    want = torch.load(tmp_path / "uninterrupted" / "rank0.pt", weights_only=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / "killed" / f"rank{rank}.pt", weights_only=False)
+        assert got["steps"][0]["global_step"] > 1  # this attempt resumed; it did not start over
+        torch.testing.assert_close(got["final"], want["final"], rtol=0, atol=1e-6)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_batch_without_a_per_step_collective(tmp_path):
+    # Rank 1 alone gets SIGTERM at step 5; the flag reaches rank 0 in the next round's collective (after step
+    # 8 with Local SGD's phase), and Lightning stops both ranks gracefully after that batch.
+    _, ranks = run_fault(tmp_path, "--term-at", "5", "--period", "4")
+    assert [r.get("stopped") for r in ranks] == [True, True]
+    assert [r["steps"][-1]["global_step"] for r in ranks] == [9, 9]
+    assert torch.equal(ranks[0]["final"], ranks[1]["final"])

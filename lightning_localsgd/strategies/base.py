@@ -24,9 +24,13 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.distributed import _init_dist_connection
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -52,6 +56,7 @@ from lightning_localsgd.strategies.safety import (
     check_supported_model,
     check_supported_optimizers,
     defer_signals,
+    elastic_attempt_store,
     grad_scaler_of,
     restore_patched_hooks,
 )
@@ -145,6 +150,19 @@ class LocalUpdateStrategy(DDPStrategy):
         self.algorithm.setup(self.model, ProcessGroupCommunicator(group, timeout=self.collective_timeout))
 
     @override
+    def setup_distributed(self) -> None:
+        # As DDPStrategy's, plus a store namespaced per torchrun restart attempt (see elastic_attempt_store).
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
+        if not dist.is_initialized() and (store := elastic_attempt_store(self._timeout)) is not None:
+            kwargs["store"] = store
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+
+    @override
     def setup_environment(self) -> None:
         check_supported_device(self.root_device, type(self).__name__)
         super().setup_environment()
@@ -169,6 +187,16 @@ class LocalUpdateStrategy(DDPStrategy):
         self._requeue = defer_signals(trainer, self.algorithm)
         agree_on_batches_per_epoch(trainer, self.algorithm.comm, type(self).__name__)
         self._active = True
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if isinstance(exception, SIGTERMException):
+            return  # a stop every rank agreed on: they all end by themselves
+        # Lightning stops the ranks it launched only on Ctrl+C. After any other error, a rank that is stuck (or
+        # waiting in a collective for this one) would outlive the run and hold the job: stop them now.
+        if isinstance(self.launcher, _SubprocessScriptLauncher):
+            self.launcher.kill(_get_sigkill_signal())
 
     @override
     def teardown(self) -> None:
@@ -223,7 +251,7 @@ class LocalUpdateStrategy(DDPStrategy):
         if self.algorithm.take_agreed_request("requeue") and self._requeue is not None:
             self._requeue(signal.SIGUSR1, None)  # Lightning's: checkpoint (consistent here), `scontrol requeue`
         if self.algorithm.take_agreed_request("stop"):
-            raise SIGTERMException()
+            trainer._signal_connector.received_sigterm = True  # Lightning stops every rank after this batch
         if self.log_comm_metrics and self.algorithm.step % max(trainer.log_every_n_steps, 1) == 0:
             self._log_comm_metrics(trainer)
 

@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -24,6 +26,7 @@ from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import Communicator
+from lightning_localsgd.strategies.resume_data import fast_forward_after_mid_epoch_resume
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,10 @@ def grad_scaler_of(precision: Precision) -> Optional[Any]:
 
 
 def agree_on_batches_per_epoch(trainer: pl.Trainer, comm: Communicator, strategy: str) -> None:
-    """After Lightning sizes the training data, make every rank run the smallest rank's number of batches."""
+    """After Lightning sizes the training data, make every rank run the smallest rank's number of batches.
+
+    (The same hook fast-forwards the data after a mid-epoch resume: see ``resume_data``.)
+    """
     fit_loop = trainer.fit_loop
     original = fit_loop.setup_data
     agreed_for: list[Any] = [None]  # the combined loader last agreed on (set-up runs again each epoch)
@@ -114,6 +120,7 @@ def agree_on_batches_per_epoch(trainer: pl.Trainer, comm: Communicator, strategy
         if loader is None or loader is agreed_for[0]:
             return
         agreed_for[0] = loader
+        fast_forward_after_mid_epoch_resume(trainer)
         counts = comm.all_gather_object(fit_loop.max_batches)
         fewest = min(counts)
         if all(count == fewest for count in counts):
@@ -137,6 +144,27 @@ def agree_on_batches_per_epoch(trainer: pl.Trainer, comm: Communicator, strategy
     fit_loop.setup_data = setup_data_then_agree  # type: ignore[method-assign]
 
 
+def elastic_attempt_store(timeout: Optional[timedelta]) -> Optional[dist.Store]:
+    """Under torchrun: a client of the launcher's store whose keys are namespaced by the restart attempt.
+
+    torchrun keeps one store for all restart attempts, and the process group writes the same keys in every
+    attempt (gloo: each rank's listening address). A restarted rank may then read its peer's address from the
+    killed attempt: "Connection refused" when it connects, a wait for the whole timeout when it listens
+    (torch's env:// rendezvous no longer prefixes keys per attempt). Returns None outside torchrun.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        is_master=False,  # the torchrun agent serves the store
+        timeout=timeout or timedelta(minutes=30),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # The world size joins the prefix: torchrun keeps the count when nodes join or leave an elastic job.
+    return dist.PrefixStore(f"/lightning_localsgd/attempt_{attempt}/world_{os.environ.get('WORLD_SIZE', '')}", client)
+
+
 def defer_signals(trainer: pl.Trainer, algorithm: PeriodicAlgorithm) -> Callable[[Any, Any], None]:
     """Make SLURM's requeue signal and SIGTERM requests that the ranks agree on at a synchronisation point.
 
@@ -155,15 +183,15 @@ def defer_signals(trainer: pl.Trainer, algorithm: PeriodicAlgorithm) -> Callable
         algorithm.raise_request("requeue")
 
     def request_stop(signum: Any, frame: Any) -> None:
+        # Lightning would mark SIGTERM received here, and its loop would stop this rank alone at the end of the
+        # batch while the others wait for it at the next round. The mark is set on every rank once agreed.
         log.info("SIGTERM received: stopping at the next synchronisation point.")
-        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+        if "stop" not in algorithm.requests_pending and trainer.strategy.launcher is not None:
             trainer.strategy.launcher.kill(signum)  # pass it on to the processes this one launched
-        connector.received_sigterm = True
         algorithm.raise_request("stop")
 
     def no_collective_per_step() -> None:
-        if connector.received_sigterm:
-            algorithm.raise_request("stop")
+        pass  # the flag travels in the next synchronisation point's collective instead
 
     connector._slurm_sigusr_handler_fn = request_requeue  # type: ignore[method-assign]
     connector._sigterm_notifier_fn = request_stop  # type: ignore[method-assign]

@@ -22,9 +22,9 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from run_case import SameBatchEveryStep, flat
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_localsgd  # noqa: F401 - registers the strategy names
+from lightning_localsgd import RoundCheckpoint
 
 
 class Faulty(L.LightningModule):
@@ -43,8 +43,10 @@ class Faulty(L.LightningModule):
             loss = loss * float("nan")
         if rank == 1 and step == self.args.stall_at:
             time.sleep(600)  # a stuck peer: alive, never reaching the next collective
-        if rank == 1 and step == self.args.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if rank == 1 and step == self.args.kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)  # under torchrun: the first attempt only
+        if rank == 1 and step == self.args.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. a scheduler stopping one task
         if self.args.usr1_at and step == self.args.usr1_at[rank] and os.environ.get("SLURM_RESTART_COUNT") is None:
             os.kill(os.getpid(), signal.SIGUSR1)
         return loss
@@ -65,6 +67,10 @@ class Faulty(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     def train_dataloader(self):
+        if self.args.distinct:  # every sample different, shuffled per epoch by Lightning's DistributedSampler
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2 * 8 * self.args.batches, 6, generator=g)
+            return DataLoader(TensorDataset(x, x[:, :1].sin()), batch_size=8, shuffle=True)
         batches = self.args.batches - (self.args.uneven if self.global_rank == 1 else 0)
         return DataLoader(SameBatchEveryStep(self.global_rank, 8, batches), batch_size=8)
 
@@ -77,13 +83,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches per epoch on rank 0")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--uneven", type=int, default=0)
+    parser.add_argument("--distinct", action="store_true", help="data whose order matters (resume must be exact)")
     parser.add_argument("--nan-at", type=int, default=-1)
     parser.add_argument("--on-nonfinite", default="raise")
     parser.add_argument("--stall-at", type=int, default=-1)
     parser.add_argument("--kill-at", type=int, default=-1)
+    parser.add_argument("--term-at", type=int, default=-1)
     parser.add_argument("--collective-timeout", type=float, default=60.0)
     parser.add_argument("--fp16-init-scale", type=float, default=None)
     parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--round-ckpt", type=int, default=None, help="RoundCheckpoint every N rounds; resume 'last'")
     parser.add_argument("--usr1-at", type=lambda text: [int(s) for s in text.split(",")], default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -101,6 +110,8 @@ def main() -> None:
         scaler = torch.amp.GradScaler("cpu", init_scale=args.fp16_init_scale)
         plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
     callbacks = []
+    if args.round_ckpt:
+        callbacks.append(RoundCheckpoint(every_n_rounds=args.round_ckpt))
     if args.ckpt_every:
         callbacks.append(
             ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1, filename="{step}")
@@ -112,16 +123,19 @@ def main() -> None:
         max_epochs=args.epochs,
         plugins=plugins,
         callbacks=callbacks,
-        use_distributed_sampler=False,
+        use_distributed_sampler=args.distinct,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=bool(args.ckpt_every),
+        enable_checkpointing=bool(args.ckpt_every or args.round_ckpt),
         limit_val_batches=0,
         default_root_dir=out,
     )
     model = Faulty(args)
-    trainer.fit(model)
+    try:
+        trainer.fit(model, ckpt_path="last" if args.round_ckpt else None)
+    except SystemExit:  # Lightning's SIGTERMException: a graceful stop
+        model.records["stopped"] = True
     model.records["final"] = flat(model)
     model.records["rolled_back"] = strategy.algorithm.rounds_rolled_back
     torch.save(model.records, out / f"rank{trainer.global_rank}.pt")
