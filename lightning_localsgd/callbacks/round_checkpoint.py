@@ -43,6 +43,16 @@ def newest_complete_checkpoint(dirpath: _PATH) -> Optional[Path]:
     return None
 
 
+def hpc_checkpoint(trainer: pl.Trainer) -> Optional[Path]:
+    """The newest ``hpc_ckpt_N.ckpt`` Lightning's SLURM requeue handler wrote in ``default_root_dir``, if any."""
+    numbered = [
+        (int(m.group(1)), path)
+        for path in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+        if (m := re.match(r"^hpc_ckpt_(\d+)\.ckpt$", path.name))
+    ]
+    return max(numbered)[1] if numbered else None
+
+
 class RoundCheckpoint(ModelCheckpoint):
     """Save a full checkpoint right after every ``every_n_rounds``-th round of a local-update strategy.
 
@@ -124,8 +134,10 @@ class RoundCheckpoint(ModelCheckpoint):
 
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        newest = newest_complete_checkpoint(self.resolve_dirpath(trainer))
-        return {str(newest)} if newest is not None else set()
+        # Lightning resumes from the most recently written of these: the newest round checkpoint, or the
+        # checkpoint a SLURM requeue signal wrote (`hpc_ckpt_N.ckpt`) if that came later.
+        candidates = {newest_complete_checkpoint(self.resolve_dirpath(trainer)), hpc_checkpoint(trainer)}
+        return {str(path) for path in candidates if path is not None}
 
     def _prune(self, folder: Path) -> None:
         saved = sorted(path for path in folder.iterdir() if _NAME.match(path.name))

@@ -43,8 +43,10 @@ class Faulty(L.LightningModule):
             loss = loss * float("nan")
         if rank == 1 and step == self.args.stall_at:
             time.sleep(600)  # a stuck peer: alive, never reaching the next collective
-        if rank == 1 and step == self.args.kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            os.kill(os.getpid(), signal.SIGKILL)  # under torchrun: the first attempt only
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or "SLURM_RESTART_COUNT" in os.environ
+        first_attempt = not restarted
+        if rank == 1 and step == self.args.kill_at and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)  # under torchrun or SLURM: the first attempt only
         if rank == 1 and step == self.args.term_at:
             os.kill(os.getpid(), signal.SIGTERM)  # e.g. a scheduler stopping one task
         if self.args.usr1_at and step == self.args.usr1_at[rank] and os.environ.get("SLURM_RESTART_COUNT") is None:
