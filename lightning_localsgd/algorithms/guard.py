@@ -24,6 +24,24 @@ from lightning_localsgd.errors import NonFiniteError, OutOfStepError, PeerFailur
 
 ON_NONFINITE_CHOICES = ("raise", "skip_round")
 REQUESTS = ("requeue", "stop")
+# Kinds of synchronisation point; a rank's position is its step and the kind of point it is at.
+SYNC_POINT_KINDS = ("round", "warm-up step", "consensus", "final average")
+ROUND, WARMUP, CONSENSUS, FINAL = range(len(SYNC_POINT_KINDS))
+
+
+def position(step: int, kind: int) -> int:
+    return step * len(SYNC_POINT_KINDS) + kind
+
+
+def out_of_step_error(label: str, positions: list[int], where: str) -> OutOfStepError:
+    kinds = len(SYNC_POINT_KINDS)
+    described = [f"rank {rank}: {SYNC_POINT_KINDS[p % kinds]} at step {p // kinds}" for rank, p in enumerate(positions)]
+    return OutOfStepError(
+        f"{label}: the ranks reached different synchronisation points ({'; '.join(described)}), seen at this "
+        f"rank's {where}. Their data or control flow differ: give every rank the same number of batches (the "
+        "strategy agrees on it for sized data loaders) and take optimizer steps on all ranks alike. Nothing was "
+        "averaged."
+    )
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

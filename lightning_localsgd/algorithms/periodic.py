@@ -30,21 +30,22 @@ from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_bool, check_choice, check_int, check_positive_float
 from lightning_localsgd.algorithms.guard import (
+    CONSENSUS,
+    FINAL,
     ON_NONFINITE_CHOICES,
     REQUESTS,
+    ROUND,
+    WARMUP,
     agree,
     all_finite,
     failures_named,
     nonfinite_error,
+    out_of_step_error,
+    position,
 )
 from lightning_localsgd.comm import Communicator, FlatParameters, average_float_buffers, average_gradients
 from lightning_localsgd.comm.communicator import PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB, float_buffers
-from lightning_localsgd.errors import OutOfStepError
-
-# Kinds of synchronisation point, encoded with the step in the guard's collective.
-_SYNC_POINT_KINDS = ("round", "warm-up step", "consensus", "final average")
-_ROUND, _WARMUP, _CONSENSUS, _FINAL = range(len(_SYNC_POINT_KINDS))
 
 
 class PeriodicAlgorithm:
@@ -209,7 +210,7 @@ class PeriodicAlgorithm:
         where = f"warm-up step {self.step}"
         with failures_named(self.label, where, self.timeout):
             finite = self.gradients_may_overflow or all_finite([p.grad for p in params if p.grad is not None])
-            bad = self._agree(finite, self.step, _WARMUP, where)
+            bad = self._agree(finite, self.step, WARMUP, where)
             if bad:
                 if self.on_nonfinite == "raise":
                     raise nonfinite_error(self.label, where, "gradients", bad, self.step)
@@ -243,7 +244,7 @@ class PeriodicAlgorithm:
             where = f"round {self.comm.stats.rounds + 1}"
             with failures_named(self.label, where, self.timeout):
                 self.flat.ensure_views()
-                if self._check_replicas(where, step, _ROUND):
+                if self._check_replicas(where, step, ROUND):
                     self._rolled_back_resume()  # back at the last good round; that round's work follows
                 self._keep_rollback_point(self._round)
                 self._round()
@@ -256,19 +257,10 @@ class PeriodicAlgorithm:
     # ------------------------------------------------------------------ non-finite values and requests
     def _agree(self, finite: bool, step: int, kind: int, where: str) -> list[int]:
         """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite."""
-        position = step * len(_SYNC_POINT_KINDS) + kind
-        verdict = agree(self.comm, finite, position, self.requests_pending, self.flat.buckets[0].device)
+        here = position(step, kind)
+        verdict = agree(self.comm, finite, here, self.requests_pending, self.flat.buckets[0].device)
         if len(set(verdict.positions)) > 1:
-            described = [
-                f"rank {rank}: {_SYNC_POINT_KINDS[p % len(_SYNC_POINT_KINDS)]} at step {p // len(_SYNC_POINT_KINDS)}"
-                for rank, p in enumerate(verdict.positions)
-            ]
-            raise OutOfStepError(
-                f"{self.label}: the ranks reached different synchronisation points ({'; '.join(described)}), "
-                f"seen at this rank's {where}. Their data or control flow differ: give every rank the same number "
-                "of batches (the strategy agrees on it for sized data loaders) and take optimizer steps on all "
-                "ranks alike. Nothing was averaged."
-            )
+            raise out_of_step_error(self.label, verdict.positions, where)
         self.requests_pending = set()
         self.agreed_requests |= verdict.requests
         return verdict.nonfinite_ranks
@@ -348,7 +340,7 @@ class PeriodicAlgorithm:
         where = "the consensus (evaluation or checkpoint weights)"
         with failures_named(self.label, where, self.timeout):
             self.flat.ensure_views()
-            if self._check_replicas(where, self.step, _CONSENSUS):
+            if self._check_replicas(where, self.step, CONSENSUS):
                 self._redo_after_rollback()
                 if self.in_sync:
                     return
@@ -389,7 +381,7 @@ class PeriodicAlgorithm:
             if self._local_backup is not None:
                 self._local_backup = None  # the module already holds the average
             elif not self.in_sync:
-                if self._check_replicas(where, self.step, _FINAL):
+                if self._check_replicas(where, self.step, FINAL):
                     self._redo_after_rollback()
                 with torch.no_grad():
                     self.comm.all_reduce_mean_(self.flat.buckets)

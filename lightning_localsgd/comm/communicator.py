@@ -40,19 +40,13 @@ class Communicator(ABC):
 
     def all_reduce_mean_(self, tensors: Sequence[Tensor]) -> None:
         """Replace each tensor, in place, by its mean over the ranks."""
-        if self.world_size == 1:
-            return
-        start = time.perf_counter()
-        for tensor in tensors:
-            self._all_reduce_sum_(tensor)
-            tensor.div_(self.world_size)
-            self.stats.collectives += 1
-            self.stats.bytes_sent += ring_all_reduce_bytes(tensor.numel() * tensor.element_size(), self.world_size)
-        self._wait_for_device(tensors)
-        self.stats.seconds += time.perf_counter() - start
+        self.all_reduce_sum_(tensors)  # SUM then divide: gloo has no AVG reduction
+        if self.world_size > 1:
+            for tensor in tensors:
+                tensor.div_(self.world_size)
 
     def all_reduce_sum_(self, tensors: Sequence[Tensor]) -> None:
-        """Replace each tensor, in place, by its sum over the ranks (for small flag tensors)."""
+        """Replace each tensor, in place, by its sum over the ranks."""
         if self.world_size == 1:
             return
         start = time.perf_counter()
