@@ -22,7 +22,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from run_case import SameBatchEveryStep, flat
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_localsgd import RoundCheckpoint
 
@@ -74,7 +74,18 @@ class Faulty(L.LightningModule):
             x = torch.randn(2 * 8 * self.args.batches, 6, generator=g)
             return DataLoader(TensorDataset(x, x[:, :1].sin()), batch_size=8, shuffle=True)
         batches = self.args.batches - (self.args.uneven if self.global_rank == 1 else 0)
-        return DataLoader(SameBatchEveryStep(self.global_rank, 8, batches), batch_size=8)
+        dataset = SameBatchEveryStep(self.global_rank, 8, batches)
+        if self.args.iterable:  # no length: the ranks cannot agree on a count before the epoch
+            return DataLoader(Unsized(dataset), batch_size=8)
+        return DataLoader(dataset, batch_size=8)
+
+
+class Unsized(IterableDataset):
+    def __init__(self, dataset: SameBatchEveryStep) -> None:
+        self.dataset = dataset
+
+    def __iter__(self):
+        return (self.dataset[i] for i in range(len(self.dataset)))
 
 
 def main() -> None:
@@ -85,6 +96,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches per epoch on rank 0")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--uneven", type=int, default=0)
+    parser.add_argument("--iterable", action="store_true", help="training data without a length")
     parser.add_argument("--distinct", action="store_true", help="data whose order matters (resume must be exact)")
     parser.add_argument("--nan-at", type=int, default=-1)
     parser.add_argument("--on-nonfinite", default="raise")
@@ -140,6 +152,7 @@ def main() -> None:
         model.records["stopped"] = True
     model.records["final"] = flat(model)
     model.records["rolled_back"] = strategy.algorithm.rounds_rolled_back
+    model.records["torchrun_attempt"] = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     torch.save(model.records, out / f"rank{trainer.global_rank}.pt")
 
 
