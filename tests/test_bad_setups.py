@@ -70,3 +70,10 @@ def test_timeouts_accept_seconds_or_timedelta():
     assert strategy._timeout == timedelta(seconds=90)
     assert strategy.collective_timeout == timedelta(seconds=30)
     assert LocalSGDStrategy(timeout=timedelta(minutes=2))._timeout == timedelta(minutes=2)
+
+
+def test_a_deepspeed_engine_is_refused_by_its_package():
+    # DeepSpeed is not installed here: a module class that lives in the `deepspeed` package stands in for it.
+    engine_class = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})
+    with pytest.raises(ValueError, match="DeepSpeed engine"):
+        check_supported_model(engine_class(), "VRLSGDStrategy")
