@@ -50,7 +50,6 @@ from lightning_localsgd.strategies.checkpointing import (
 )
 from lightning_localsgd.strategies.round_callback import RoundCallback
 from lightning_localsgd.strategies.safety import (
-    agree_on_batches_per_epoch,
     as_timeout,
     check_supported_device,
     check_supported_model,
@@ -58,6 +57,7 @@ from lightning_localsgd.strategies.safety import (
     defer_signals,
     elastic_attempt_store,
     grad_scaler_of,
+    prepare_training_data,
     restore_patched_hooks,
 )
 
@@ -185,7 +185,7 @@ class LocalUpdateStrategy(DDPStrategy):
         trainer.callbacks.insert(0, self._round_callback)
         self._patched_trainer = trainer
         self._requeue = defer_signals(trainer, self.algorithm)
-        agree_on_batches_per_epoch(trainer, self.algorithm.comm, type(self).__name__)
+        prepare_training_data(trainer, self.algorithm.comm, type(self).__name__)
         self._active = True
 
     @override

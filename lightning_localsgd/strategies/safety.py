@@ -105,43 +105,45 @@ def grad_scaler_of(precision: Precision) -> Optional[Any]:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def agree_on_batches_per_epoch(trainer: pl.Trainer, comm: Communicator, strategy: str) -> None:
-    """After Lightning sizes the training data, make every rank run the smallest rank's number of batches.
-
-    (The same hook fast-forwards the data after a mid-epoch resume: see ``resume_data``.)
-    """
+def prepare_training_data(trainer: pl.Trainer, comm: Communicator, strategy: str) -> None:
+    """Each time Lightning (re)builds the training data: fast-forward it after a mid-epoch resume (see
+    ``resume_data``), then make every rank run the smallest rank's number of batches per epoch."""
     fit_loop = trainer.fit_loop
     original = fit_loop.setup_data
-    agreed_for: list[Any] = [None]  # the combined loader last agreed on (set-up runs again each epoch)
+    prepared: list[Any] = [None]  # the combined loader last prepared (Lightning's set-up runs every epoch)
 
-    def setup_data_then_agree() -> None:
+    def setup_data_then_prepare() -> None:
         original()
         loader = fit_loop._combined_loader
-        if loader is None or loader is agreed_for[0]:
+        if loader is None or loader is prepared[0]:
             return
-        agreed_for[0] = loader
+        prepared[0] = loader
         fast_forward_after_mid_epoch_resume(trainer)
-        counts = comm.all_gather_object(fit_loop.max_batches)
-        fewest = min(counts)
-        if all(count == fewest for count in counts):
-            return
-        if fewest == float("inf"):
-            return
-        fit_loop.max_batches = fewest
-        if isinstance(trainer.val_check_interval, float) and trainer.check_val_every_n_epoch is not None:
-            trainer.val_check_batch = max(1, int(fewest * trainer.val_check_interval))
-        else:
-            trainer.val_check_batch = min(trainer.val_check_batch, fewest)
-        dropped = {rank: count - fewest for rank, count in enumerate(counts) if count != fewest}
-        rank_zero_warn(
-            f"{strategy}: the ranks have different numbers of training batches per epoch ({counts}, by rank). "
-            f"Every rank runs {fewest} so that rounds stay aligned; batches dropped per epoch: "
-            + ", ".join(f"rank {rank}: {n}" for rank, n in dropped.items())
-            + ". Give every rank an equal shard (e.g. `lightning_localsgd.NonIIDSampler` or Lightning's "
-            "DistributedSampler) to use all data."
-        )
+        agree_on_batches_per_epoch(trainer, comm, strategy)
 
-    fit_loop.setup_data = setup_data_then_agree  # type: ignore[method-assign]
+    fit_loop.setup_data = setup_data_then_prepare  # type: ignore[method-assign]
+
+
+def agree_on_batches_per_epoch(trainer: pl.Trainer, comm: Communicator, strategy: str) -> None:
+    """Every rank runs the smallest rank's number of batches this epoch, with a warning if they differ."""
+    fit_loop = trainer.fit_loop
+    counts = comm.all_gather_object(fit_loop.max_batches)
+    fewest = min(counts)
+    if fewest == float("inf") or all(count == fewest for count in counts):
+        return
+    fit_loop.max_batches = fewest
+    if isinstance(trainer.val_check_interval, float) and trainer.check_val_every_n_epoch is not None:
+        trainer.val_check_batch = max(1, int(fewest * trainer.val_check_interval))
+    else:
+        trainer.val_check_batch = min(trainer.val_check_batch, fewest)
+    dropped = {rank: count - fewest for rank, count in enumerate(counts) if count != fewest}
+    rank_zero_warn(
+        f"{strategy}: the ranks have different numbers of training batches per epoch ({counts}, by rank). "
+        f"Every rank runs {fewest} so that rounds stay aligned; batches dropped per epoch: "
+        + ", ".join(f"rank {rank}: {n}" for rank, n in dropped.items())
+        + ". Give every rank an equal shard (e.g. `lightning_localsgd.NonIIDSampler` or Lightning's "
+        "DistributedSampler) to use all data."
+    )
 
 
 def elastic_attempt_store(timeout: Optional[timedelta]) -> Optional[dist.Store]:
@@ -208,7 +210,7 @@ _PATCHED = (
 
 
 def restore_patched_hooks(trainer: pl.Trainer) -> None:
-    """Undo :func:`agree_on_batches_per_epoch` and :func:`defer_signals` (back to the class methods)."""
+    """Undo :func:`prepare_training_data` and :func:`defer_signals` (back to the class methods)."""
     for path, name in _PATCHED:
         owner: Any = trainer
         for part in path.split("."):
