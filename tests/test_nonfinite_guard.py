@@ -26,6 +26,21 @@ def poison(model: torch.nn.Module) -> None:
         next(model.parameters()).view(-1)[0] = math.nan
 
 
+def local_sgd_worker(comm, period):
+    """A model, plain SGD and Local SGD (rounds after steps period, 2 period, ...) set up on this rank."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    algo = LocalSGD(period=period, first_period_one_step=False)
+    algo.setup(model, comm, [opt])
+    return model, opt, algo
+
+
+def sgd_step(model, opt, rank, step):
+    opt.zero_grad()
+    loss_of(model, rank, step).backward()
+    opt.step()
+
+
 def make_worker(name, policy, data_steps, poison_at=None, warmup=0, poison_grad=False):
     """Train on the batches of ``data_steps``; rank 1 gets a NaN after the step at position ``poison_at``."""
 
@@ -105,13 +120,8 @@ def test_skip_round_drops_a_warmup_step_with_nonfinite_gradients_on_every_rank()
 
 def test_consensus_refuses_to_average_a_nonfinite_replica():
     def worker(rank, comm):
-        model = make_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algo = LocalSGD(period=10, first_period_one_step=False)
-        algo.setup(model, comm, [opt])
-        opt.zero_grad()
-        loss_of(model, rank, 0).backward()
-        opt.step()
+        model, opt, algo = local_sgd_worker(comm, period=10)
+        sgd_step(model, opt, rank, 0)
         algo.end_step()
         if rank == 1:
             poison(model)
@@ -125,15 +135,10 @@ def test_consensus_refuses_to_average_a_nonfinite_replica():
 
 def test_a_request_raised_on_one_rank_is_agreed_by_all_at_the_next_round():
     def worker(rank, comm):
-        model = make_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algo = LocalSGD(period=PERIOD, first_period_one_step=False)
-        algo.setup(model, comm, [opt])
+        model, opt, algo = local_sgd_worker(comm, period=PERIOD)
         seen = []
         for step in range(8):
-            opt.zero_grad()
-            loss_of(model, rank, step).backward()
-            opt.step()
+            sgd_step(model, opt, rank, step)
             if rank == 0 and step == 4:
                 algo.raise_request("requeue")
             algo.end_step()
@@ -147,14 +152,9 @@ def test_a_request_raised_on_one_rank_is_agreed_by_all_at_the_next_round():
 def test_ranks_at_different_synchronisation_points_stop_with_a_clear_error_instead_of_mixing_tensors():
     # Rank 1's data ran out one period early: it heads for the final average while rank 0 is at a round.
     def worker(rank, comm):
-        model = make_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algo = LocalSGD(period=2, first_period_one_step=False)
-        algo.setup(model, comm, [opt])
+        model, opt, algo = local_sgd_worker(comm, period=2)
         for step in range(4 if rank == 0 else 3):
-            opt.zero_grad()
-            loss_of(model, rank, step).backward()
-            opt.step()
+            sgd_step(model, opt, rank, step)
             try:
                 algo.end_step()
             except OutOfStepError as error:

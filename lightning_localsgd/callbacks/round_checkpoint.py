@@ -80,7 +80,7 @@ class RoundCheckpoint(ModelCheckpoint):
         return self._generate_state_key(every_n_rounds=self.every_n_rounds)
 
     def resolve_dirpath(self, trainer: pl.Trainer) -> Path:
-        if self.dirpath is None or not self._explicit_dirpath:
+        if not self._explicit_dirpath:
             self.dirpath = os.path.join(trainer.default_root_dir, "round_checkpoints")
         return Path(self.dirpath)
 
