@@ -4,6 +4,11 @@
 switch). Every egress that carries training traffic is shaped to the rate, so both directions of every
 link are slow, as on a real NIC. Latency is not shaped (``netem`` is unavailable on these machines).
 
+The links use jumbo frames (MTU 9000) by default. On a real network the NIC moves the packets; here the
+kernel does, on the same cores that train, and at MTU 1500 that per-packet work slowed the training steps
+running beside a transfer by 25-40 % (32 MLP steps: 0.25 s alone, 0.34-0.37 s over a 5.3 MB all-reduce)
+while at MTU 9000 it cost nothing measurable (0.265 s vs 0.264 s). The link rate is the same either way.
+
 Everything created lives inside namespaces named ``llsgd-<pid>-*`` with private addresses (10.213.0.x), so
 no traffic leaves the machine and nothing in the root namespace changes; the namespaces (and with them the
 veths, bridge and qdiscs) are deleted on exit, on Ctrl-C and on SIGTERM. Without root or without ``ip``/``tc``
@@ -22,6 +27,7 @@ from typing import Optional
 PREFIX = "llsgd"
 SUBNET = "10.213.0"
 UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+DEFAULT_MTU = 9000
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,10 @@ def run(*argv: str) -> None:
         raise RuntimeError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()}")
 
 
-def veth(name: str, namespace: str, peer: str, peer_namespace: str) -> None:
+def veth(name: str, namespace: str, peer: str, peer_namespace: str, mtu: int) -> None:
     """A veth pair created directly inside two namespaces: no interface ever appears in the root namespace."""
-    run("ip", "link", "add", name, "netns", namespace, "type", "veth", "peer", "name", peer, "netns", peer_namespace)
+    run("ip", "link", "add", name, "netns", namespace, "mtu", str(mtu), "type", "veth",
+        "peer", "name", peer, "netns", peer_namespace, "mtu", str(mtu))  # fmt: skip
 
 
 def namespaces() -> list[str]:
@@ -96,12 +103,15 @@ class NetLab:
     Args:
         world_size: number of ranks.
         rate: tbf rate (``"100mbit"``, ``"1gbit"``, ...), or None for plain loopback.
+        mtu: the links' MTU in bytes (1500 for Ethernet's standard frames, 9000 for jumbo frames).
     """
 
-    def __init__(self, world_size: int, rate: Optional[str]) -> None:
+    def __init__(self, world_size: int, rate: Optional[str], mtu: int = DEFAULT_MTU) -> None:
         if rate is not None:
             rate_bits(rate)  # fail on a bad spelling before creating anything
-        self.world_size, self.rate = world_size, rate
+        if not 576 <= mtu <= 9000:  # above 9000 a frame can exceed tbf's 64 kB bucket and never be sent
+            raise ValueError(f"`--mtu` must be between 576 and 9000 bytes, got {mtu}.")
+        self.world_size, self.rate, self.mtu = world_size, rate, mtu
         self.created: list[str] = []
         self.ranks: list[RankNet] = []
         self.notice = ""
@@ -129,6 +139,7 @@ class NetLab:
             topology = "one veth pair" if self.world_size == 2 else "veth pairs to a bridge"
             self.notice = (
                 f"network lab: {self.world_size} ranks in namespaces {PREFIX}-{os.getpid()}-*, {topology}, "
+                f"MTU {self.mtu}, "
                 f"every egress shaped by `tc qdisc add ... root {' '.join(tbf_args(str(self.rate)))}`"
             )
         return self
@@ -148,14 +159,14 @@ class NetLab:
         shape = tbf_args(str(self.rate))
         spaces = [self._namespace(f"r{r}") for r in range(self.world_size)]
         if self.world_size == 2:
-            veth("lv0", spaces[0], "lv1", spaces[1])
+            veth("lv0", spaces[0], "lv1", spaces[1], self.mtu)
         else:
             hub = self._namespace("hub")
-            run("ip", "-n", hub, "link", "add", "llbr", "type", "bridge")
+            run("ip", "-n", hub, "link", "add", "llbr", "mtu", str(self.mtu), "type", "bridge")
             run("ip", "-n", hub, "link", "set", "llbr", "up")
             for r, space in enumerate(spaces):
                 port = f"hp{r}"
-                veth(f"lv{r}", space, port, hub)
+                veth(f"lv{r}", space, port, hub, self.mtu)
                 run("ip", "-n", hub, "link", "set", port, "master", "llbr")
                 run("ip", "-n", hub, "link", "set", port, "up")
                 run("tc", "-n", hub, "qdisc", "add", "dev", port, "root", *shape)  # the switch port toward r

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from benchmarks import report
-from benchmarks.netlab import NetLab
+from benchmarks.netlab import DEFAULT_MTU, NetLab
 from benchmarks.peers import Peer
 from benchmarks.slow_link import REPO, run_peer
 from benchmarks.workloads import WORKLOADS
@@ -35,6 +35,7 @@ def hidden(ranks: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--link", default="200mbit")
+    parser.add_argument("--mtu", type=int, default=DEFAULT_MTU, help="the links' MTU (1500: standard frames)")
     parser.add_argument("--workload", default="mlp", choices=sorted(WORKLOADS))
     parser.add_argument("--periods", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--steps", type=int, default=512)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     peers = [Peer("compute limit", "compute"), Peer("every rank at once, no comm", "compute_pair")]
     peers += [Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods for s in STRATEGIES]
     rows: list[dict[str, Any]] = []
-    with NetLab(2, args.link) as lab:
+    with NetLab(2, args.link, args.mtu) as lab:
         print(lab.notice, flush=True)
         for i, peer in enumerate(peers):
             run_dir = out / "runs" / peer.slug

@@ -46,7 +46,17 @@ def time_to(points: list[dict[str, float]], target: float) -> Optional[float]:
     return next((p["seconds"] for p in points if p["loss"] <= target), None)
 
 
-def row(label: str, ranks: list[dict[str, Any]], points: list[dict[str, float]], target: float) -> dict[str, Any]:
+def time_to_acc(points: list[dict[str, float]], target: Optional[float]) -> Optional[float]:
+    return None if target is None else next((p["seconds"] for p in points if p.get("acc", 0.0) >= target), None)
+
+
+def row(
+    label: str,
+    ranks: list[dict[str, Any]],
+    points: list[dict[str, float]],
+    target: float,
+    target_acc: Optional[float] = None,
+) -> dict[str, Any]:
     wire = [r["wire_bytes_per_step"] for r in ranks]
     per_step = wire if all(w is not None for w in wire) else [r["modelled_bytes_per_step"] for r in ranks]
     return {
@@ -57,6 +67,7 @@ def row(label: str, ranks: list[dict[str, Any]], points: list[dict[str, float]],
         "mb_per_step": sum(per_step) / len(per_step) / 1e6,
         "modelled_mb_per_step": sum(r["modelled_bytes_per_step"] for r in ranks) / len(ranks) / 1e6,
         "time_to_target": time_to(points, target),
+        "time_to_acc": time_to_acc(points, target_acc),
         "final_loss": points[-1]["loss"],
         "final_acc": points[-1].get("acc"),
         "train_seconds": points[-1]["seconds"],
@@ -70,12 +81,31 @@ def compute_limit(rows: list[dict[str, Any]]) -> Optional[float]:
     return max(limits, default=None)
 
 
-def markdown(rows: list[dict[str, Any]], target: float) -> str:
+def seconds_or_not(value: Optional[float]) -> str:
+    return "not reached" if value is None else f"{value:.1f}"
+
+
+def blocking_bound(limit: float, mb_per_step: float, link_bits: float) -> float:
+    """Steps/s of a peer that computes at the limit and then waits for every byte it sends to cross the link.
+
+    Each direction of the link carries what one rank sends, so a step costs ``1 / limit`` plus the bytes' time.
+    Waiting peers cannot beat this; peers that overlap communication with computation can.
+    """
+    return 1 / (1 / limit + mb_per_step * 1e6 * 8 / link_bits)
+
+
+def markdown(
+    rows: list[dict[str, Any]], target: float, target_acc: Optional[float] = None, link_bits: Optional[float] = None
+) -> str:
     limit = compute_limit(rows)
     has_acc = any(r.get("final_acc") is not None for r in rows)
     wire = all(r.get("wire") for r in rows if "error" not in r and r["world_size"] > 1)
     sent = "MB sent per step per rank" + (" (wire)" if wire else " (cost model)")
-    head = ["strategy", "steps/s", "of compute limit", sent, f"time to loss <= {target:g} (s)", "final loss"]
+    head = ["strategy", "steps/s", "of compute limit"]
+    head += ["of the wait-for-every-byte bound"] if link_bits and limit else []
+    head += [sent, f"time to loss <= {target:g} (s)"]
+    head += [f"time to accuracy >= {100 * target_acc:g} % (s)"] if target_acc is not None else []
+    head += ["final loss"]
     head += ["final accuracy"] if has_acc else []
     head += ["training s"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
@@ -84,8 +114,13 @@ def markdown(rows: list[dict[str, Any]], target: float) -> str:
             lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * (len(head) - 2))
             continue
         fraction = f"{100 * r['steps_per_s'] / limit:.1f} %" if limit else "n/a"
-        reached = "not reached" if r["time_to_target"] is None else f"{r['time_to_target']:.1f}"
-        cells = [r["label"], f"{r['steps_per_s']:.1f}", fraction, f"{r['mb_per_step']:.3f}", reached]
+        cells = [r["label"], f"{r['steps_per_s']:.1f}", fraction]
+        if link_bits and limit:
+            bound = blocking_bound(limit, r["mb_per_step"], link_bits)
+            cells += [f"{100 * r['steps_per_s'] / bound:.0f} % of {bound:.1f}"]
+        cells += [f"{r['mb_per_step']:.3f}"]
+        cells += [seconds_or_not(r["time_to_target"])]
+        cells += [seconds_or_not(r.get("time_to_acc"))] if target_acc is not None else []
         cells += [f"{r['final_loss']:.3f}"]
         cells += [f"{100 * r['final_acc']:.1f} %" if r.get("final_acc") is not None else ""] if has_acc else []
         cells += [f"{r['train_seconds']:.1f}"]

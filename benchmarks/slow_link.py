@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from benchmarks import report
-from benchmarks.netlab import NetLab
+from benchmarks.netlab import DEFAULT_MTU, NetLab, rate_bits
 from benchmarks.peers import Peer, runnable_peers, skipped_peers
 from benchmarks.plots import plot
 from benchmarks.workloads import WORKLOADS
@@ -108,7 +108,7 @@ def measure(lab: Optional[NetLab], args: argparse.Namespace, out: Path) -> list[
                 for snapshot in run_dir.glob("rank*.pt"):
                     snapshot.unlink()
         points = json.loads(curve_file.read_text())
-        rows.append(report.row(peer.label, ranks, points, args.target_loss))
+        rows.append(report.row(peer.label, ranks, points, args.target_loss, args.target_acc))
         r = rows[-1]
         print(f"   {r['steps_per_s']:.1f} steps/s, {r['mb_per_step']:.3f} MB/step, final loss {r['final_loss']:.3f}")
     return rows
@@ -119,10 +119,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workload", default="mlp", choices=sorted(WORKLOADS))
     parser.add_argument("--link", default="200mbit", help="tbf rate (100mbit, 1gbit, 10gbit) or 'loopback'")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--mtu", type=int, default=DEFAULT_MTU, help="the links' MTU (1500: standard frames)")
     parser.add_argument("--warmup", type=int, default=None, help="steps before the throughput window")
     parser.add_argument("--steps", type=int, default=None, help="steps in the throughput window")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between snapshots for the curves")
     parser.add_argument("--target-loss", type=float, default=None)
+    parser.add_argument("--target-acc", type=float, default=None, help="e.g. 0.95 (workloads that score accuracy)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one peer may take")
     parser.add_argument("--out", type=Path, default=REPO / "results")
     parser.add_argument("--smoke", action="store_true", help="loopback, a few steps, one peer of each kind")
@@ -133,7 +135,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     workload = WORKLOADS[args.workload]
     if args.smoke:
         args.link, args.warmup, args.steps, args.eval_every = "loopback", 4, 8, 4
-    for name in ("warmup", "steps", "eval_every", "target_loss"):
+    for name in ("warmup", "steps", "eval_every", "target_loss", "target_acc"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(workload, name))
     return args
@@ -152,14 +154,15 @@ def main(argv: list[str] | None = None) -> None:
         notice = json.loads((out / "results.json").read_text())["notice"]
         rows = measure(None, args, out)
     else:
-        with NetLab(args.ranks, None if args.link == "loopback" else args.link) as lab:
+        with NetLab(args.ranks, None if args.link == "loopback" else args.link, args.mtu) as lab:
             notice = lab.notice
             print(notice, flush=True)
             for label in skipped_peers():
                 print(f"-- {label}: skipped (not registered)")
             rows = measure(lab, args, out)
     title = f"{args.workload} over {args.link}, {args.ranks} ranks x 1 thread\n{WORKLOADS[args.workload].what}"
-    table = report.markdown(rows, args.target_loss)
+    link_bits = rate_bits(args.link) if notice.startswith("network lab") else None  # None: loopback, unshaped
+    table = report.markdown(rows, args.target_loss, args.target_acc, link_bits)
     command = "python -m benchmarks.slow_link " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "table.md").write_text(f"{title}\n\n`{command}`\n\n{notice}\n\n{table}\n")
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "notice": notice, "rows": rows}

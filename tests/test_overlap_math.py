@@ -197,3 +197,33 @@ def test_background_time_and_wait_time_are_measured():
 def test_overlap_bad_arguments(kwargs, named):
     with pytest.raises(ValueError, match=f"`{named}`"):
         OverlapLocalSGD(**kwargs)
+
+
+@pytest.mark.parametrize("make", [lambda: CoCoDSGD(period=2), lambda: OverlapLocalSGD(period=2)])
+def test_a_rounds_blocking_collectives_start_after_the_previous_transfer_landed(make):
+    """On a real link a blocking collective sent while a transfer is in flight queues behind it: the round's
+    flag collective must come after the previous round's transfer, not wait behind it unaccounted."""
+
+    def worker(rank, comm):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        algo = make()
+        algo.setup(model, comm, [opt])
+        blocking = comm._all_reduce_sum_
+        transfers_done_at_blocking_calls = []
+
+        def spy(tensor):
+            transfers_done_at_blocking_calls.append(all(p.done for p in algo._in_flight))
+            blocking(tensor)
+
+        comm._all_reduce_sum_ = spy
+        for step in range(8):
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            opt.step()
+            algo.end_step()
+        return transfers_done_at_blocking_calls, algo.comm.stats.rounds
+
+    for calls, rounds in run_simulated(2, worker):
+        assert rounds == 4 and len(calls) >= rounds
+        assert all(calls)

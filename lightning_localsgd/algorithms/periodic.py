@@ -244,6 +244,9 @@ class PeriodicAlgorithm:
             where = f"round {self.comm.stats.rounds + 1}"
             with failures_named(self.label, where, self.timeout):
                 self.flat.ensure_views()
+                # The previous round's transfer first: on a real link the flag collective below would queue
+                # behind it, waiting out of sight of the wait-time metric.
+                self._settle_in_flight()
                 if self._check_replicas(where, step, ROUND):
                     self._rolled_back_resume()  # back at the last good round; that round's work follows
                 self._keep_rollback_point(self._round)
