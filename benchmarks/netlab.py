@@ -109,7 +109,7 @@ class NetLab:
     def __init__(self, world_size: int, rate: Optional[str], mtu: int = DEFAULT_MTU) -> None:
         if rate is not None:
             rate_bits(rate)  # fail on a bad spelling before creating anything
-        if not 576 <= mtu <= 9000:  # above 9000 a frame can exceed tbf's 64 kB bucket and never be sent
+        if not 576 <= mtu <= 9000:  # 9000: jumbo frames on real NICs; a 64 kB frame never fit tbf's 64 kB bucket
             raise ValueError(f"`--mtu` must be between 576 and 9000 bytes, got {mtu}.")
         self.world_size, self.rate, self.mtu = world_size, rate, mtu
         self.created: list[str] = []

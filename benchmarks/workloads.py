@@ -118,7 +118,7 @@ def digits_score(model: nn.Module, world_size: int) -> dict[str, float]:
 
 CNN = Workload(
     # PyTorch's MNIST-example shape: 1.08 M parameters, 4.3 MB a round. The demo's 40 k-parameter CNN is 160 kB,
-    # which a 200 Mbit/s link carries in about a training step: no workload for a lab about slow links.
+    # which a 200 Mbit/s link carries in a few training steps: no workload for a lab about slow links.
     build_model=lambda: DigitsCNN(channels=(32, 64), hidden=1024),
     make_optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4),
     train_loader=digits_loader,
