@@ -20,7 +20,7 @@ lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 
 # The slow-link lab (benchmarks/slow_link.py): needs root for the network namespaces, else it runs on loopback
-# and says so. One configuration at a time; about 30 minutes on 2 cores. Results land in results/.
+# and says so. One configuration at a time; about 40 minutes on 2 cores. Results land in results/.
 BENCH = $(PYTHON) -m benchmarks.slow_link
 bench: install
 	$(BENCH) --workload mlp --link 200mbit
@@ -30,6 +30,7 @@ bench: install
 	$(BENCH) --workload mlp --link 1gbit
 	$(BENCH) --workload mlp --link 10gbit
 	$(PYTHON) -m benchmarks.scaling --workload mlp
+	$(PYTHON) -m benchmarks.overlap_sweep --link 200mbit --periods 32 64 128 256
 
 # Seconds, loopback, a few steps of one peer of each kind: for CI.
 bench-smoke: install
