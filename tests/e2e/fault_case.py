@@ -17,10 +17,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
-from run_case import SameBatchEveryStep, flat
+from run_case import SameBatchEveryStep, flat, step_checkpoints
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
@@ -123,13 +122,8 @@ def main() -> None:
     if args.fp16_init_scale:
         scaler = torch.amp.GradScaler("cpu", init_scale=args.fp16_init_scale)
         plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
-    callbacks = []
-    if args.round_ckpt:
-        callbacks.append(RoundCheckpoint(every_n_rounds=args.round_ckpt))
-    if args.ckpt_every:
-        callbacks.append(
-            ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1, filename="{step}")
-        )
+    callbacks = [RoundCheckpoint(every_n_rounds=args.round_ckpt)] if args.round_ckpt else []
+    callbacks += step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
@@ -55,6 +55,13 @@ def count_collectives() -> None:
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
+
+
+def step_checkpoints(out: Path, every: int) -> list[Callback]:
+    """A checkpoint every ``every`` training steps under ``out/ckpt`` (named by step, all kept); none for 0."""
+    if not every:
+        return []
+    return [ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=every, save_top_k=-1, filename="{step}")]
 
 
 class SameBatchEveryStep(Dataset):
@@ -170,11 +177,7 @@ def main() -> None:
     count_collectives()
     out = Path(args.out)
     strategy = StrategyRegistry[args.strategy]["strategy"](period=args.period, warmup_steps=args.warmup)
-    callbacks = []
-    if args.ckpt_every:
-        callbacks.append(
-            ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1, filename="{step}")
-        )
+    callbacks = step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
