@@ -43,6 +43,9 @@ PEERS: tuple[Peer, ...] = (
     Peer("Lightning DDP", "lightning", "ddp"),
     Peer("torch DDP", "torch_ddp"),
     Peer("torch DDP + post-local SGD, period 16", "torch_post_local", options={"period": 16}),
+    # Synchronous SGD through our warm-up path (gradients averaged bucket by bucket during backward): what a
+    # warm-up step costs against the DDP it replaces.
+    Peer("local_sgd, warm-up only (synchronous)", "lightning", "local_sgd", {"warmup_steps": 10**9}, ours=True),
     Peer("local_sgd, period 16", "lightning", "local_sgd", {"period": 16}, ours=True),
     Peer("local_sgd, period 32", "lightning", "local_sgd", {"period": 32}, ours=True),
     Peer("vrl_sgd, period 32", "lightning", "vrl_sgd", {"period": 32}, ours=True),

@@ -18,3 +18,7 @@ class PeerFailureError(RuntimeError):
 
 class OutOfStepError(RuntimeError):
     """Ranks reached different synchronisation points (different steps or kinds): their data or control flow differs."""
+
+
+class RanksDisagreeError(RuntimeError):
+    """Values every rank must share differ between ranks (learning rates, the set of trainable parameters)."""

@@ -12,7 +12,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_localsgd import LocalSGDStrategy
+from lightning_localsgd import LocalSGD, LocalSGDStrategy
+from lightning_localsgd.comm import FlatParameters, run_simulated
 from lightning_localsgd.strategies.safety import (
     check_supported_device,
     check_supported_model,
@@ -77,3 +78,35 @@ def test_a_deepspeed_engine_is_refused_by_its_package():
     engine_class = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})
     with pytest.raises(ValueError, match="DeepSpeed engine"):
         check_supported_model(engine_class(), "VRLSGDStrategy")
+
+
+def test_parameters_on_several_devices_are_refused_naming_the_devices():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1, device="meta"))  # e.g. model parallel within a rank
+    with pytest.raises(
+        ValueError, match=r"several devices: cpu \(first: parameter 0.*meta \(first: parameter 2, shape \(1, 3\)\)"
+    ):
+        FlatParameters(model.parameters())
+
+
+def test_the_algorithm_refuses_parameters_on_several_devices_at_set_up_not_later():
+    def worker(rank, comm):
+        model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1, device="meta"))
+        LocalSGD(period=2).setup(model, comm)
+
+    with pytest.raises(ValueError, match=r"single device.*Move the whole module to one device"):
+        run_simulated(2, worker)
+
+
+def test_parameters_on_the_meta_device_are_refused():
+    with pytest.raises(ValueError, match=r"`meta` device.*to_empty"):
+        FlatParameters(nn.Linear(2, 2, device="meta").parameters())
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [torch.zeros(4, 6)[:, ::2], torch.zeros(3).expand(2, 3), torch.zeros(2, 5)[:, 1:4]],
+    ids=["strided", "expanded", "sliced"],
+)
+def test_parameters_that_are_not_dense_in_memory_are_refused(tensor):
+    with pytest.raises(ValueError, match=r"Parameter 1 \(shape .*, strides .*\) is not dense.*contiguous\(\)"):
+        FlatParameters([nn.Parameter(torch.zeros(2)), nn.Parameter(tensor)])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from lightning_localsgd.algorithms import VRLSGD, OverlapLocalSGD
 from lightning_localsgd.comm import FlatParameters, average_float_buffers, average_gradients, run_simulated
 
 
@@ -68,3 +70,80 @@ def test_only_floating_point_buffers_are_averaged():
     (m0, n0), (m1, n1) = run_simulated(2, worker)
     assert torch.equal(m0, torch.full((3,), 0.5)) and torch.equal(m1, m0)
     assert (n0, n1) == (10, 11)
+
+
+def test_channels_last_parameters_stay_channels_last_with_their_values_and_state_views_match_them():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 2)).to(memory_format=torch.channels_last)
+    weights = [m.weight for m in conv]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights)
+    before = [p.detach().clone() for p in conv.parameters()]
+    strides = [p.stride() for p in conv.parameters()]
+    flat = FlatParameters(conv.parameters())
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert [p.stride() for p in conv.parameters()] == strides
+    assert all(torch.equal(p, b) for p, b in zip(conv.parameters(), before))
+    state = flat.zeros_like_buckets()
+    views = flat.views_of(state)
+    assert [v.stride() for v in views] == strides
+    # Elementwise work on the flat state lands on the same elements as on the parameters' views.
+    torch._foreach_add_(views, list(conv.parameters()))
+    assert all(torch.equal(s, b) for s, b in zip(state, flat.buckets))
+    # The buckets hold the memory order, so averaging a bucket still averages each parameter element by element.
+    for p, view in zip(conv.parameters(), flat.views_of(flat.buckets)):
+        assert p.data_ptr() == view.data_ptr() and torch.equal(p, view)
+
+
+def test_a_replaced_channels_last_parameter_is_re_homed_in_its_original_layout_with_the_new_values():
+    conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    flat = FlatParameters(conv.parameters())
+    new = torch.randn(3, 2, 3, 3)  # contiguous, e.g. loaded from a checkpoint
+    conv.weight.data = new.clone()
+    assert flat.ensure_views()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv.weight, new)
+
+
+def test_transposed_and_permuted_dense_parameters_keep_their_strides():
+    params = [
+        nn.Parameter(torch.randn(4, 6).t()),
+        nn.Parameter(torch.randn(2, 3, 5).permute(2, 0, 1)),
+        nn.Parameter(torch.randn(())),
+    ]
+    before = [(p.detach().clone(), p.stride()) for p in params]
+    FlatParameters(params)
+    for p, (value, stride) in zip(params, before):
+        assert p.stride() == stride and torch.equal(p, value)
+
+
+@pytest.mark.parametrize("make", [lambda: VRLSGD(period=3), lambda: OverlapLocalSGD(period=2)], ids=["vrl", "overlap"])
+def test_algorithm_state_lines_up_with_channels_last_parameters_element_by_element(make):
+    # VRL-SGD's correction and Overlap's anchor are per-parameter views of state buckets, combined elementwise with
+    # the parameters: a view in another layout than its parameter would mix elements and change the result.
+    def train(memory_format: torch.memory_format) -> list[torch.Tensor]:
+        def worker(rank, comm):
+            g = torch.Generator().manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 2)).double()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+            model = model.to(memory_format=memory_format)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            algo = make()
+            algo.setup(model, comm, [opt])
+            data = torch.Generator().manual_seed(rank)
+            for _ in range(6):
+                x = torch.randn(4, 2, 6, 6, generator=data, dtype=torch.float64) + rank
+                opt.zero_grad()
+                model(x.to(memory_format=memory_format)).square().mean().backward()
+                algo.before_optimizer_step(opt)
+                opt.step()
+                algo.after_optimizer_step(opt)
+                algo.end_step()
+            weights = [model[0].weight, model[2].weight]
+            assert all(w.is_contiguous(memory_format=memory_format) for w in weights)
+            return [p.detach().clone() for p in model.parameters()]
+
+        return [p for params in run_simulated(2, worker) for p in params]
+
+    for got, want in zip(train(torch.channels_last), train(torch.contiguous_format)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

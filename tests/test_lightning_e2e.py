@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_script
 
 SCRIPT = Path(__file__).parent / "e2e" / "run_case.py"
 
 
 def run_case(out: Path, *args: str) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *args],
-        cwd=out,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_script(SCRIPT, out, *args, warnings="ignore", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-STRATEGIES = ["vrl_sgd", "overlap_local_sgd", "cocod_sgd"]
+STRATEGIES = ["local_sgd", "vrl_sgd", "overlap_local_sgd", "cocod_sgd"]
 SYNCHRONISING = {"vrl_sgd", "local_sgd"}  # replicas agree after a round (the overlapping ones never do)
 
 
@@ -37,6 +26,8 @@ def fit_run(request, tmp_path_factory):
     """A 12-step run with period 4, validation every 5 steps and a checkpoint every 6 (both mid-period)."""
     out = tmp_path_factory.mktemp(request.param)
     args = ["--strategy", request.param, "--period", "4", "--val-every", "5", "--ckpt-every", "6", "--csv"]
+    if request.param == "local_sgd":
+        args.append("--rounds-end-periods")  # the same round steps as the others (default: torch's phase)
     return request.param, out, run_case(out, *args)
 
 
@@ -92,14 +83,26 @@ def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(fit_r
     )
     local = [r["steps"][5]["params"] for r in ranks]
     torch.testing.assert_close(weights, (local[0] + local[1]) / 2)
+    # The main file holds metadata only; each rank's state is in the shard that rank wrote beside it.
     section = ckpt["lightning_localsgd"]
+    token = section["token"]
     assert section["world_size"] == 2
+    assert section["shards"] == [f"step=6.ckpt.shards/rank{r}-of-2.{token}.pt" for r in range(2)]
+    assert not _tensors_in(section)
+    shards = [torch.load(out / "ckpt" / n, weights_only=False) for n in section["shards"]]
     for rank in range(2):
-        saved = torch.cat(section["ranks"][rank]["algorithm"]["param_buckets"])
+        assert (shards[rank]["rank"], shards[rank]["token"]) == (rank, token)
+        saved = torch.cat(shards[rank]["algorithm"]["param_buckets"])  # mid-period: the replica is stored
         torch.testing.assert_close(saved, local[rank])
+        assert set(shards[rank]["rng"]) >= {"torch", "python", "numpy"}
+    momentum = [s["optimizer_states"][0]["state"][0]["momentum_buffer"] for s in shards]
+    assert (momentum[0] - momentum[1]).abs().max() > 1e-4  # each rank's own optimizer state
     if name == "vrl_sgd":
-        deltas = [torch.cat(section["ranks"][r]["algorithm"]["delta"]) for r in range(2)]
+        deltas = [torch.cat(shards[r]["algorithm"]["delta"]) for r in range(2)]
         assert (deltas[0] + deltas[1]).abs().max() < 1e-5 and deltas[0].abs().max() > 1e-3
+    # No state travelled to rank 0: the save's object collectives carried a token and a path, not tensors.
+    steps = ranks[0]["steps"]
+    assert steps[5]["object_bytes"] - steps[4]["object_bytes"] < 1000, steps[5]["object_bytes"]
 
 
 def test_communication_metrics_reach_the_logger(fit_run):
@@ -126,7 +129,12 @@ def test_model_after_fit_is_the_average_on_every_rank(fit_run):
 
 @pytest.mark.parametrize(
     ("strategy", "optimizer"),
-    [("vrl_sgd", "sgd"), ("vrl_sgd", "adam"), ("overlap_local_sgd", "sgd"), ("cocod_sgd", "adam")],
+    [
+        pytest.param("vrl_sgd", "sgd", marks=pytest.mark.slow),  # `-m slow`; vrl_sgd + adam covers VRL-SGD
+        ("vrl_sgd", "adam"),
+        ("overlap_local_sgd", "sgd"),
+        pytest.param("cocod_sgd", "adam", marks=pytest.mark.slow),  # overlap_local_sgd covers a transfer in flight
+    ],
 )
 def test_resume_from_a_mid_period_checkpoint_matches_the_uninterrupted_run(tmp_path, strategy, optimizer):
     # period 4, checkpoint at step 6: mid-period, and for the overlapping strategies with a transfer in flight
@@ -176,3 +184,103 @@ def test_one_count_per_optimizer_step_under_gradient_accumulation(tmp_path):
     assert len(steps) == 12  # 12 micro-batches
     assert [s["algorithm_step"] for s in steps] == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
     assert [s["in_sync"] for s in steps[2::3]] == [False, True, False, True]
+
+
+# ---------------------------------------------------------------------- per-rank checkpoint shards
+def _tensors_in(payload) -> list:
+    if isinstance(payload, torch.Tensor):
+        return [payload]
+    if isinstance(payload, dict):
+        payload = list(payload.values())
+    if isinstance(payload, (list, tuple)):
+        return [t for item in payload for t in _tensors_in(item)]
+    return []
+
+
+def _run(out: Path, *args: str, devices: int = 2) -> tuple[str, list[dict]]:
+    """As ``run_case``, with ``devices`` processes, warnings shown; returns stderr too."""
+    proc = run_script(SCRIPT, out, "--devices", str(devices), *args, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+
+
+def _shards(main: Path) -> list[dict]:
+    section = torch.load(main, weights_only=False)["lightning_localsgd"]
+    return [torch.load(main.parent / name, weights_only=False) for name in section["shards"]]
+
+
+# VRL-SGD with dropout, period 4 (rounds at steps 4 and 8), 4 batches per epoch, a checkpoint every 2 steps.
+DROPOUT_ARGS = (
+    "--strategy",
+    "vrl_sgd",
+    "--period",
+    "4",
+    "--max-steps",
+    "10",
+    "--dropout",
+    "0.3",
+    "--epoch-batches",
+    "4",
+)
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dropout")
+    return out, run_case(out / "full", *DROPOUT_ARGS, "--ckpt-every", "2")
+
+
+def test_a_checkpoint_right_after_a_round_stores_no_replica(dropout_run):
+    out, _ = dropout_run
+    for step, after_round in ((4, True), (6, False), (8, True)):
+        for shard in _shards(out / "full" / "ckpt" / f"step={step}.ckpt"):
+            algorithm = shard["algorithm"]
+            assert algorithm["in_sync"] is after_round
+            # In sync, the replica is the main file's consensus weights: stored once, there.
+            assert ("param_buckets" in algorithm) is ("float_buffers" in algorithm) is (not after_round)
+            assert len(algorithm["delta"]) > 0  # VRL-SGD's own per-rank state is always kept
+
+
+@pytest.mark.parametrize("step", [4, 6])  # 4: right after a round, at an epoch's end; 6: mid-period, mid-epoch
+def test_resume_with_dropout_matches_the_uninterrupted_run_exactly(dropout_run, step):
+    out, full = dropout_run
+    resumed = run_case(
+        out / f"resumed_{step}", *DROPOUT_ARGS, "--resume", str(out / "full" / "ckpt" / f"step={step}.ckpt")
+    )
+    assert resumed[0]["steps"][0]["global_step"] == step + 1
+    for rank in range(2):
+        # Each rank's dropout masks follow its own generator: the restored one, drawn from as without a stop.
+        for got, want in zip(resumed[rank]["steps"], full[rank]["steps"][step:], strict=True):
+            torch.testing.assert_close(got["params"], want["params"], rtol=0, atol=0)
+        torch.testing.assert_close(resumed[rank]["final"], full[rank]["final"], rtol=0, atol=0)
+    assert (full[0]["steps"][-1]["params"] - full[1]["steps"][-1]["params"]).abs().max() > 1e-3
+
+
+def test_the_main_file_loads_into_the_module_in_a_plain_process(fit_run):
+    import importlib.util
+
+    _, out, ranks = fit_run
+    spec = importlib.util.spec_from_file_location("run_case_module", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Recorder.load_from_checkpoint(out / "ckpt" / "step=6.ckpt", optimizer="sgd")
+    local = [r["steps"][5]["params"] for r in ranks]
+    torch.testing.assert_close(module.flat(model), (local[0] + local[1]) / 2)
+
+
+def test_resume_at_another_world_size_warns_and_trains_to_the_end(tmp_path):
+    # Local SGD, period 4 (torch's phase: rounds after steps 1, 5, 9); 2 ranks checkpoint at steps 5 and 10.
+    args = ("--strategy", "local_sgd", "--period", "4", "--max-steps", "10", "--ckpt-every", "5")
+    _run(tmp_path / "n2", *args)
+    main = tmp_path / "n2" / "ckpt" / "step=5.ckpt"
+    assert all("param_buckets" not in shard["algorithm"] for shard in _shards(main))  # right after a round
+    stderr, three = _run(tmp_path / "n3", *args, "--resume", str(main), devices=3)
+    assert "written by 'LocalSGDStrategy' with 2 ranks; this run is 'LocalSGDStrategy' with 3" in stderr
+    assert [r["steps"][0]["global_step"] for r in three] == [6, 6, 6]
+    assert [r["steps"][-1]["global_step"] for r in three] == [10, 10, 10]
+    for rank in range(3):
+        torch.testing.assert_close(three[rank]["final"], three[0]["final"], rtol=0, atol=0)
+    # The main file does not grow with the world size; there is one shard per rank.
+    sizes = [(tmp_path / n / "ckpt" / "step=10.ckpt").stat().st_size for n in ("n2", "n3")]
+    assert abs(sizes[1] - sizes[0]) < 400, sizes
+    assert [s["rank"] for s in _shards(tmp_path / "n3" / "ckpt" / "step=10.ckpt")] == [0, 1, 2]

@@ -32,7 +32,9 @@ def run(make_algo, steps: int, observe):
             opt.zero_grad()
             loss_of(model, rank, step).backward()
             grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            algo.before_optimizer_step(opt)
             opt.step()
+            algo.after_optimizer_step(opt)
             after_step = flat_params(model).clone()
             rounded = algo.end_step()
             records.append(observe(rank, step, algo, model, before, after_step, grad, rounded))
@@ -123,14 +125,37 @@ def test_overlap_anchor_momentum_follows_the_spec():
         torch.testing.assert_close(records[0][step][3], z, atol=1e-6, rtol=1e-5)
 
 
-def test_overlap_mean_moves_by_minus_lr_times_the_mean_gradient_on_local_steps():
-    def observe(rank, step, algo, model, before, after_step, grad, rounded):
-        return before, after_step, grad
+def test_overlap_mean_follows_local_steps_then_the_pull_toward_the_anchor():
+    """The mean of the replicas, step by step, from the spec alone: -lr * mean gradient on a local step; on a
+    round the pull-back x <- (1 - alpha) x + alpha z, and the next anchor z <- mean_i(z - lr v_i)."""
+    alpha, beta, period, steps = 0.6, 0.7, 3, 9
 
-    records = run(lambda: OverlapLocalSGD(period=3), 6, observe)
-    for step in range(6):
-        moved = mean([r[step][1] for r in records]) - mean([r[step][0] for r in records])
-        torch.testing.assert_close(moved, -LR * mean([r[step][2] for r in records]), atol=1e-6, rtol=1e-5)
+    def observe(rank, step, algo, model, before, after_step, grad, rounded):
+        anchor = None
+        if rounded:
+            algo._settle_in_flight()
+            anchor = torch.cat([z.clone() for z in algo.anchor])
+        return before, after_step, flat_params(model).clone(), grad, rounded, anchor
+
+    records = run(lambda: OverlapLocalSGD(period=period, pullback=alpha, anchor_momentum=beta), steps, observe)
+    z = flat_params(make_model())  # z = x0
+    mean_v = torch.zeros_like(z)  # mean_i v_i: v_i's update is linear, so its mean follows the same rule
+    for step in range(steps):
+        before, after_step, after = (mean([r[step][k] for r in records]) for k in range(3))
+        after_local = before - LR * mean([r[step][3] for r in records])
+        torch.testing.assert_close(after_step, after_local, atol=1e-6, rtol=1e-5)
+        rounded = (step + 1) % period == 0
+        assert all(r[step][4] == rounded for r in records)
+        if not rounded:
+            assert all(torch.equal(r[step][2], r[step][1]) for r in records)  # no round: the replicas are left alone
+            continue
+        pulled = (1 - alpha) * after_local + alpha * z
+        torch.testing.assert_close(after, pulled, atol=1e-6, rtol=1e-5)
+        mean_v = beta * mean_v + (z - pulled) / LR
+        z = z - LR * mean_v  # the mean of the payloads z - lr v_i
+        for r in records:
+            torch.testing.assert_close(r[step][5], z, atol=1e-5, rtol=1e-5)
+    assert (z - flat_params(make_model())).abs().max() > 1e-3  # the anchor really moved
 
 
 @pytest.mark.parametrize("make", [lambda: OverlapLocalSGD(period=2), lambda: CoCoDSGD(period=3)])

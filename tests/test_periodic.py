@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from sim_utils import flat_params, loss_of, make_model
+from sim_utils import flat_params, local_step, make_model
 
 from lightning_localsgd.algorithms import VRLSGD, LocalSGD
 from lightning_localsgd.comm import run_simulated
@@ -14,12 +14,7 @@ from lightning_localsgd.comm import run_simulated
 
 def train(algo, model, opt, rank, steps, start=0):
     for step in range(start, start + steps):
-        opt.zero_grad()
-        loss_of(model, rank, step).backward()
-        algo.before_optimizer_step(opt)
-        opt.step()
-        algo.after_optimizer_step(opt)
-        algo.end_step()
+        local_step(algo, model, opt, rank, step)
 
 
 def test_warmup_steps_are_synchronous_then_local_steps_begin():

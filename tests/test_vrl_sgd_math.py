@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sim_utils import flat_params, loss_of, make_model
+from sim_utils import flat_params, loss_of, make_model, mean_gradient_step
 
 from lightning_localsgd.algorithms import VRLSGD
 from lightning_localsgd.comm import run_simulated
@@ -68,14 +68,7 @@ def test_period_one_equals_synchronous_sgd(momentum):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     for step in range(steps):
         opt.zero_grad()
-        grads = []
-        for rank in range(WORLD):
-            model.zero_grad()
-            loss_of(model, rank, step).backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        for i, p in enumerate(model.parameters()):
-            p.grad = sum(g[i] for g in grads) / WORLD
-        opt.step()
+        mean_gradient_step(model, opt, WORLD, step)
         torch.testing.assert_close(histories[0][step][1], flat_params(model), atol=1e-6, rtol=1e-5)
 
 

@@ -12,19 +12,20 @@ A round leaves the mean of the replicas unchanged (mean_i x_i = mean_i x_i^e aft
 moves exactly as Local SGD's averaged sequence does; the replicas themselves never coincide (they differ by
 their own displacements), so evaluation and checkpoints use their average.
 
-Memory: the round-start snapshot and the transfer buffer, 2 model copies. Communication: one model
-all-reduce per period, overlapped with the period's computation. Floating-point buffers (small) are
-averaged with a blocking collective at each round's end.
+Memory: the round-start snapshot and the transfer buffer, 2 model copies (float32 for half-precision
+parameters). Communication: one model all-reduce per period, overlapped with the period's computation.
+Normalisation statistics (small) are averaged with a blocking collective at each round's end.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
-from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm, _copy_checked
-from lightning_localsgd.comm import average_float_buffers
+from lightning_localsgd.algorithms.averaging import mean_packed_
+from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.algorithms.precision import in_state_precision, write_back
+from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 
 
@@ -33,14 +34,26 @@ class CoCoDSGD(PeriodicAlgorithm):
 
     rounds_synchronise = False
 
-    def __init__(self, period: int = 2, warmup_steps: int = 0, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> None:
-        super().__init__(period, warmup_steps, first_period_one_step=False, bucket_cap_mb=bucket_cap_mb)
-        self._round_start: list[Tensor] = []  # x_i^s
-        self._start_mean: list[Tensor] = []  # x_i^s, then mean_j x_j^s once the transfer lands
+    def __init__(
+        self,
+        period: int = 2,
+        warmup_steps: int = 0,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
+    ) -> None:
+        super().__init__(period, warmup_steps, False, bucket_cap_mb, buffers)
 
-    def _on_setup(self) -> None:
-        self._round_start = self.flat.zeros_like_buckets()
-        self._start_mean = self.flat.zeros_like_buckets()
+    @property
+    def _round_start(self) -> list[Tensor]:  # x_i^s
+        return self.state_buckets("round_start")
+
+    @property
+    def _start_mean(self) -> list[Tensor]:  # x_i^s, then mean_j x_j^s once the transfer lands
+        return self.state_buckets("round_start_mean")
+
+    def _declare_state_buffers(self) -> dict[str, StateInit]:
+        # A parameter joining later (unfrozen) is identical on every rank: its round start and their mean are x.
+        return {"round_start": "params", "round_start_mean": "params"}
 
     def _begin_local_phase(self) -> None:
         self._start_round()
@@ -54,17 +67,9 @@ class CoCoDSGD(PeriodicAlgorithm):
 
     def _round(self) -> None:
         self._settle_in_flight()
-        for x, start, mean in zip(self.flat.buckets, self._round_start, self._start_mean):
+        worked = in_state_precision(self.flat.buckets)
+        for x, start, mean in zip(worked, self._round_start, self._start_mean):
             x.sub_(start).add_(mean)  # x_i^e - x_i^s + mean_j x_j^s
-        average_float_buffers(self.module, self.comm)
+        write_back(self.flat.buckets, worked)
+        mean_packed_(self.averaged_buffers(), self.comm)
         self._start_round()
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {
-            "round_start": [b.detach().clone() for b in self._round_start],
-            "round_start_mean": [b.detach().clone() for b in self._start_mean],
-        }
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        _copy_checked("round-start bucket", self._round_start, state["round_start"])
-        _copy_checked("round-start mean bucket", self._start_mean, state["round_start_mean"])

@@ -9,6 +9,7 @@ ranks, at different moments). A non-finite contribution is found
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,9 +18,11 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_localsgd.comm.communicator import Communicator
+from lightning_localsgd.comm.simulated import SimulatedAbortError, SimulatedTimeoutError
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError, PeerFailureError
 
 ON_NONFINITE_CHOICES = ("raise", "skip_round")
@@ -63,25 +66,41 @@ class Verdict:
     nonfinite_ranks: list[int]
     positions: list[int]  # each rank's synchronisation point, as encoded by the caller
     requests: set[str]  # raised on at least one rank
+    fingerprints: list[tuple[float, ...]]  # per rank: values every rank must share (learning rates, trainable set)
 
 
-def agree(comm: Communicator, finite: bool, position: int, requests: set[str], device: torch.device) -> Verdict:
-    """Every rank's finiteness flag and position, and the requests raised anywhere: one small all-reduce.
+def agree(
+    comm: Communicator,
+    finite: bool,
+    position: int,
+    requests: set[str],
+    device: torch.device,
+    fingerprint: Sequence[float] = (),
+) -> Verdict:
+    """Every rank's finiteness flag, position and fingerprint, and the requests raised anywhere: one small all-reduce.
 
     The positions let a rank that reached a different synchronisation point (e.g. its data ran out, so it is
     at the final average while the others are at a round) be found here instead of pairing its collectives
-    with the wrong ones, which would average unrelated tensors or hang.
+    with the wrong ones, which would average unrelated tensors or hang. The fingerprint carries values that must
+    be identical on every rank (e.g. the learning rates summed over the period, the set of trainable parameters):
+    a ``ReduceLROnPlateau`` fed an unsynchronised metric, or a layer unfrozen on one rank only, shows up here.
+    Float64 holds positions and fingerprints exactly (integers below 2**53).
     """
-    world = comm.world_size
-    flags = torch.zeros(2 * world + len(REQUESTS), dtype=torch.int64, device=device)
+    world, width = comm.world_size, len(fingerprint)
+    flags = torch.zeros((2 + width) * world + len(REQUESTS), dtype=torch.float64, device=device)
     flags[comm.rank] = 0 if finite else 1
     flags[world + comm.rank] = position
+    for slot, value in enumerate(fingerprint):
+        flags[(2 + slot) * world + comm.rank] = value
+    base = (2 + width) * world
     for slot, name in enumerate(REQUESTS):
-        flags[2 * world + slot] = 1 if name in requests else 0
+        flags[base + slot] = 1 if name in requests else 0
     comm.all_reduce_sum_([flags])
     values = flags.tolist()
-    raised = {name for slot, name in enumerate(REQUESTS) if values[2 * world + slot] > 0}
-    return Verdict([r for r in range(world) if values[r] > 0], values[world : 2 * world], raised)
+    raised = {name for slot, name in enumerate(REQUESTS) if values[base + slot] > 0}
+    fingerprints = [tuple(values[(2 + slot) * world + r] for slot in range(width)) for r in range(world)]
+    positions = [int(v) for v in values[world : 2 * world]]
+    return Verdict([r for r in range(world) if values[r] > 0], positions, raised, fingerprints)
 
 
 def nonfinite_error(label: str, where: str, what: str, ranks: list[int], step: int) -> NonFiniteError:
@@ -96,15 +115,40 @@ def nonfinite_error(label: str, where: str, what: str, ranks: list[int], step: i
     )
 
 
+# What a failed or timed-out collective raises: torch's distributed errors (DistError: the base of DistBackendError,
+# e.g. NCCL's watchdog timeout, DistNetworkError and DistStoreError), and the simulated communicator's own (a peer
+# failed, or did not arrive in time; its shape-mismatch error is a bug and stays as it is).
+_PEER_FAILURE_TYPES = (dist.DistError, SimulatedAbortError, SimulatedTimeoutError)
+# gloo reports a dead peer ("Connection reset by peer") or a timeout ("Timed out waiting 15000ms for recv") as a
+# plain RuntimeError: only the message tells it from a bug, an out-of-memory or a size mismatch (which gloo also
+# reports from its transport code, so the source path alone proves nothing).
+_PEER_FAILURE_MESSAGE = re.compile(
+    r"connection (reset|closed|refused|aborted)|closed by peer|broken pipe|\btimed? ?out\b|\bsocket", re.IGNORECASE
+)
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` says a collective failed because of another rank or the link (not a bug on this rank)."""
+    if isinstance(error, _PEER_FAILURE_TYPES):
+        return True
+    # Exactly RuntimeError: subclasses (torch.OutOfMemoryError, this package's own errors, ...) are not a peer's doing
+    # or are named already.
+    return type(error) is RuntimeError and _PEER_FAILURE_MESSAGE.search(str(error)) is not None
+
+
 @contextmanager
 def failures_named(label: str, where: str, timeout: Optional[timedelta]) -> Iterator[None]:
-    """Turn a failed or timed-out collective into a :class:`PeerFailureError` that says where it happened."""
+    """Turn a failed or timed-out collective into a :class:`PeerFailureError` that says where it happened.
+
+    Any other error (out of memory, a shape mismatch, a bug) propagates unchanged: calling it a dead peer would
+    send the user looking at the wrong rank.
+    """
     start = time.monotonic()
     try:
         yield
-    except (NonFiniteError, OutOfStepError, PeerFailureError, ValueError):
-        raise
-    except RuntimeError as error:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+    except Exception as error:
+        if not _is_peer_failure(error):
+            raise
         waited = time.monotonic() - start
         limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
         raise PeerFailureError(

@@ -5,7 +5,7 @@ Papers: "Local SGD Converges Fast and Communicates Little" (Stich, ICLR 2019, ar
 
 Update rule, per rank i:
     x_i <- x_i - lr * (optimizer direction from g_i)        every step (momentum and optimizer state stay local)
-    x_i <- mean_j x_j                                        every `period` steps (floating-point buffers too)
+    x_i <- mean_j x_j                                        every `period` steps (normalisation statistics too)
 The first `warmup_steps` steps are synchronous SGD (post-local SGD).
 
 Communication: one all-reduce of the model per period, against one per step for synchronous SGD.
@@ -13,6 +13,7 @@ Communication: one all-reduce of the model per period, against one per step for 
 
 from __future__ import annotations
 
+from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 
@@ -31,5 +32,6 @@ class LocalSGD(PeriodicAlgorithm):
         warmup_steps: int = 0,
         first_period_one_step: bool = True,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
     ) -> None:
-        super().__init__(period, warmup_steps, first_period_one_step, bucket_cap_mb)
+        super().__init__(period, warmup_steps, first_period_one_step, bucket_cap_mb, buffers)

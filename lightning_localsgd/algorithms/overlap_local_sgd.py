@@ -7,7 +7,7 @@ Per rank i, with an anchor z (the same on every rank, z = x0 at first) and an an
     x_i <- x_i - lr * (optimizer direction)                  every step, as Local SGD
     every `period` (tau) steps, at round m >= 1:
         z <- result of the all-reduce started at round m - 1     (round 1: nothing in flight, z = x0)
-        x_i <- (1 - alpha) * x_i + alpha * z                     pull back toward the anchor
+        x_i <- x_i + alpha * (z - x_i)                          pull back toward the anchor (exact when x_i = z)
         v_i <- beta * v_i + (z - x_i) / lr                       anchor momentum (v_i = 0 before round 1)
         start a non-blocking all-reduce of (z - lr * v_i) / N    it completes during the next tau steps
 
@@ -15,8 +15,10 @@ With beta = 0 the next anchor is the mean of the pulled-back models, one round l
 compensates the step-size shrinkage (1 - alpha) that pulling back causes. The replicas never agree:
 evaluation and checkpoints use their average.
 
-``lr`` is each parameter's current learning rate at the round; parameters no optimizer steps use 1 (their
-v_i is then a displacement), which changes nothing while their learning rate is constant.
+``lr`` is the learning rate each parameter's group stepped with at the round's step (read right after the
+optimizer step, before a per-step scheduler moves it on). Where it is 0 (a group with lr 0, or parameters no
+optimizer steps), v_i keeps its value (gradient units, never mixed with displacements) and the payload is the
+pulled-back x_i, the limit of z - lr * v_i as lr goes to 0. z and v_i are float32 for half-precision parameters.
 
 Memory: z and v_i, 2 model copies. Communication: one model all-reduce per period, hidden behind the next
 period's computation. Floating-point buffers (small) are averaged with a blocking collective at each round.
@@ -24,14 +26,17 @@ period's computation. Floating-point buffers (small) are averaged with a blockin
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_unit_interval
-from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm, _copy_checked
-from lightning_localsgd.comm import average_float_buffers
+from lightning_localsgd.algorithms.averaging import mean_packed_
+from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.param_groups import GroupKey
+from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.algorithms.precision import in_state_precision, write_back
+from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 
 
@@ -47,59 +52,62 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         anchor_momentum: float = 0.7,
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
     ) -> None:
-        super().__init__(period, warmup_steps, first_period_one_step=False, bucket_cap_mb=bucket_cap_mb)
+        super().__init__(period, warmup_steps, False, bucket_cap_mb, buffers)
         self.pullback = check_unit_interval("pullback", pullback)
         self.anchor_momentum = check_unit_interval("anchor_momentum", anchor_momentum, include_one=False)
-        self._anchor: list[Tensor] = []  # z; while a transfer is in flight, the buffer it is writing
-        self._velocity: list[Tensor] = []  # v_i, in gradient units
-        self._anchor_views: list[Tensor] = []  # per-parameter views of the buckets above
-        self._velocity_views: list[Tensor] = []
+        self._step_lr: dict[GroupKey, float] = {}  # each group's lr at its latest optimizer step
 
     @property
     def anchor(self) -> list[Tensor]:
         """z, in the bucket layout of the parameters (settle in-flight work before reading it)."""
-        return self._anchor
+        return self.state_buckets("anchor")
 
-    def _on_setup(self) -> None:
-        self._anchor = [b.detach().clone() for b in self.flat.buckets]
-        self._velocity = self.flat.zeros_like_buckets()
-        self._anchor_views = self.flat.views_of(self._anchor)
-        self._velocity_views = self.flat.views_of(self._velocity)
+    @property
+    def _velocity(self) -> list[Tensor]:
+        return self.state_buckets("anchor_velocity")
+
+    def _declare_state_buffers(self) -> dict[str, StateInit]:
+        # z starts as x0; a parameter joining later (unfrozen) is identical on every rank, so z = x for it.
+        return {"anchor": "params", "anchor_velocity": "zeros"}
 
     def _begin_local_phase(self) -> None:
         self._settle_in_flight()
-        for z, x in zip(self._anchor, self.flat.buckets):
+        for z, x in zip(self.anchor, self.flat.buckets):
             z.copy_(x)  # z = x0: the replicas are in sync here
         for v in self._velocity:
             v.zero_()
 
+    def after_optimizer_step(self, optimizer: Optimizer) -> None:
+        index = self._optimizer_index(optimizer)
+        for members in self._groups.groups_of(index, self._optimizers, self.flat):
+            self._step_lr[members.key] = members.lr
+
     def _round(self) -> None:
         self._settle_in_flight()  # 1. z <- the all-reduce started one round ago
         alpha, beta = self.pullback, self.anchor_momentum
+        stepped = [
+            (self._step_lr.get(m.key, 0.0), m.indices) for m in self._groups.all_groups(self._optimizers, self.flat)
+        ]
+        stepped.append((0.0, self._groups.unstepped_indices(self._optimizers, self.flat)))
+        anchors, velocities = self.state_views("anchor"), self.state_views("anchor_velocity")
         with torch.no_grad():
-            for lr, indices in self._params_by_lr():
-                scale = lr if lr > 0 else 1.0
-                x, z, v = self._views(indices)
-                torch._foreach_mul_(x, 1 - alpha)  # 2. x <- (1 - alpha) x + alpha z
-                torch._foreach_add_(x, z, alpha=alpha)
-                torch._foreach_mul_(v, beta)  # 3. v <- beta v + (z - x) / lr
-                torch._foreach_add_(v, z, alpha=1 / scale)
-                torch._foreach_add_(v, x, alpha=-1 / scale)
-                torch._foreach_add_(z, v, alpha=-scale)  # 4. z <- z - lr v, the payload
-        average_float_buffers(self.module, self.comm)
-        self._in_flight = [self.comm.start_all_reduce_mean_(z) for z in self._anchor]
-
-    def _views(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        x = [self.flat.params[i].data for i in indices]
-        return x, [self._anchor_views[i] for i in indices], [self._velocity_views[i] for i in indices]
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {
-            "anchor": [z.detach().clone() for z in self._anchor],
-            "anchor_velocity": [v.detach().clone() for v in self._velocity],
-        }
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        _copy_checked("anchor bucket", self._anchor, state["anchor"])
-        _copy_checked("anchor-velocity bucket", self._velocity, state["anchor_velocity"])
+            for lr, indices in stepped:
+                if not indices:
+                    continue
+                params = [self.flat.params[i].data for i in indices]
+                x = in_state_precision(params)
+                z, v = [anchors[i] for i in indices], [velocities[i] for i in indices]
+                pull = torch._foreach_sub(z, x)
+                torch._foreach_add_(x, pull, alpha=alpha)  # 2. x <- x + alpha (z - x)
+                if lr > 0:
+                    gap = torch._foreach_sub(z, x)
+                    torch._foreach_mul_(v, beta)  # 3. v <- beta v + (z - x) / lr
+                    torch._foreach_add_(v, gap, alpha=1 / lr)
+                    torch._foreach_add_(z, v, alpha=-lr)  # 4. z <- z - lr v, the payload
+                else:
+                    torch._foreach_copy_(z, x)  # lr = 0: the payload's limit, the pulled-back model
+                write_back(params, x)
+        mean_packed_(self.averaged_buffers(), self.comm)
+        self._in_flight = [self.comm.start_all_reduce_mean_(z) for z in self.anchor]

@@ -17,7 +17,10 @@ Update rule, per rank i (Delta_i starts at 0):
                                                                          constant)
         x_i <- x_hat
 
-Invariants: sum_i Delta_i = 0 after every round; with period 1 the trajectory is synchronous SGD.
+Invariants: sum_i Delta_i = 0 after every round; with period 1 the trajectory is synchronous SGD. Both need
+every rank to divide by the same sum of learning rates: a step the fp16 grad scaler skips on one rank still
+counts its learning rate and applies its correction (as a step whose direction is zero), and the round's flag
+collective checks that the sums agree. Delta is kept in float32 for half-precision parameters.
 Delta_i is a control variate (like SCAFFOLD's) that costs no extra communication.
 
 VRL-SGD-W (``first_period_one_step=True``): the first round comes after one local step, so Delta_i starts at
@@ -30,13 +33,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm, _copy_checked
+from lightning_localsgd.algorithms.averaging import mean_, mean_packed_
+from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.param_groups import GroupKey
+from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.algorithms.precision import in_state_precision, write_back
+from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
-
-GroupKey = tuple[int, int]  # (optimizer index, parameter group index)
 
 
 class VRLSGD(PeriodicAlgorithm):
@@ -48,84 +53,65 @@ class VRLSGD(PeriodicAlgorithm):
         warmup_steps: int = 0,
         first_period_one_step: bool = False,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
     ) -> None:
-        super().__init__(period, warmup_steps, first_period_one_step, bucket_cap_mb)
-        self._delta: list[Tensor] = []
-        self._delta_views: list[Tensor] = []
-        self._before_average: list[Tensor] = []
+        super().__init__(period, warmup_steps, first_period_one_step, bucket_cap_mb, buffers)
         self._lr_sums: dict[GroupKey, float] = {}
-        # Per (optimizer, group): the managed parameters, their Delta views and their indices in flat.params.
-        self._members: dict[GroupKey, tuple[list[Tensor], list[Tensor], list[int], int]] = {}
 
     @property
-    def delta(self) -> list[Tensor]:
-        """Delta_i, in the flat bucket layout of the parameters (gradient units)."""
-        return self._delta
+    def delta(self) -> list[torch.Tensor]:
+        """Delta_i, in the flat bucket layout of the parameters (gradient units; float32 for half precision)."""
+        return self.state_buckets("delta")
+
+    def _declare_state_buffers(self) -> dict[str, StateInit]:
+        return {"delta": "zeros"}
 
     def _on_setup(self) -> None:
-        self._delta = self.flat.zeros_like_buckets()
-        self._delta_views = self.flat.views_of(self._delta)
-        self._before_average = self.flat.zeros_like_buckets()
         self._lr_sums = {}
-        self._members = {}
-
-    def register_optimizers(self, optimizers: Any) -> None:
-        super().register_optimizers(optimizers)
-        self._members = {}
-        for optimizer in self._optimizers:
-            self._group_members(optimizer)
-
-    def _group_members(self, optimizer: Optimizer) -> list[tuple[GroupKey, dict[str, Any]]]:
-        """(key, param group) pairs of ``optimizer``; (re)builds the member lists of new or changed groups."""
-        index = self._optimizer_index(optimizer)
-        pairs = []
-        for group_index, group in enumerate(optimizer.param_groups):
-            key = (index, group_index)
-            cached = self._members.get(key)
-            if cached is None or cached[3] != len(group["params"]):
-                position = self.flat.index_of
-                indices = [position[id(p)] for p in group["params"] if id(p) in position]
-                params: list[Tensor] = [self.flat.params[i] for i in indices]
-                deltas = [self._delta_views[i] for i in indices]
-                self._members[key] = (params, deltas, indices, len(group["params"]))
-            pairs.append((key, group))
-        return pairs
 
     def after_optimizer_step(self, optimizer: Optimizer) -> None:
         if self.in_warmup():
             return  # synchronous SGD: Delta is still 0 and the period has not begun
+        deltas = self.state_views("delta")
+        index = self._optimizer_index(optimizer)
         with torch.no_grad():
-            for key, group in self._group_members(optimizer):
-                params, deltas, _, _ = self._members[key]
-                if not params:
+            for members in self._groups.groups_of(index, self._optimizers, self.flat):
+                if not members.indices:
                     continue
-                lr = float(group["lr"])
-                torch._foreach_add_(params, deltas, alpha=lr)  # x_i += lr * Delta_i
-                self._lr_sums[key] = self._lr_sums.get(key, 0.0) + lr
+                lr = members.lr
+                params = [self.flat.params[i].data for i in members.indices]
+                # x_i += lr * Delta_i (in place; a half-precision x rounds once, Delta stays float32)
+                torch._foreach_add_(params, [deltas[i] for i in members.indices], alpha=lr)
+                self._lr_sums[members.key] = self._lr_sums.get(members.key, 0.0) + lr
+
+    def _lr_state_fingerprint(self) -> float:
+        return sum((1 + a + 7 * b) * value for (a, b), value in sorted(self._lr_sums.items()))
 
     def _round(self) -> None:
-        for saved, bucket in zip(self._before_average, self.flat.buckets):
-            saved.copy_(bucket)
-        super()._round()
+        # Averaged in float32 for half-precision parameters, and Delta updated from that float32 mean: the mean
+        # rounded back to bf16 would leave sum_i (x_hat - x_i) = N * (rounding error), not 0.
+        mean = in_state_precision(self.flat.buckets)
+        before = [b.clone() for b in mean]  # x_i before averaging
+        mean_(mean, self.comm)
+        mean_packed_(self.averaged_buffers(), self.comm)
         with torch.no_grad():
-            # _before_average becomes x_hat - x_i, then Delta_i += (x_hat - x_i) / sum(lr) per group.
-            for diff, bucket in zip(self._before_average, self.flat.buckets):
-                diff.neg_().add_(bucket)
-            diffs = self.flat.views_of(self._before_average)
-            for key, lr_sum in self._lr_sums.items():
-                if lr_sum == 0.0 or key not in self._members:
+            # before becomes x_hat - x_i, then Delta_i += (x_hat - x_i) / sum(lr) per group.
+            for diff, averaged in zip(before, mean):
+                diff.neg_().add_(averaged)
+            diffs = self.flat.views_of(before)
+            deltas = self.state_views("delta")
+            for members in self._groups.all_groups(self._optimizers, self.flat):
+                lr_sum = self._lr_sums.get(members.key, 0.0)
+                if lr_sum == 0.0 or not members.indices:
                     continue  # a group with lr 0 did not move: its Delta stays
-                _, deltas, indices, _ = self._members[key]
-                if deltas:
-                    torch._foreach_add_(deltas, [diffs[i] for i in indices], alpha=1.0 / lr_sum)
+                torch._foreach_add_(
+                    [deltas[i] for i in members.indices], [diffs[i] for i in members.indices], alpha=1.0 / lr_sum
+                )
+            write_back(self.flat.buckets, mean)
         self._lr_sums = {}
 
     def _extra_state(self) -> dict[str, Any]:
-        return {
-            "delta": [d.detach().clone() for d in self._delta],
-            "lr_sums": [[key[0], key[1], value] for key, value in self._lr_sums.items()],
-        }
+        return {"lr_sums": [[key[0], key[1], value] for key, value in self._lr_sums.items()]}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        _copy_checked("Delta bucket", self._delta, state["delta"])
         self._lr_sums = {(int(a), int(b)): float(v) for a, b, v in state["lr_sums"]}

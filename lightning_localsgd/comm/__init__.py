@@ -2,6 +2,7 @@
 
 from lightning_localsgd.comm.communicator import Communicator, ProcessGroupCommunicator, ring_all_reduce_bytes
 from lightning_localsgd.comm.flat import FlatParameters, average_float_buffers, average_gradients
+from lightning_localsgd.comm.grad_sync import GradientAverager
 from lightning_localsgd.comm.simulated import SimulatedCommunicator, SimulatedGroup, run_simulated
 from lightning_localsgd.comm.stats import CommStats
 
@@ -9,6 +10,7 @@ __all__ = [
     "CommStats",
     "Communicator",
     "FlatParameters",
+    "GradientAverager",
     "ProcessGroupCommunicator",
     "SimulatedCommunicator",
     "SimulatedGroup",

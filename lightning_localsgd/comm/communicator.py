@@ -73,8 +73,9 @@ class Communicator(ABC):
     def start_all_reduce_mean_(self, tensor: Tensor) -> PendingAllReduce:
         """Start averaging ``tensor`` in place without blocking; call ``.wait()`` on the result before reading it.
 
-        Non-blocking collectives run on a group of their own, so they never interleave with blocking ones;
-        at most one should be in flight at a time, started in the same order on every rank.
+        Non-blocking collectives run on a group of their own, so they never interleave with blocking ones.
+        Several may be in flight at once (one per bucket); every rank must start them in the same order, which
+        is what pairs them up across ranks. Do not touch ``tensor`` until ``.wait()`` returns.
         """
         pending = PendingAllReduce(self, tensor)
         if self.world_size > 1:
@@ -83,6 +84,15 @@ class Communicator(ABC):
             pending._started = time.perf_counter()
             pending._join = self._start_all_reduce_sum_(tensor, pending._on_complete)
         return pending
+
+    def prepare_non_blocking(self) -> None:
+        """Create now whatever non-blocking collectives need (a process group of their own), instead of at first use.
+
+        Call it at a point every rank reaches together (set-up): the first non-blocking collective may then be
+        started anywhere, e.g. from an autograd hook during backward, without a group-creation barrier that the
+        ranks would reach at different moments. Does nothing where nothing needs creating.
+        """
+        return None
 
     @abstractmethod
     def _all_reduce_sum_(self, tensor: Tensor) -> None: ...
@@ -157,13 +167,21 @@ class ProcessGroupCommunicator(Communicator):
         self._async_group: Optional[dist.ProcessGroup] = None
         super().__init__(dist.get_rank(group), dist.get_world_size(group))
 
-    def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
+    def prepare_non_blocking(self) -> None:
+        self._non_blocking_group()
+
+    def _non_blocking_group(self) -> dist.ProcessGroup:
         if self._async_group is None:
-            # Created on first use, which every rank reaches at the same point of training. A group of its own
-            # keeps non-blocking transfers from racing blocking ones (and Lightning's own collectives).
+            # Created on first use (or by `prepare_non_blocking`), which every rank reaches at the same point of
+            # training. A group of its own keeps non-blocking transfers from racing blocking ones (and Lightning's
+            # own collectives).
             ranks = dist.get_process_group_ranks(self.group) if self.group is not None else None
             self._async_group = dist.new_group(ranks=ranks, timeout=self.timeout, backend=dist.get_backend(self.group))
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._async_group, async_op=True)
+        return self._async_group
+
+    def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
+        group = self._non_blocking_group()
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
         assert work is not None
         with contextlib.suppress(RuntimeError):  # a backend without futures: only the wait time is measured
             work.get_future().then(lambda _: on_complete())

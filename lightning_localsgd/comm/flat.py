@@ -31,11 +31,53 @@ def _grouped_by_layout(tensors: Sequence[Tensor]) -> list[list[int]]:
     return [list(group) for _, group in groupby(indices, key=lambda i: order[_layout_key(tensors[i])])]
 
 
+def _is_dense(tensor: Tensor) -> bool:
+    """Whether the elements fill exactly ``numel`` consecutive storage slots, in some order of the dimensions.
+
+    Such a tensor (contiguous, ``channels_last``, a transpose...) can live in a flat slice with its strides intact.
+    """
+    if tensor.numel() == 0:
+        return True
+    expected = 1
+    for size, stride in sorted((d for d in zip(tensor.shape, tensor.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_one_device(params: Sequence[nn.Parameter]) -> None:
+    """A replica must live on one real device: refuse model parallelism within a rank and parameters without data."""
+    first_on: dict[str, int] = {}
+    for i, p in enumerate(params):
+        first_on.setdefault(str(p.device), i)
+    seen = ", ".join(
+        f"{device} (first: parameter {i}, shape {tuple(params[i].shape)})" for device, i in first_on.items()
+    )
+    if len(first_on) > 1:
+        raise ValueError(
+            f"The trainable parameters are on several devices: {seen}. Like DistributedDataParallel, a local-update "
+            "strategy needs each rank's replica on a single device (one device per process; no model parallelism "
+            "within a rank). Move the whole module to one device (`module.to(device)`) or set `requires_grad=False` "
+            "on the parameters that stay elsewhere."
+        )
+    if "meta" in first_on:
+        raise ValueError(
+            f"The trainable parameters are on the `meta` device ({seen}): they hold no values to train or average. "
+            "Materialise the module first (e.g. `module.to_empty(device=...)`, then initialise or load its weights)."
+        )
+
+
 class FlatParameters:
     """Trainable parameters stored as views into a few contiguous buckets.
 
+    Each parameter keeps the strides it had when this object was built (``channels_last`` stays ``channels_last``),
+    and :meth:`views_of` gives views of the same strides, so elementwise operations between parameters and
+    bucket-shaped state pair the same elements.
+
     Args:
-        params: the parameters to manage, in a deterministic order (the same on every rank).
+        params: the parameters to manage, in a deterministic order (the same on every rank), all on one device
+            and each dense in memory (not an expanded or sliced view).
         bucket_cap_mb: largest bucket size in MiB; a single larger parameter gets a bucket of its own.
     """
 
@@ -44,6 +86,16 @@ class FlatParameters:
         self.index_of: dict[int, int] = {id(p): i for i, p in enumerate(self.params)}  # id(parameter) -> index
         if not self.params:
             raise ValueError("There are no trainable parameters to synchronise (none has `requires_grad=True`).")
+        _check_one_device(self.params)
+        for i, p in enumerate(self.params):
+            if not _is_dense(p):
+                raise ValueError(
+                    f"Parameter {i} (shape {tuple(p.shape)}, strides {p.stride()}) is not dense in memory: it is an "
+                    "expanded, sliced or otherwise strided view, which a flat bucket cannot hold with its layout. "
+                    "Give it storage of its own before training, e.g. `p.data = p.data.contiguous()`."
+                )
+        # (shape, strides) each parameter is re-homed with; fixed, so that views of state buckets stay element-aligned.
+        self.layouts: list[tuple[torch.Size, tuple[int, ...]]] = [(p.shape, p.stride()) for p in self.params]
         cap_bytes = int(bucket_cap_mb * 2**20)
         # (bucket index, offset) of each parameter, and the numel of each bucket.
         self._slots: list[tuple[int, int]] = [(0, 0)] * len(self.params)
@@ -70,17 +122,30 @@ class FlatParameters:
         return sum(b.numel() for b in self.buckets)
 
     def views_of(self, buckets: Sequence[Tensor]) -> list[Tensor]:
-        """Per-parameter views into ``buckets`` (same layout as :attr:`buckets`), in parameter order."""
+        """Per-parameter views into ``buckets`` (contiguous, same sizes as :attr:`buckets`), in parameter order.
+
+        Each view has its parameter's shape and strides (:attr:`layouts`).
+        """
+        for i, bucket in enumerate(buckets):
+            if not bucket.is_contiguous():
+                raise ValueError(
+                    f"Bucket {i} must be contiguous to hold parameter views; got strides {bucket.stride()}."
+                )
         views = []
-        for p, (b, offset) in zip(self.params, self._slots):
-            views.append(buckets[b][offset : offset + p.numel()].view_as(p))
+        for (shape, stride), (b, offset) in zip(self.layouts, self._slots):
+            piece = buckets[b][offset : offset + shape.numel()]
+            # as_strided is relative to the slice's own storage offset; a dense layout stays inside the slice.
+            views.append(piece.as_strided(shape, stride))
         return views
 
     def zeros_like_buckets(self) -> list[Tensor]:
         return [torch.zeros_like(b) for b in self.buckets]
 
     def rehome(self) -> None:
-        """Copy every parameter's current value into its slice and make the parameter a view of it."""
+        """Copy every parameter's current value into its slice and make the parameter a view of it.
+
+        The parameter gets back the layout it had when this object was built, whatever layout its replacement had.
+        """
         with torch.no_grad():
             for p, view in zip(self.params, self.views_of(self.buckets)):
                 view.copy_(p.detach())

@@ -43,13 +43,17 @@ from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
-    pick_rank_state,
-    rank_section,
-    to_cpu,
+    read_rank_state,
+    remove_shards,
+    remove_stale_shards,
+    restore_rng_states,
     to_device,
+    without_replica_if_in_sync,
+    write_shards,
 )
 from lightning_localsgd.strategies.round_callback import RoundCallback
 from lightning_localsgd.strategies.safety import (
+    SyncedStepLogCheck,
     as_timeout,
     check_supported_device,
     check_supported_model,
@@ -59,7 +63,9 @@ from lightning_localsgd.strategies.safety import (
     grad_scaler_of,
     prepare_training_data,
     restore_patched_hooks,
+    warn_about_per_step_collectives,
 )
+from lightning_localsgd.strategies.weight_averaging import weight_averaging_copies
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -80,7 +86,7 @@ class LocalUpdateStrategy(DDPStrategy):
             averaged; ``"skip_round"`` rolls every rank back to the last good round and goes on (keeps one
             copy of the model, optimizer and algorithm state per rank).
         collective_timeout: seconds any of the strategy's collectives (rounds, warm-up averages, consensus,
-            checkpoint gathers) may wait for a peer before the run stops with an error naming the strategy and
+            checkpoint agreement) may wait for a peer before the run stops with an error naming the strategy and
             round: a dead or stuck peer becomes an error, never a hang. Allow for one round's transfer on the
             slowest link.
         timeout: as in ``DDPStrategy``: process-group start-up and Lightning's own collectives (seconds or a
@@ -125,11 +131,18 @@ class LocalUpdateStrategy(DDPStrategy):
         self._active = False  # the algorithm drives the model (between setup and teardown of a fit)
         self._stepped_this_batch = False
         self._pending_rank_state: Optional[Any] = None
+        self._resume_rng: Optional[dict[str, Any]] = None  # restored again at the first batch of a mid-epoch resume
         self._round_callback: Optional[RoundCallback] = None
         self._patched_trainer: Optional[pl.Trainer] = None
         self._requeue: Optional[Callable[[Any, Any], None]] = None  # Lightning's SLURM checkpoint-and-requeue
+        self._communicator: Optional[ProcessGroupCommunicator] = None
 
     # ------------------------------------------------------------------ public read-outs
+    @property
+    def rounds(self) -> int:
+        """Rounds of the local phase so far (warm-up steps are not rounds); what ``RoundCheckpoint`` counts."""
+        return self.algorithm.rounds
+
     @property
     def comm_stats(self) -> CommStats:
         """This rank's communication counters (rounds, collectives, bytes sent, seconds)."""
@@ -145,9 +158,12 @@ class LocalUpdateStrategy(DDPStrategy):
         assert self.model is not None
         self.model = self._setup_model(self.model)
         # A group of the strategy's own, so that its collectives carry `collective_timeout` (the default group's
-        # timeout also bounds start-up, where ranks may legitimately arrive minutes apart).
-        group = dist.new_group(timeout=self.collective_timeout)
-        self.algorithm.setup(self.model, ProcessGroupCommunicator(group, timeout=self.collective_timeout))
+        # timeout also bounds start-up, where ranks may legitimately arrive minutes apart). A second `fit` keeps
+        # the group and the algorithm's state: training continues where the first left off.
+        if self._communicator is None:
+            group = dist.new_group(timeout=self.collective_timeout)
+            self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
+        self.algorithm.setup(self.model, self._communicator)
 
     @override
     def setup_distributed(self) -> None:
@@ -180,12 +196,15 @@ class LocalUpdateStrategy(DDPStrategy):
             return
         check_supported_optimizers(self.optimizers, type(self).__name__)
         self.algorithm.register_optimizers(self.optimizers)
+        self.algorithm.shadow_modules = weight_averaging_copies(trainer)
         self.algorithm.gradients_may_overflow = grad_scaler_of(self.precision_plugin) is not None
         self._round_callback = RoundCallback(self)
         trainer.callbacks.insert(0, self._round_callback)
         self._patched_trainer = trainer
         self._requeue = defer_signals(trainer, self.algorithm)
         prepare_training_data(trainer, self.algorithm.comm, type(self).__name__)
+        warn_about_per_step_collectives(trainer, type(self).__name__)
+        self._synced_step_logs = SyncedStepLogCheck(type(self).__name__)
         self._active = True
 
     @override
@@ -224,6 +243,7 @@ class LocalUpdateStrategy(DDPStrategy):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
 
         def closure_then_synchronise() -> Any:
+            self.algorithm.before_backward(optimizer)  # warm-up: gradients travel while backward runs
             result = closure()  # forward + backward (automatic), or nothing (manual: backward already ran)
             self.algorithm.before_optimizer_step(optimizer)
             return result
@@ -231,11 +251,13 @@ class LocalUpdateStrategy(DDPStrategy):
         scaler = grad_scaler_of(self.precision_plugin)
         scale_before = scaler.get_scale() if scaler is not None else None
         output = super().optimizer_step(optimizer, closure_then_synchronise, model, **kwargs)
-        if scaler is not None and scale_before is not None and scaler.get_scale() < scale_before:
-            # The scaler found inf gradients and skipped `optimizer.step()`: no update, so no correction. In
-            # warm-up (gradients averaged, so every rank skips alike) the step is not counted; in the local
-            # phase the batch still counts for the round schedule, which must stay identical on every rank.
-            self._stepped_this_batch = self._stepped_this_batch or not self.algorithm.in_warmup()
+        skipped = scaler is not None and scale_before is not None and scaler.get_scale() < scale_before
+        if skipped and self.algorithm.in_warmup():
+            # The scaler found inf gradients and skipped `optimizer.step()`. In warm-up (gradients averaged, so
+            # every rank skips alike) the step is not counted. In the local phase the batch still counts for the
+            # round schedule, which must stay identical on every rank, and the algorithm's own part of the step
+            # still runs as for a zero direction (VRL-SGD: the correction and its learning-rate sum, which every
+            # rank must share for sum_i Delta_i = 0).
             return output
         self.algorithm.after_optimizer_step(optimizer)
         self._stepped_this_batch = True
@@ -243,6 +265,7 @@ class LocalUpdateStrategy(DDPStrategy):
 
     def on_train_batch_end_first(self, trainer: pl.Trainer) -> None:
         """Called by :class:`RoundCallback` before any other ``on_train_batch_end``."""
+        self._synced_step_logs(trainer)  # once per fit, after the first batch: per-step `sync_dist` logging
         if not self._stepped_this_batch:
             return  # a micro-batch under gradient accumulation, or a skipped step
         self._stepped_this_batch = False
@@ -296,23 +319,32 @@ class LocalUpdateStrategy(DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
+        section: Optional[dict[str, Any]] = None
         if self._active and "optimizer_states" in checkpoint:  # a full checkpoint, not weights only
-            mine = to_cpu(
-                {
-                    "algorithm": self.algorithm.state_dict(),
-                    "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
-                }
-            )
-            everyone = self.algorithm.comm.gather_object(mine, dst=0)
-            if everyone is not None:
-                checkpoint[CHECKPOINT_KEY] = rank_section(everyone, type(self).__name__)
+            # Each rank writes its own shard (no tensor travels to rank 0); the main file only names them.
+            scaler = grad_scaler_of(self.precision_plugin)
+            mine = {
+                "algorithm": without_replica_if_in_sync(self.algorithm.state_dict()),
+                "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            }
+            section = write_shards(self.algorithm.comm, mine, filepath, type(self).__name__)
+            checkpoint[CHECKPOINT_KEY] = section
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if section is not None and self.is_global_zero:
+            remove_stale_shards(filepath, section["token"])  # the main file now names this save's shards
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         section = checkpoint.pop(CHECKPOINT_KEY, None)
-        self._pending_rank_state = pick_rank_state(section, self.global_rank, self.world_size, type(self).__name__)
+        self._pending_rank_state = None
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint  # evaluation needs the (consensus) weights only, not the shards
+        self._pending_rank_state = read_rank_state(
+            section, checkpoint_path, self.global_rank, self.world_size, type(self).__name__
+        )
         return checkpoint
 
     @override
@@ -323,7 +355,23 @@ class LocalUpdateStrategy(DDPStrategy):
             return
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizer_states"]):
             optimizer.load_state_dict(optimizer_state)  # this rank's own momentum, not rank 0's
+        # A shard saved in sync has no replica: the module keeps the main file's consensus weights, loaded before.
         self.algorithm.load_state_dict(to_device(state["algorithm"], self.root_device))
+        scaler = grad_scaler_of(self.precision_plugin)
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])  # this rank's own scale: its overflows were its own
+        if state.get("rng") is not None:
+            # As at the save. Right for a resume at an epoch's end: the next epoch's data iterator draws first, in
+            # both runs. Mid-epoch, Lightning's new iterator draws before the first batch where the uninterrupted
+            # run drew nothing: RoundCallback restores them again at that batch.
+            restore_rng_states(state["rng"])
+            self._resume_rng = state["rng"]
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            remove_shards(filepath)  # by name: removing a link (`save_last="link"`) keeps its target's shards
 
     # ------------------------------------------------------------------ registry
     @classmethod

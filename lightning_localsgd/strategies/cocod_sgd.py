@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_localsgd.algorithms import CoCoDSGD
+from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.strategies.base import LocalUpdateStrategy
 
@@ -21,6 +22,10 @@ class CoCoDSGDStrategy(LocalUpdateStrategy):
             local steps take longer than one all-reduce of the model.
         warmup_steps: initial steps of synchronous SGD.
         bucket_cap_mb: flat bucket size; each bucket is one collective.
+        buffers: which module buffers are averaged with the replicas: ``"norm"`` (default: normalisation running
+            statistics), ``"all"`` floating-point buffers, ``"none"``, a regular expression on the buffer's
+            qualified name, or a predicate ``(name, buffer) -> bool``. The others (masks, queues, caches, frozen
+            projections) stay each rank's own and are checkpointed per rank.
         log_comm_metrics: log ``comm/*`` metrics to the trainer's loggers.
         **kwargs: :class:`LocalUpdateStrategy` / :class:`~lightning.pytorch.strategies.DDPStrategy` arguments
             (``timeout``, ``process_group_backend``, ``start_method``, ...).
@@ -33,6 +38,7 @@ class CoCoDSGDStrategy(LocalUpdateStrategy):
         period: int = 2,
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(CoCoDSGD(period, warmup_steps, bucket_cap_mb), **kwargs)
+        super().__init__(CoCoDSGD(period, warmup_steps, bucket_cap_mb, buffers), **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_localsgd.algorithms import OverlapLocalSGD
+from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.strategies.base import LocalUpdateStrategy
 
@@ -25,6 +26,10 @@ class OverlapLocalSGDStrategy(LocalUpdateStrategy):
             of pulling back. Use 0 to make the anchor the plain (one round late) average.
         warmup_steps: initial steps of synchronous SGD.
         bucket_cap_mb: flat bucket size; each bucket is one collective.
+        buffers: which module buffers are averaged with the replicas: ``"norm"`` (default: normalisation running
+            statistics), ``"all"`` floating-point buffers, ``"none"``, a regular expression on the buffer's
+            qualified name, or a predicate ``(name, buffer) -> bool``. The others (masks, queues, caches, frozen
+            projections) stay each rank's own and are checkpointed per rank.
         log_comm_metrics: log ``comm/*`` metrics to the trainer's loggers.
         **kwargs: :class:`LocalUpdateStrategy` / :class:`~lightning.pytorch.strategies.DDPStrategy` arguments
             (``timeout``, ``process_group_backend``, ``start_method``, ...).
@@ -39,6 +44,9 @@ class OverlapLocalSGDStrategy(LocalUpdateStrategy):
         anchor_momentum: float = 0.7,
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(OverlapLocalSGD(period, pullback, anchor_momentum, warmup_steps, bucket_cap_mb), **kwargs)
+        super().__init__(
+            OverlapLocalSGD(period, pullback, anchor_momentum, warmup_steps, bucket_cap_mb, buffers), **kwargs
+        )

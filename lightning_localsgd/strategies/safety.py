@@ -6,7 +6,9 @@
   never leaves the others waiting at a round;
 * SLURM's requeue signal and SIGTERM are acted on at the next synchronisation point, where every rank is
   at the same step, instead of inside the signal handler at whatever point each rank happens to be (and
-  Lightning's per-step SIGTERM broadcast, a collective on every local step, is gone).
+  Lightning's per-step SIGTERM broadcast, a collective on every local step, is gone);
+* settings that make Lightning add a collective to every local step (``max_time``, a time-based
+  ``ModelCheckpoint``, ``self.log(..., sync_dist=True)`` in ``training_step``) are named in a warning.
 """
 
 from __future__ import annotations
@@ -171,9 +173,10 @@ def defer_signals(trainer: pl.Trainer, algorithm: PeriodicAlgorithm) -> Callable
     """Make SLURM's requeue signal and SIGTERM requests that the ranks agree on at a synchronisation point.
 
     Lightning saves the requeue checkpoint inside the signal handler, at whatever point each rank is, and the
-    strategy's checkpoint gathers every rank's state: ranks one step apart would be saved at different steps,
-    and a gather interleaved with a round's collectives would mix tensors. Its SIGTERM handler broadcasts
-    from inside the handler too, and its training loop broadcasts a SIGTERM flag before every step. Here the
+    strategy's checkpoint has every rank write its shard and agree on it: ranks one step apart would be saved at
+    different steps, and the agreement interleaved with a round's collectives would mix tensors. Its SIGTERM
+    handler broadcasts from inside the handler too, and its training loop broadcasts a SIGTERM flag before every
+    step. Here the
     handlers only record a request; the flag collective of the next round carries it to every rank.
     Returns Lightning's requeue handler, to be called by every rank at the step the ranks agreed on.
     """
@@ -217,3 +220,66 @@ def restore_patched_hooks(trainer: pl.Trainer) -> None:
             owner = getattr(owner, part)
         if name in vars(owner):
             delattr(owner, name)
+
+
+def warn_about_per_step_collectives(trainer: pl.Trainer, strategy: str) -> None:
+    """Warn about callbacks that add a world collective to every training step (they run on every local step).
+
+    Checked against Lightning 2.6: ``Timer`` (``Trainer(max_time=...)``) broadcasts its stop decision after every
+    batch when its interval is ``"step"``; ``ModelCheckpoint(train_time_interval=...)`` broadcasts its "is it
+    time" decision after every batch (under automatic optimization; its manual-optimization path never checks
+    the time).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+
+    costs = f"one collective on every local step, which undoes what {strategy} saves"
+    automatic = trainer.lightning_module is None or trainer.lightning_module.automatic_optimization
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback._duration is not None and callback._interval == "step":
+            rank_zero_warn(
+                f"`Trainer(max_time=...)` (or `Timer(duration=...)`) broadcasts whether time is up from rank 0 after "
+                f"every training batch: {costs}. Bound the run with `max_steps` or `max_epochs` instead, or use "
+                "`Timer(duration=..., interval='epoch')` if stopping at the end of an epoch is enough."
+            )
+        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None and automatic:
+            rank_zero_warn(
+                f"`ModelCheckpoint(train_time_interval=...)` broadcasts whether the interval has passed from rank 0 "
+                f"after every training batch: {costs}. Use `every_n_train_steps` instead (a multiple of the period "
+                "checkpoints right after a round), or `lightning_localsgd.RoundCheckpoint(every_n_rounds=...)`."
+            )
+
+
+class SyncedStepLogCheck:
+    """After the first training batch of a fit, warn once about values logged with ``sync_dist=True`` per step.
+
+    Lightning syncs such a value when it is logged (``on_step=True`` is the default in ``training_step``): a
+    barrier and an all-reduce on the world group, on every local step. Values logged only per epoch, or with
+    ``rank_zero_only``, do not sync per step and are not reported; neither are validation metrics (validation is
+    rare).
+    """
+
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
+        self.checked = False
+
+    def __call__(self, trainer: pl.Trainer) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        synced: dict[str, list[str]] = {}  # hook -> names logged with a per-step sync
+        for metric in trainer.fit_loop.epoch_loop._results.values():
+            meta = getattr(metric, "meta", None)
+            if meta is None or not getattr(metric, "is_tensor", False) or not meta.on_step:
+                continue  # a torchmetrics Metric syncs when computed, an epoch-only value at the epoch's end
+            if meta.sync.should and not meta.sync.rank_zero_only:
+                synced.setdefault(meta.fx, []).append(meta.name)
+        if not synced:
+            return
+        where = "; ".join(f"{', '.join(repr(n) for n in names)} in `{hook}`" for hook, names in synced.items())
+        rank_zero_warn(
+            f"`self.log(..., sync_dist=True)` on every step ({where}) syncs each value when it is logged: a barrier "
+            f"and an all-reduce per value on every local step, which undoes what {self.strategy} saves. Log training "
+            "values with `sync_dist=False` (each rank's own value), or log a synced value from `on_train_batch_end` "
+            "only every N steps (a multiple of the period); validation metrics with `sync_dist=True` are fine, "
+            "validation is rare."
+        )

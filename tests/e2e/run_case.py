@@ -1,4 +1,5 @@
-"""One 2-process CPU training run through ``Trainer.fit``; each rank saves what it saw to ``<out>/rank<R>.pt``.
+"""One CPU training run (2 processes, or ``--devices N``) through ``Trainer.fit``; each rank saves what it saw to
+``<out>/rank<R>.pt``.
 
 Started by the tests as ``python tests/e2e/run_case.py --strategy vrl_sgd --out DIR [...]``; Lightning's
 launcher starts rank 1 by re-running this script, exactly as it does for users.
@@ -7,7 +8,9 @@ launcher starts rank 1 by re-running this script, exactly as it does for users.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +25,16 @@ from torch.utils.data import DataLoader, Dataset
 import lightning_localsgd  # noqa: F401 - registers the strategy names
 
 COLLECTIVES = [0]
+OBJECT_BYTES = [0]  # pickled size of everything passed to object collectives (a gather of state shows here)
+OBJECT_COLLECTIVES = {"all_gather_object", "gather_object", "broadcast_object_list"}
+
+
+def pickled_size(values: tuple) -> int:
+    size = 0
+    for value in values:
+        with contextlib.suppress(Exception):  # e.g. a process group: not payload
+            size += len(pickle.dumps(value))
+    return size
 
 
 def count_collectives() -> None:
@@ -50,8 +63,10 @@ def count_collectives() -> None:
         original = getattr(dist, name)
 
         @functools.wraps(original)
-        def counted(*args, _original=original, **kwargs):
+        def counted(*args, _original=original, _name=name, **kwargs):
             COLLECTIVES[0] += 1
+            if _name in OBJECT_COLLECTIVES:
+                OBJECT_BYTES[0] += pickled_size(args)
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
@@ -89,10 +104,13 @@ def float_buffers(module: nn.Module) -> torch.Tensor:
 
 
 class Recorder(L.LightningModule):
-    def __init__(self, optimizer: str, manual: bool = False) -> None:
+    def __init__(self, optimizer: str, manual: bool = False, dropout: float = 0.0, epoch_batches: int = 200) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.body = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh())
+        if dropout:  # no parameters: the checkpoint's keys stay the same
+            self.body.append(nn.Dropout(dropout))
+        self.epoch_batches = epoch_batches
         self.head = nn.Linear(16, 1)
         self.optimizer_name = optimizer
         self.automatic_optimization = not manual
@@ -124,6 +142,7 @@ class Recorder(L.LightningModule):
                 "params": flat(self),
                 "buffers": float_buffers(self),
                 "collectives": COLLECTIVES[0],
+                "object_bytes": OBJECT_BYTES[0],
                 "algorithm_step": strategy.algorithm.step,
                 "in_sync": strategy.algorithm.in_sync,
                 "rounds": strategy.comm_stats.rounds,
@@ -151,7 +170,7 @@ class Recorder(L.LightningModule):
         return make(self.parameters())
 
     def train_dataloader(self):
-        return DataLoader(SameBatchEveryStep(self.global_rank, 8, 200), batch_size=8)
+        return DataLoader(SameBatchEveryStep(self.global_rank, 8, self.epoch_batches), batch_size=8)
 
     def val_dataloader(self):
         return DataLoader(SameBatchEveryStep(self.global_rank, 8, 1), batch_size=8)
@@ -160,6 +179,9 @@ class Recorder(L.LightningModule):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="vrl_sgd")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.0, help="a Dropout layer with this probability")
+    parser.add_argument("--epoch-batches", type=int, default=200, help="training batches per epoch")
     parser.add_argument("--period", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--optimizer", default="sgd")
@@ -170,17 +192,19 @@ def main() -> None:
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger in <out>/logs every 2 steps")
+    parser.add_argument("--rounds-end-periods", action="store_true", help="local_sgd: rounds after steps H, 2H, ...")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     count_collectives()
     out = Path(args.out)
-    strategy = StrategyRegistry[args.strategy]["strategy"](period=args.period, warmup_steps=args.warmup)
+    options = {"first_period_one_step": False} if args.rounds_end_periods else {}
+    strategy = StrategyRegistry[args.strategy]["strategy"](period=args.period, warmup_steps=args.warmup, **options)
     callbacks = step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=args.devices,
         strategy=strategy,
         max_steps=args.max_steps,
         callbacks=callbacks,
@@ -195,7 +219,7 @@ def main() -> None:
         val_check_interval=args.val_every,
         enable_checkpointing=bool(args.ckpt_every),
     )
-    model = Recorder(args.optimizer, manual=args.manual)
+    model = Recorder(args.optimizer, manual=args.manual, dropout=args.dropout, epoch_batches=args.epoch_batches)
     trainer.fit(model, ckpt_path=args.resume)
     model.records["final"] = flat(model)
     model.records["final_buffers"] = float_buffers(model)

@@ -1,0 +1,164 @@
+"""What every synchronisation point does before anything is averaged: agree, then raise or roll back.
+
+The one small flag collective of a synchronisation point (see ``guard.agree``) tells every rank whether some
+rank's contribution is non-finite, whether all ranks are at the same point, which signal requests were raised,
+and whether the values that must be identical on every rank are (learning rates, the trainable set). With
+``on_nonfinite="skip_round"`` a :class:`RollbackPoint` is kept at every good round; a bad round sends every rank
+back to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+from lightning_localsgd._validation import check_choice
+from lightning_localsgd.algorithms.guard import (
+    ON_NONFINITE_CHOICES,
+    REQUESTS,
+    SYNC_POINT_KINDS,
+    agree,
+    nonfinite_error,
+    out_of_step_error,
+    position,
+)
+from lightning_localsgd.errors import RanksDisagreeError
+
+if TYPE_CHECKING:
+    from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+
+ResumeWith = Literal["round", "local_phase"]
+
+
+@dataclass
+class RollbackPoint:
+    """Every rank's state at the last good round, and what the algorithm did right after it was kept."""
+
+    state: dict[str, Any]  # the algorithm's state_dict
+    optimizer_states: list[dict[str, Any]]
+    resume_with: ResumeWith  # "round": a round followed; "local_phase": the local phase began
+
+
+FINGERPRINT_NAMES = ("learning rates", "trainable parameters")
+
+
+def disagreement_error(label: str, where: str, fingerprints: list[tuple[float, ...]]) -> RanksDisagreeError:
+    slot = next(s for s in range(len(FINGERPRINT_NAMES)) if len({f[s] for f in fingerprints}) > 1)
+    what = FINGERPRINT_NAMES[slot]
+    advice = {
+        "learning rates": "a scheduler stepped on some ranks only, or `ReduceLROnPlateau` monitors a metric logged "
+        "without `sync_dist=True` (each rank then decides alone). Log the monitored metric with `sync_dist=True`",
+        "trainable parameters": "a layer was frozen or unfrozen on some ranks only. Change `requires_grad` on every "
+        "rank at the same step (e.g. in a callback hook that every rank runs)",
+    }[what]
+    return RanksDisagreeError(
+        f"{label}: the ranks disagree on their {what} at {where}: {advice}. Nothing was averaged. Fingerprints by "
+        f"rank: {[f[slot] for f in fingerprints]}."
+    )
+
+
+class SyncGuard:
+    """The guard's half of :class:`~lightning_localsgd.algorithms.periodic.PeriodicAlgorithm` (a mixin)."""
+
+    def _init_guard(self) -> None:
+        self.on_nonfinite = "raise"
+        self.gradients_may_overflow = False  # a grad scaler handles inf gradients itself (fp16 AMP)
+        self.requests_pending: set[str] = set()  # raised here (e.g. by a signal), sent at the next sync point
+        self.agreed_requests: set[str] = set()  # raised by some rank: every rank acts on them at the same step
+        self.rounds_rolled_back = 0
+        self._rollback_point: Optional[RollbackPoint] = None
+
+    def set_nonfinite_policy(self, policy: str) -> None:
+        """``"raise"``: stop with :class:`~lightning_localsgd.errors.NonFiniteError` naming the rank and step.
+        ``"skip_round"``: every rank returns to its state at the last good round (replica, optimizer and
+        algorithm state; one extra copy of each is kept) and training goes on; a warm-up step whose gradients
+        are non-finite is dropped on every rank."""
+        self.on_nonfinite = check_choice("on_nonfinite", policy, ON_NONFINITE_CHOICES)
+
+    def raise_request(self, name: str) -> None:
+        """Ask every rank to act on ``name`` (one of ``guard.REQUESTS``) at the next synchronisation point.
+
+        Safe to call from a signal handler: it only records the request."""
+        self.requests_pending.add(check_choice("request", name, REQUESTS))
+
+    def take_agreed_request(self, name: str) -> bool:
+        """Whether the ranks agreed on ``name``; consumes it."""
+        if name in self.agreed_requests:
+            self.agreed_requests.discard(name)
+            return True
+        return False
+
+    def _agree(self: PeriodicAlgorithm, finite: bool, step: int, kind: int, where: str) -> list[int]:
+        """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite."""
+        verdict = agree(
+            self.comm,
+            finite,
+            position(step, kind),
+            self.requests_pending,
+            self.flat.buckets[0].device,
+            self._fingerprint(),
+        )
+        if len(set(verdict.positions)) > 1:
+            raise out_of_step_error(self.label, verdict.positions, where)
+        if len(set(verdict.fingerprints)) > 1:
+            raise disagreement_error(self.label, where, verdict.fingerprints)
+        self.requests_pending = set()
+        self.agreed_requests |= verdict.requests
+        return verdict.nonfinite_ranks
+
+    def _check_replicas(self: PeriodicAlgorithm, where: str, step: int, kind: int) -> bool:
+        """Agree on the replicas' finiteness before averaging them. Raises, or rolls every rank back to the last
+        good round (``on_nonfinite="skip_round"``) and returns True."""
+        bad = self._agree(self._contribution_is_finite(), step, kind, where)
+        if not bad:
+            return False
+        point = self._rollback_point
+        if self.on_nonfinite == "raise" or point is None:
+            raise nonfinite_error(self.label, where, "parameters", bad, step)
+        self._warn_skipped(bad, where, step, "every rank went back to its state at the last good round")
+        schedule, stats = self.schedule.state_dict(), self.comm.stats.state_dict()
+        self.load_state_dict(point.state)
+        self.schedule.load_state_dict(schedule)  # the schedule goes on; only the model goes back
+        self.in_sync = False
+        self.comm.stats.load_state_dict(stats)
+        for optimizer, saved in zip(self._optimizers, point.optimizer_states):
+            optimizer.load_state_dict(copy.deepcopy(saved))  # a copy: the point may be needed again
+        self.rounds_rolled_back += 1
+        return True
+
+    def _keep_rollback_point(self: PeriodicAlgorithm, resume_with: ResumeWith) -> None:
+        if self.on_nonfinite != "skip_round":
+            return
+        optimizer_states = [copy.deepcopy(optimizer.state_dict()) for optimizer in self._optimizers]
+        self._rollback_point = RollbackPoint(self.state_dict(), optimizer_states, resume_with)
+
+    def _rolled_back_resume(self: PeriodicAlgorithm) -> None:
+        # The point was kept just before a round (which the caller is about to run) or before the local phase
+        # began (run that first; a round after zero local steps changes nothing).
+        assert self._rollback_point is not None
+        if self._rollback_point.resume_with == "local_phase":
+            self._begin_local_phase()
+
+    def _redo_after_rollback(self: PeriodicAlgorithm) -> None:
+        """After a rollback outside a round: redo what followed the kept point, so replicas are as after that round."""
+        self._rolled_back_resume()
+        assert self._rollback_point is not None
+        if self._rollback_point.resume_with == "round":
+            self._round()
+            self.in_sync = self.rounds_synchronise
+        else:
+            self.in_sync = True  # the point was kept where the replicas agreed, before local steps began
+
+    def _warn_skipped(self, ranks: list[int], where: str, step: int, outcome: str) -> None:
+        label = getattr(self, "label", type(self).__name__)
+        warnings.warn(
+            f"{label}: rank(s) {ranks} held inf/NaN values at {where} (step {step}); {outcome} "
+            "(`on_nonfinite='skip_round'`).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+__all__ = ["FINGERPRINT_NAMES", "SYNC_POINT_KINDS", "RollbackPoint", "SyncGuard", "disagreement_error"]
