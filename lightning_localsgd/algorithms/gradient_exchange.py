@@ -15,6 +15,11 @@ from torch.optim import Optimizer
 from lightning_localsgd.algorithms.guard import WARMUP, all_finite, failures_named, nonfinite_error
 from lightning_localsgd.comm import GradientAverager, average_gradients
 
+# Gradient buckets are smaller than parameter buckets: a round wants few large collectives, a synchronous step
+# wants the first bucket on its way while backward still runs (DDP starts with 1 MB too). Measured in the lab,
+# 1.3 M-parameter MLP over 1 Gbit/s: one 5.3 MB bucket ran at 0.92x Lightning DDP's steps/s, 1 MB buckets at 1.00x.
+GRADIENT_BUCKET_CAP_MB = 1.0
+
 if TYPE_CHECKING:
     from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 
@@ -64,7 +69,7 @@ class GradientExchange:
         averager = self._grad_averagers.get(index)
         if averager is None:
             params = self._managed_params_of(optimizer)
-            averager = self._grad_averagers[index] = GradientAverager(params, self.comm, self.bucket_cap_mb)
+            averager = self._grad_averagers[index] = GradientAverager(params, self.comm, GRADIENT_BUCKET_CAP_MB)
         return averager
 
     def _close_gradient_averagers(self) -> None:
