@@ -8,33 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_localsgd.algorithms.precision import LOW_PRECISION
 from lightning_localsgd.comm import Communicator
-from lightning_localsgd.comm.flat import _grouped_by_layout, _pack, _unpack_into
+from lightning_localsgd.comm.flat import _grouped_by_layout, _pack, _unpack_into, mean_, mean_packed_
 
-
-def mean_(tensors: Sequence[Tensor], comm: Communicator) -> None:
-    """Replace each tensor by its mean over the ranks, one collective per tensor; half precision averaged in float32."""
-    if comm.world_size == 1 or not tensors:
-        return
-    with torch.no_grad():
-        work = [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
-        comm.all_reduce_mean_(work)
-        for target, result in zip(tensors, work):
-            if result is not target:
-                target.copy_(result)
-
-
-def mean_packed_(tensors: Sequence[Tensor], comm: Communicator) -> None:
-    """Average many small tensors (buffers, loose parameters) in one collective per (device, dtype)."""
-    if comm.world_size == 1 or not tensors:
-        return
-    with torch.no_grad():
-        for group in _grouped_by_layout(tensors):
-            members = [tensors[i] for i in group]
-            flat = _pack(members)
-            mean_([flat], comm)
-            _unpack_into(flat, members)
+__all__ = ["average_module_", "average_replica_", "broadcast_module_state_", "mean_", "mean_packed_"]
 
 
 def average_replica_(buckets: Sequence[Tensor], buffers: Sequence[Tensor], comm: Communicator) -> None:

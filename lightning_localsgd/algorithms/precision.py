@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+from lightning_localsgd.comm.flat import LOW_PRECISION
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

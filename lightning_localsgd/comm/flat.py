@@ -171,23 +171,45 @@ def _unpack_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
         offset += t.numel()
 
 
+# Averaged in float32 and rounded once: a sum-then-divide in half precision loses the mean's low bits.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def mean_(tensors: Sequence[Tensor], comm: Communicator) -> None:
+    """Replace each tensor by its mean over the ranks, one collective per tensor; half precision averaged in float32."""
+    if comm.world_size == 1 or not tensors:
+        return
+    with torch.no_grad():
+        work = [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
+        comm.all_reduce_mean_(work)
+        for target, result in zip(tensors, work):
+            if result is not target:
+                target.copy_(result)
+
+
+def mean_packed_(tensors: Sequence[Tensor], comm: Communicator) -> None:
+    """Average many small tensors (buffers, loose parameters) in one collective per (device, dtype)."""
+    if comm.world_size == 1 or not tensors:
+        return
+    with torch.no_grad():
+        for group in _grouped_by_layout(tensors):
+            members = [tensors[i] for i in group]
+            flat = _pack(members)
+            mean_([flat], comm)
+            _unpack_into(flat, members)
+
+
 def float_buffers(module: nn.Module) -> list[Tensor]:
     """The module's floating-point buffers (BatchNorm running statistics), in a deterministic order."""
     return [b for _, b in module.named_buffers() if b.is_floating_point()]
 
 
 def average_float_buffers(module: nn.Module, comm: Communicator) -> None:
-    """Average floating-point buffers over ranks, one collective per dtype.
+    """Average every floating-point buffer over ranks, one collective per dtype.
 
     Integer buffers (``num_batches_tracked``) are left alone: they count identically on every rank.
     """
-    buffers = float_buffers(module)
-    with torch.no_grad():
-        for group in _grouped_by_layout(buffers):
-            members = [buffers[i] for i in group]
-            flat = _pack(members)
-            comm.all_reduce_mean_([flat])
-            _unpack_into(flat, members)
+    mean_packed_(float_buffers(module), comm)
 
 
 def average_gradients(params: Sequence[nn.Parameter], comm: Communicator) -> None:
