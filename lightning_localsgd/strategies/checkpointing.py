@@ -44,10 +44,6 @@ REPLICA_KEYS = ("param_buckets", "float_buffers")  # the replica, equal to the m
 _TMP_SUFFIX = ".tmp"
 
 
-def to_cpu(payload: Any) -> Any:
-    return apply_to_collection(payload, Tensor, lambda t: t.detach().cpu())
-
-
 def to_device(payload: Any, device: torch.device) -> Any:
     return apply_to_collection(payload, Tensor, lambda t: t.to(device))
 
