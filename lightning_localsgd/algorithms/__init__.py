@@ -1,9 +1,19 @@
 """Algorithm cores: plain PyTorch, one module per paper, no Lightning import."""
 
 from lightning_localsgd.algorithms.cocod_sgd import CoCoDSGD
+from lightning_localsgd.algorithms.ef_sgd import ErrorFeedbackSGD
+from lightning_localsgd.algorithms.liec_sgd import LIECSGD
 from lightning_localsgd.algorithms.local_sgd import LocalSGD
 from lightning_localsgd.algorithms.overlap_local_sgd import OverlapLocalSGD
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.vrl_sgd import VRLSGD
 
-__all__ = ["VRLSGD", "CoCoDSGD", "LocalSGD", "OverlapLocalSGD", "PeriodicAlgorithm"]
+__all__ = [
+    "LIECSGD",
+    "VRLSGD",
+    "CoCoDSGD",
+    "ErrorFeedbackSGD",
+    "LocalSGD",
+    "OverlapLocalSGD",
+    "PeriodicAlgorithm",
+]

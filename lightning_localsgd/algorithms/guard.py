@@ -28,8 +28,8 @@ from lightning_localsgd.errors import NonFiniteError, OutOfStepError, PeerFailur
 ON_NONFINITE_CHOICES = ("raise", "skip_round")
 REQUESTS = ("requeue", "stop")
 # Kinds of synchronisation point; a rank's position is its step and the kind of point it is at.
-SYNC_POINT_KINDS = ("round", "warm-up step", "consensus", "final average")
-ROUND, WARMUP, CONSENSUS, FINAL = range(len(SYNC_POINT_KINDS))
+SYNC_POINT_KINDS = ("round", "warm-up step", "consensus", "final average", "gradient exchange")
+ROUND, WARMUP, CONSENSUS, FINAL, EXCHANGE = range(len(SYNC_POINT_KINDS))
 
 
 def position(step: int, kind: int) -> int:

@@ -70,6 +70,23 @@ class Communicator(ABC):
         self._wait_for_device(tensors)
         self.stats.seconds += time.perf_counter() - start
 
+    def all_gather_(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (same shape and dtype on every rank), in rank order; this rank's is ``tensor``.
+
+        For payloads that cannot be summed (packed sign bits, top-k indices): each rank decodes them all. Counted as
+        a ring all-gather: this rank sends ``world_size - 1`` times its payload.
+        """
+        if self.world_size == 1:
+            return [tensor]
+        start = time.perf_counter()
+        gathered = self._all_gather_(tensor)
+        gathered[self.rank] = tensor
+        self.stats.collectives += 1
+        self.stats.bytes_sent += (self.world_size - 1) * tensor.numel() * tensor.element_size()
+        self._wait_for_device([tensor])
+        self.stats.seconds += time.perf_counter() - start
+        return gathered
+
     def start_all_reduce_mean_(self, tensor: Tensor) -> PendingAllReduce:
         """Start averaging ``tensor`` in place without blocking; call ``.wait()`` on the result before reading it.
 
@@ -103,6 +120,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def _broadcast_(self, tensor: Tensor, src: int) -> None: ...
+
+    @abstractmethod
+    def _all_gather_(self, tensor: Tensor) -> list[Tensor]: ...
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -193,6 +213,11 @@ class ProcessGroupCommunicator(Communicator):
 
     def _broadcast_(self, tensor: Tensor, src: int) -> None:
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+
+    def _all_gather_(self, tensor: Tensor) -> list[Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor.contiguous(), group=self.group)
+        return out
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size

@@ -188,6 +188,11 @@ class SimulatedCommunicator(Communicator):
         _check_same_layout(values, self.rank, "broadcast")
         tensor.copy_(values[src])
 
+    def _all_gather_(self, tensor: Tensor) -> list[Tensor]:
+        values = self.group.exchange(self.rank, tensor.clone())
+        _check_same_layout(values, self.rank, "all-gather")
+        return [value.clone() for value in values]
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self.group.exchange(self.rank, obj)
 

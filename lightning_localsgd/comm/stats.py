@@ -18,6 +18,9 @@ class CommStats:
         seconds: wall-clock seconds training was blocked on communication (blocking collectives, and waits
             for non-blocking ones).
         background_seconds: wall-clock seconds non-blocking collectives were in flight (start to completion).
+        exchanges: per-step gradient exchanges (compressed steps of LIEC-SGD and EF-SGD; not warm-up steps).
+        exchange_bytes_sent: the part of ``bytes_sent`` those exchanges put on the wire; the rest went to rounds,
+            warm-up steps and consensus.
         wait_seconds: the part of ``seconds`` spent waiting for non-blocking collectives; the communication
             hidden behind computation is ``1 - wait_seconds / background_seconds``.
     """
@@ -28,6 +31,8 @@ class CommStats:
     seconds: float = 0.0
     background_seconds: float = 0.0
     wait_seconds: float = 0.0
+    exchanges: int = 0
+    exchange_bytes_sent: int = 0
 
     def as_metrics(self, prefix: str = "comm/") -> dict[str, float]:
         return {
@@ -37,6 +42,8 @@ class CommStats:
             f"{prefix}seconds": self.seconds,
             f"{prefix}background_seconds": self.background_seconds,
             f"{prefix}wait_seconds": self.wait_seconds,
+            f"{prefix}exchanges": float(self.exchanges),
+            f"{prefix}exchange_mb_sent": self.exchange_bytes_sent / 1e6,
         }
 
     def state_dict(self) -> dict[str, Any]:

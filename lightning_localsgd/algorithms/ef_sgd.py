@@ -1,0 +1,64 @@
+"""EF-SGD: every step's gradients compressed with error feedback, averaged over ranks; no local drift.
+
+Paper: "Error Feedback Fixes SignSGD and other Gradient Compression Schemes" (Karimireddy, Rebjock, Stich, Jaggi,
+arXiv 1901.09847), in its distributed form with one error per rank (as torch's PowerSGD hook keeps it).
+
+Update rule per step, rank i (``e_i`` starts at 0):
+    p_i = g_i + e_i;  payload_i = C(p_i);  e_i <- p_i - decode(payload_i)
+    every rank steps on mean_j decode(payload_j)      (the same bits everywhere: replicas stay identical)
+
+Invariant: after T steps, ``sum_t mean_j decode_t,j = sum_t mean_j g_t,j - mean_j e_T,j``: what the compression
+lost is delayed, never dropped. With :class:`NoCompression` it is synchronous SGD. Every ``period`` steps a round
+averages the normalisation buffers, which each rank updates from its own batches.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
+from lightning_localsgd.algorithms.gradient_exchange import flat_slices, write_slices
+from lightning_localsgd.algorithms.rank_state import StateInit
+from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
+from lightning_localsgd.compression import Compressor, ScaledSign
+from lightning_localsgd.compression.error_feedback import compress_with_feedback
+
+
+class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
+    """EF-SGD with any compressor (default: scaled sign, i.e. EF-SignSGD).
+
+    Args:
+        compressor: what each rank sends (:class:`ScaledSign` by default).
+        period: steps between rounds that average the normalisation buffers (the parameters agree at every step).
+        warmup_steps, bucket_cap_mb, buffers: as for :class:`PeriodicAlgorithm`.
+    """
+
+    rounds_synchronise = True  # every step leaves identical parameters; a round brings the buffers along
+
+    def __init__(
+        self,
+        compressor: Compressor | None = None,
+        period: int = 100,
+        warmup_steps: int = 0,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
+    ) -> None:
+        compressor = compressor if compressor is not None else ScaledSign()
+        super().__init__(compressor, period, warmup_steps, bucket_cap_mb, buffers)
+
+    @property
+    def error(self) -> list[Tensor]:
+        """``e_i``, in the flat bucket layout of the parameters (float32 for half-precision parameters)."""
+        return self.state_buckets("error")
+
+    def _declare_state_buffers(self) -> dict[str, StateInit]:
+        return {"error": "zeros"}
+
+    def _exchange_gradients(self, optimizer: Optimizer, indices: list[int], grads: Tensor) -> Tensor:
+        views = self.state_views("error")
+        error = flat_slices(views, indices).float()
+        payload = compress_with_feedback(self.compressor, grads, error)
+        write_slices(views, indices, error)
+        return self._all_gather_mean(payload, grads.numel())

@@ -1,0 +1,24 @@
+"""Compression of what ranks exchange: compressors with packed payloads, and error feedback."""
+
+from lightning_localsgd.compression.compressors import (
+    COMPRESSORS,
+    QSGD,
+    Compressor,
+    NoCompression,
+    ScaledSign,
+    TopK,
+    make_compressor,
+)
+from lightning_localsgd.compression.packing import pack_bits, unpack_bits
+
+__all__ = [
+    "COMPRESSORS",
+    "QSGD",
+    "Compressor",
+    "NoCompression",
+    "ScaledSign",
+    "TopK",
+    "make_compressor",
+    "pack_bits",
+    "unpack_bits",
+]
