@@ -59,7 +59,9 @@ def test_one_scaled_sign_block_is_about_one_thirty_second_of_float32():
     assert ScaledSign().payload_bytes(numel) / (4 * numel) == pytest.approx(1 / 32, rel=1e-3)
 
 
-@pytest.mark.parametrize("compressor", [ScaledSign(TWO_ELEMENT_BLOCKS_MB), TopK(0.3), QSGD(5, 16 / 2**20), NoCompression()])
+@pytest.mark.parametrize(
+    "compressor", [ScaledSign(TWO_ELEMENT_BLOCKS_MB), TopK(0.3), QSGD(5, 16 / 2**20), NoCompression()]
+)
 @pytest.mark.parametrize("numel", SIZES)
 def test_payload_size_depends_only_on_numel_and_decodes_to_numel_elements(compressor, numel):
     v = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
@@ -99,7 +101,7 @@ def test_qsgd_levels_are_the_floor_or_ceiling_and_unbiased():
     near_floor = (scaled.abs() - ratio.floor()).abs() < 1e-4
     near_ceiling = (scaled.abs() - ratio.ceil()).abs() < 1e-4
     assert torch.all(near_floor | near_ceiling)
-    assert torch.all((draws * v.sign() >= 0))
+    assert torch.all(draws * v.sign() >= 0)
     # Unbiased: the mean of the draws approaches v (standard error at most norm / levels / 2 / sqrt(draws)).
     tolerance = 5 * norm / 4 / 2 / math.sqrt(len(draws))
     assert torch.allclose(draws.mean(dim=0), v, atol=tolerance)
