@@ -265,7 +265,7 @@ class NoCompression(Compressor):
         return 4 * numel
 
     def encode(self, tensor: Tensor) -> Tensor:
-        return as_bytes(_flat_float32(tensor))
+        return as_bytes(_flat_float32(tensor).clone())  # a payload never aliases its input
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
         _check_payload(payload, self.payload_bytes(numel), "NoCompression")
