@@ -1,17 +1,19 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
 Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
-``cocod_sgd``) with Lightning.
+``cocod_sgd``, ``liec_sgd``, ``ef_sign``) with Lightning.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_localsgd.algorithms import VRLSGD, CoCoDSGD, LocalSGD, OverlapLocalSGD
+from lightning_localsgd.algorithms import LIECSGD, VRLSGD, CoCoDSGD, ErrorFeedbackSGD, LocalSGD, OverlapLocalSGD
 from lightning_localsgd.callbacks import RoundCheckpoint
 from lightning_localsgd.data import NonIIDSampler
 from lightning_localsgd.strategies import (
     ALL_STRATEGIES,
     CoCoDSGDStrategy,
+    ErrorFeedbackStrategy,
+    LIECSGDStrategy,
     LocalSGDStrategy,
     LocalUpdateStrategy,
     OverlapLocalSGDStrategy,
@@ -24,9 +26,13 @@ for _strategy in ALL_STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "LIECSGD",
     "VRLSGD",
     "CoCoDSGD",
     "CoCoDSGDStrategy",
+    "ErrorFeedbackSGD",
+    "ErrorFeedbackStrategy",
+    "LIECSGDStrategy",
     "LocalSGD",
     "LocalSGDStrategy",
     "LocalUpdateStrategy",

@@ -2,15 +2,26 @@
 
 from lightning_localsgd.strategies.base import LocalUpdateStrategy
 from lightning_localsgd.strategies.cocod_sgd import CoCoDSGDStrategy
+from lightning_localsgd.strategies.ef_sgd import ErrorFeedbackStrategy
+from lightning_localsgd.strategies.liec_sgd import LIECSGDStrategy
 from lightning_localsgd.strategies.local_sgd import LocalSGDStrategy
 from lightning_localsgd.strategies.overlap_local_sgd import OverlapLocalSGDStrategy
 from lightning_localsgd.strategies.vrl_sgd import VRLSGDStrategy
 
-ALL_STRATEGIES = (LocalSGDStrategy, VRLSGDStrategy, OverlapLocalSGDStrategy, CoCoDSGDStrategy)
+ALL_STRATEGIES = (
+    LocalSGDStrategy,
+    VRLSGDStrategy,
+    OverlapLocalSGDStrategy,
+    CoCoDSGDStrategy,
+    LIECSGDStrategy,
+    ErrorFeedbackStrategy,
+)
 
 __all__ = [
     "ALL_STRATEGIES",
     "CoCoDSGDStrategy",
+    "ErrorFeedbackStrategy",
+    "LIECSGDStrategy",
     "LocalSGDStrategy",
     "LocalUpdateStrategy",
     "OverlapLocalSGDStrategy",

@@ -197,7 +197,10 @@ class LocalUpdateStrategy(DDPStrategy):
         check_supported_optimizers(self.optimizers, type(self).__name__)
         self.algorithm.register_optimizers(self.optimizers)
         self.algorithm.shadow_modules = weight_averaging_copies(trainer)
-        self.algorithm.gradients_may_overflow = grad_scaler_of(self.precision_plugin) is not None
+        scaler = grad_scaler_of(self.precision_plugin)
+        self.algorithm.gradients_may_overflow = scaler is not None
+        # Gradients are still scaled when a per-step exchange compresses them; it works in gradient units.
+        self.algorithm.grad_scale = scaler.get_scale if scaler is not None else None
         self._round_callback = RoundCallback(self)
         trainer.callbacks.insert(0, self._round_callback)
         self._patched_trainer = trainer

@@ -200,7 +200,9 @@ def main() -> None:
     count_collectives()
     out = Path(args.out)
     options = {"first_period_one_step": False} if args.rounds_end_periods else {}
-    strategy = StrategyRegistry[args.strategy]["strategy"](period=args.period, warmup_steps=args.warmup, **options)
+    # LIEC-SGD's period is its full-precision rounds'.
+    period = {"full_sync_period": args.period} if args.strategy == "liec_sgd" else {"period": args.period}
+    strategy = StrategyRegistry[args.strategy]["strategy"](**period, warmup_steps=args.warmup, **options)
     callbacks = step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
         accelerator="cpu",
