@@ -6,6 +6,7 @@ Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, 
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_localsgd import hooks
 from lightning_localsgd.algorithms import LIECSGD, VRLSGD, CoCoDSGD, ErrorFeedbackSGD, LocalSGD, OverlapLocalSGD
 from lightning_localsgd.callbacks import RoundCheckpoint
 from lightning_localsgd.data import NonIIDSampler
@@ -42,4 +43,5 @@ __all__ = [
     "RoundCheckpoint",
     "VRLSGDStrategy",
     "__version__",
+    "hooks",
 ]

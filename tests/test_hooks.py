@@ -1,0 +1,162 @@
+"""The compressed DDP communication hooks, on plain PyTorch DDP with 2 gloo processes and uneven buckets."""
+
+import copy
+import pickle
+
+import torch
+import torch.distributed as dist
+from dist_utils import run_processes
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lightning_localsgd.hooks import CompressedHookState, ef_sign_hook
+
+LR = 0.1
+BUCKET_CAP_MB = 0.002  # about 500 floats: buckets of very different sizes (the first layer alone is 400 floats)
+ONE_BUCKET_MB = 25.0
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 40), nn.Tanh(), nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3))
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(16, 10, generator=g) + rank, torch.randn(16, 3, generator=g)
+
+
+def params_of(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def train(ddp: DDP, opt: torch.optim.Optimizer, rank: int, steps: range, poison_step: int = -1) -> list[torch.Tensor]:
+    trajectory = []
+    for step in steps:
+        opt.zero_grad()
+        x, y = batch(rank, step)
+        if step == poison_step and rank == 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        nn.functional.mse_loss(ddp(x), y).backward()
+        if step == poison_step:
+            trajectory.append(torch.cat([p.grad.reshape(-1) for p in ddp.parameters()]))
+            continue  # the NaN step is not taken (a GradScaler would skip it)
+        opt.step()
+        trajectory.append(params_of(ddp.module))
+    return trajectory
+
+
+BUCKET_SIZES: set = set()  # sizes of the buckets the hook saw in this process
+
+
+def recording_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    BUCKET_SIZES.add(bucket.buffer().numel())
+    return ef_sign_hook(state, bucket)
+
+
+def hooked(compressor: str, bucket_cap_mb: float = BUCKET_CAP_MB) -> tuple[DDP, CompressedHookState]:
+    ddp = DDP(make_model(), bucket_cap_mb=bucket_cap_mb)
+    state = CompressedHookState(compressor, module=ddp.module)
+    ddp.register_comm_hook(state, recording_hook)
+    return ddp, state
+
+
+def uncompressed_equals_plain_ddp(rank: int) -> tuple[float, int]:
+    plain = DDP(make_model(), bucket_cap_mb=BUCKET_CAP_MB)
+    ddp, _ = hooked("none")
+    a = train(plain, torch.optim.SGD(plain.parameters(), lr=LR), rank, range(5))
+    b = train(ddp, torch.optim.SGD(ddp.parameters(), lr=LR), rank, range(5))
+    return max((x - y).abs().max().item() for x, y in zip(a, b)), len(BUCKET_SIZES)
+
+
+def test_without_compression_the_hook_is_plain_ddp_on_uneven_buckets():
+    for gap, buckets in run_processes(2, uncompressed_equals_plain_ddp):
+        assert gap < 1e-6
+        assert buckets >= 3  # buckets of several sizes went through the hook
+
+
+def sign_run(rank: int) -> dict:
+    ddp, state = hooked("sign")
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    twin = make_model()  # the same parameters, no DDP: this rank's own gradient at each step
+    start = params_of(ddp.module)
+    grad_sum = 0.0
+    for step in range(6):
+        twin.load_state_dict(ddp.module.state_dict())
+        twin.zero_grad()
+        x, y = batch(rank, step)
+        nn.functional.mse_loss(twin(x), y).backward()
+        local = torch.tensor(sum(p.grad.sum().item() for p in twin.parameters()), dtype=torch.float64)
+        dist.all_reduce(local)
+        grad_sum += local.item() / 2
+        train(ddp, opt, rank, range(step, step + 1))
+    error_sum = torch.tensor(sum(e.sum().item() for e in state.errors.values()), dtype=torch.float64)
+    dist.all_reduce(error_sum)
+    moved = (params_of(ddp.module) - start).sum().item()
+    sizes = sorted(BUCKET_SIZES)
+    return {
+        "params": params_of(ddp.module),
+        "moved": moved,
+        "grads": grad_sum,
+        "errors": error_sum.item() / 2,
+        "sizes": sizes,
+        "bytes": state.bytes_sent,
+        "exchanges": state.exchanges,
+    }
+
+
+def test_sign_compression_keeps_replicas_identical_and_error_feedback_loses_nothing():
+    ranks = run_processes(2, sign_run)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    for r in ranks:
+        # Plain SGD: x_T - x_0 = -lr * (sum of mean gradients - mean of the final errors), summed over elements.
+        assert abs(r["moved"] + LR * (r["grads"] - r["errors"])) < 1e-4
+        assert len(r["sizes"]) >= 2  # uneven buckets
+        numel_total = sum(p.numel() for p in make_model().parameters())
+        assert r["bytes"] < r["exchanges"] * (4 + 5 * 4 + numel_total // 8 + 1) * 1.0 + 1  # packed: ~1/32 of fp32
+
+
+def nan_and_resume(rank: int) -> dict:
+    # A NaN on rank 1 at step 2: every rank's bucket is NaN, no error changes.
+    ddp, state = hooked("sign")
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    train(ddp, opt, rank, range(2))
+    errors_before = {k: v.clone() for k, v in state.errors.items()}
+    grads = train(ddp, opt, rank, range(2, 3), poison_step=2)[0]
+    nan_everywhere = bool(torch.isnan(grads).all())
+    errors_kept = all(torch.equal(errors_before[k], v) for k, v in state.errors.items())
+    # Resume: state (pickled without its group) + model + optimizer after step 3 of 6, then 3 more steps. One
+    # bucket, so that the layout DDP builds at its first step after the restart is the uninterrupted run's.
+    full, _ = hooked("sign", ONE_BUCKET_MB)
+    full_opt = torch.optim.SGD(full.parameters(), lr=LR, momentum=0.9)
+    trajectory = train(full, full_opt, rank, range(6))
+    first, first_state = hooked("sign", ONE_BUCKET_MB)
+    first_opt = torch.optim.SGD(first.parameters(), lr=LR, momentum=0.9)
+    train(first, first_opt, rank, range(3))
+    first_state.process_group = dist.group.WORLD
+    pickled = pickle.loads(pickle.dumps(first_state))
+    saved = (copy.deepcopy(first.module.state_dict()), copy.deepcopy(first_opt.state_dict()), first_state.state_dict())
+    again = DDP(make_model(), bucket_cap_mb=ONE_BUCKET_MB)
+    again.module.load_state_dict(saved[0])
+    again_opt = torch.optim.SGD(again.parameters(), lr=LR, momentum=0.9)
+    again_opt.load_state_dict(saved[1])
+    restored = CompressedHookState("sign", module=again.module)
+    restored.load_state_dict(saved[2])
+    again.register_comm_hook(restored, ef_sign_hook)
+    resumed = train(again, again_opt, rank, range(3, 6))
+    return {
+        "nan_everywhere": nan_everywhere,
+        "errors_kept": errors_kept,
+        "skipped": state.skipped,
+        "pickled_group": pickled.process_group,
+        "pickled_errors": sorted(pickled.errors) == sorted(first_state.errors),
+        "resumed_gap": max((a - b).abs().max().item() for a, b in zip(resumed, trajectory[3:])),
+    }
+
+
+def test_a_nan_on_one_rank_reaches_no_error_buffer_and_the_state_pickles_and_resumes_exactly():
+    for r in run_processes(2, nan_and_resume):
+        assert r["nan_everywhere"] and r["errors_kept"] and r["skipped"] >= 1
+        assert r["pickled_group"] is None and r["pickled_errors"]
+        assert r["resumed_gap"] == 0.0
