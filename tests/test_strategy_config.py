@@ -25,6 +25,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("vrl_sgd", VRLSGDStrategy, 20),
         ("overlap_local_sgd", OverlapLocalSGDStrategy, 2),
         ("cocod_sgd", CoCoDSGDStrategy, 2),
+        ("liec_sgd", lightning_localsgd.LIECSGDStrategy, 32),
+        ("ef_sign", lightning_localsgd.ErrorFeedbackStrategy, 100),
     ],
 )
 def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
@@ -58,8 +60,17 @@ COMMON_BAD_ARGUMENTS = [
     ({"timeout": -1}, "timeout"),
     ({"timeout": "30 minutes"}, "timeout"),
 ]
+
+
+def _spelled_for(cls, kwargs: dict, named: str) -> tuple[dict, str]:
+    """LIEC-SGD calls its period `full_sync_period`."""
+    if cls.__name__ == "LIECSGDStrategy" and "period" in kwargs:
+        return {"full_sync_period": kwargs["period"]}, "full_sync_period"
+    return kwargs, named
+
+
 BAD_ARGUMENTS = [
-    *[(cls, kwargs, named) for cls in ALL_STRATEGIES for kwargs, named in COMMON_BAD_ARGUMENTS],
+    *[(cls, *_spelled_for(cls, kwargs, named)) for cls in ALL_STRATEGIES for kwargs, named in COMMON_BAD_ARGUMENTS],
     *[(cls, {"first_period_one_step": "yes"}, "first_period_one_step") for cls in (LocalSGDStrategy, VRLSGDStrategy)],
     (OverlapLocalSGDStrategy, {"pullback": 1.2}, "pullback"),
     (OverlapLocalSGDStrategy, {"anchor_momentum": -0.5}, "anchor_momentum"),
@@ -136,3 +147,37 @@ def test_example_cli_trains_for_real_from_yaml(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "`max_steps=30` reached" in proc.stdout + proc.stderr
+
+
+def test_compressed_strategies_take_their_knobs_from_yaml():
+    from lightning_localsgd import ErrorFeedbackStrategy, LIECSGDStrategy
+    from lightning_localsgd.compression import TopK
+
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(EXAMPLES / "liec_sgd.yaml")])
+    assert isinstance(cli.trainer.strategy, LIECSGDStrategy)
+    assert (cli.trainer.strategy.algorithm.full_sync_period, cli.trainer.strategy.algorithm.block_size_mb) == (32, 5.0)
+    args = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=lightning_localsgd.ErrorFeedbackStrategy",
+        "--trainer.strategy.compressor=topk",
+        "--trainer.strategy.compressor_options={ratio: 0.05}",
+    ]
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=args)
+    assert isinstance(cli.trainer.strategy, ErrorFeedbackStrategy)
+    compressor = cli.trainer.strategy.algorithm.compressor
+    assert isinstance(compressor, TopK) and compressor.ratio == 0.05
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: lightning_localsgd.LIECSGDStrategy(full_sync_period=0), "`full_sync_period`"),
+        (lambda: lightning_localsgd.LIECSGDStrategy(block_size_mb=-1), "`block_size_mb`"),
+        (lambda: lightning_localsgd.ErrorFeedbackStrategy(compressor="powersgd"), "`compressor` must be one of"),
+        (lambda: lightning_localsgd.ErrorFeedbackStrategy(compressor_options={"levels": 3}), "Bad options"),
+    ],
+)
+def test_compressed_strategies_refuse_bad_arguments_up_front(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -27,6 +27,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_localsgd._validation import check_int
 from lightning_localsgd.algorithms.averaging import mean_, mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
@@ -67,6 +68,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
         buffers: BufferSelection = None,
         compressor: Compressor | None = None,
     ) -> None:
+        check_int("full_sync_period", full_sync_period, 1)  # named as the user spells it
         compressor = compressor if compressor is not None else ScaledSign(block_size_mb)
         super().__init__(compressor, full_sync_period, warmup_steps, bucket_cap_mb, buffers)
         self.block_size_mb = block_size_mb
