@@ -51,6 +51,10 @@ PEERS: tuple[Peer, ...] = (
     Peer("vrl_sgd, period 32", "lightning", "vrl_sgd", {"period": 32}, ours=True),
     Peer("overlap_local_sgd, period 32", "lightning", "overlap_local_sgd", {"period": 32}, ours=True),
     Peer("cocod_sgd, period 32", "lightning", "cocod_sgd", {"period": 32}, ours=True),
+    # Per-step compressed gradients: scaled signs, about 1/32 of float32 on compressed steps.
+    Peer("ef_sign (scaled sign, error feedback)", "lightning", "ef_sign", {"period": 100}, ours=True),
+    Peer("liec_sgd, p = 32", "lightning", "liec_sgd", {"full_sync_period": 32}, ours=True),
+    Peer("liec_sgd, p = 100", "lightning", "liec_sgd", {"full_sync_period": 100}, ours=True),
     # The machine's speed drifts by tens of % over minutes (a shared VM): measuring the limit again after the
     # peers and dividing by the larger of the two keeps every fraction an underestimate.
     Peer(AGAIN, "compute"),
