@@ -12,12 +12,12 @@ so it works on gloo and NCCL alike, whatever the bucket sizes (torch's PowerSGD 
 
 A 4-byte header carries "my bucket is finite": if any rank's gradients hold inf/NaN, no error buffer changes
 and the bucket becomes NaN on every rank, as a plain all-reduce would leave it, so a ``GradScaler`` skips the
-step everywhere. Errors are kept per parameter. Compression blocks are per bucket, and DDP lays its buckets out
-anew at the first step after a (re)start, so a resumed run matches an uninterrupted one exactly only where that
-layout is the same (one bucket, or a model whose gradients arrive in reverse parameter order), and for a random
-compressor (QSGD) also where the parameters' order within it is (its draws follow the position). Under a
-``GradScaler`` the hook sees scaled gradients; the error then carries the scale
-along, which changes only when the scaler backs off after an overflow.
+step everywhere. Errors are kept per parameter, and a bucket is compressed in the module's parameter order
+(given ``module=``), not in the order DDP laid it out. Compression blocks are still per bucket, and DDP regroups
+its buckets at the first step after a (re)start, so a resumed run matches an uninterrupted one exactly where the
+buckets hold the same parameters (one bucket, or a model whose gradients arrive in reverse parameter order).
+Under a ``GradScaler`` the hook sees scaled gradients; the error then carries the scale along, which changes only
+when the scaler backs off after an overflow.
 
 The state pickles without its process group (set ``state.process_group`` again after loading) and has
 ``state_dict`` / ``load_state_dict`` for checkpoints: each rank saves its own.
@@ -72,7 +72,7 @@ class CompressedHookState:
         self.bytes_sent = 0
         self.skipped = 0  # buckets some rank sent non-finite
         self._seeded = False
-        self._pending: dict[str, Tensor] = {}  # loaded before the parameters were known by id
+        self._position: Optional[dict[int, int]] = None  # id(parameter) -> its index in module.parameters()
 
     def _names(self) -> dict[int, str]:
         if self.module is None:
@@ -111,7 +111,17 @@ class CompressedHookState:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["process_group"] = None  # a process group cannot be pickled; set it again after loading
+        state["_position"] = None  # keyed by object ids, which mean nothing in another process
         return state
+
+    def _canonical_order(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The bucket's parameters and gradient views in the module's parameter order (bucket order without one)."""
+        if self.module is None or len(params) < 2:
+            return params, grads
+        if self._position is None:
+            self._position = {id(p): i for i, p in enumerate(self.module.parameters())}
+        order = sorted(range(len(params)), key=lambda i: self._position.get(id(params[i]), i))
+        return [params[i] for i in order], [grads[i] for i in order]
 
     def _errors_for(self, params: list[Tensor], buffer: Tensor) -> Tensor:
         """The bucket's error, in the bucket's layout (its parameters' errors one after another)."""
@@ -140,12 +150,17 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
         state.compressor.seed_for_rank(dist.get_rank(group))
         state._seeded = True
     buffer = bucket.buffer()
-    params = list(bucket.parameters())
     numel = buffer.numel()
+    in_bucket = list(bucket.parameters())
+    params, grads = state._canonical_order(in_bucket, list(bucket.gradients()))
     if sum(p.numel() for p in params) != numel:
         raise RuntimeError(f"A DDP bucket of {numel} elements holds parameters of {sum(p.numel() for p in params)}.")
+    # Compressed in the module's parameter order, whatever order DDP laid the bucket out in: the bucket is
+    # rebuilt after every (re)start, and a block's scale summed in another order differs in its last bits.
+    reordered = any(a is not b for a, b in zip(params, in_bucket))
+    vector = torch.cat([g.reshape(-1) for g in grads]) if reordered else buffer
     error = state._errors_for(params, buffer)
-    payload = compress_with_feedback(state.compressor, buffer, error)
+    payload = compress_with_feedback(state.compressor, vector, error)
     finite = torch.isfinite(buffer).all().to(torch.float32).reshape(1)
     message = torch.cat([as_bytes(finite), payload])
     gathered = [torch.empty_like(message) for _ in range(world)]
@@ -160,7 +175,10 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
             if state.error_feedback:
                 state._keep_errors(params, error)
             mean = decode_mean(state.compressor, [m[_HEADER_BYTES:] for m in gathered], numel)
-            buffer.copy_(mean)
+            offset = 0
+            for grad in grads:
+                grad.copy_(mean[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
         else:
             state.skipped += 1
             buffer.fill_(float("nan"))  # as an all-reduce would leave it: every rank's scaler skips this step
