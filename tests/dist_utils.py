@@ -1,13 +1,17 @@
-"""Run a function in N real processes over gloo, for tests that need torch.distributed itself."""
+"""Run a function, or an end-to-end script, in N real processes over gloo, for tests that need torch.distributed."""
 
 from __future__ import annotations
 
 import io
 import os
+import runpy
 import socket
 import subprocess
 import sys
 import time
+import traceback
+import uuid
+import warnings as warnings_module
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,9 +39,23 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
         dist.destroy_process_group()
 
 
+# Children fork from one server that imported these once: a spawned child or a script re-run by Lightning's launcher
+# spends about 6 s of CPU importing torch and Lightning, longer than most of the runs below take to train.
+_PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "lightning_localsgd", "dist_utils"]
+
+
+FAILURE_GRACE_SECONDS = 5.0
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_processes(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:
     """Run ``fn(rank, *args)`` in ``world`` gloo processes; return the results in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.SimpleQueue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
@@ -84,3 +102,71 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def _script_rank(script: str, argv: list[str], out: str, env: dict[str, str], log: str, warnings: str) -> None:
+    """One rank of ``run_ranks``: the script as ``__main__``, output in ``log``; exits with the script's code."""
+    with open(log, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    os.environ.update(env)
+    os.chdir(out)
+    sys.argv = [script, *argv]
+    sys.path.insert(0, str(Path(script).parent))
+    warnings_module.resetwarnings()
+    warnings_module.simplefilter(warnings)  # as PYTHONWARNINGS would at start-up
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_ranks(
+    script: Path, out: Path, *args: str, world: int = 2, warnings: str = "default", timeout: float = 300.0
+) -> subprocess.CompletedProcess:
+    """``run_script`` with the ranks started as torchrun would: ``world`` processes, each told its rank by the
+    environment (Lightning then launches nothing itself), forked from a server that has Lightning imported.
+
+    The returned process's ``returncode`` is the first non-zero rank's (0 when all succeeded; -9 for a rank killed
+    at the timeout), ``stdout`` holds every rank's output one after another and ``stderr`` the same.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = _context()
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "GROUP_RANK": "0",
+        "TORCHELASTIC_RUN_ID": uuid.uuid4().hex,
+    }
+    logs = [out / f"rank{r}.log" for r in range(world)]
+    procs = []
+    for r in range(world):
+        rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+        argv = ["--out", str(out), *args]
+        proc = ctx.Process(target=_script_rank, args=(str(script), argv, str(out), rank_env, str(logs[r]), warnings))
+        proc.start()
+        procs.append(proc)
+    # As torchrun's agent and Lightning's launcher do: once a rank failed, the others get a moment to fail
+    # with their own message, then are stopped (a stalled rank would otherwise run into the timeout).
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(proc.is_alive() for proc in procs):
+        if any(proc.exitcode not in (None, 0) for proc in procs):
+            deadline = min(deadline, time.monotonic() + FAILURE_GRACE_SECONDS)
+        time.sleep(0.05)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+    codes = [proc.exitcode or 0 for proc in procs]
+    output = "".join(log.read_text() for log in logs if log.exists())
+    code = next((c for c in codes if c != 0), 0)
+    return subprocess.CompletedProcess([str(script), *args], code, output, output)

@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from dist_utils import run_script
+from dist_utils import run_ranks
 
 SCRIPT = Path(__file__).parent / "e2e" / "core_case.py"
 
 
 def run_core(out: Path, *args: str, world: int = 2) -> tuple[str, list[dict]]:
-    proc = run_script(SCRIPT, out, *args)
+    proc = run_ranks(SCRIPT, out, *args, world=world)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stderr, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_script
+from dist_utils import run_ranks
 
 SCRIPT = Path(__file__).parent / "e2e" / "fault_case.py"
 
 
 def run_fault(out: Path, *args: str, expect_ok: bool = True) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    proc = run_script(SCRIPT, out, *args)
+    proc = run_ranks(SCRIPT, out, *args)
     log = proc.stdout[-4000:] + proc.stderr[-6000:]
     assert (proc.returncode == 0) == expect_ok, log
     ranks = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_script
+from dist_utils import run_ranks
 
 SCRIPT = Path(__file__).parent / "e2e" / "run_case.py"
 
 
 def run_case(out: Path, *args: str) -> list[dict]:
-    proc = run_script(SCRIPT, out, *args, warnings="ignore", timeout=240)
+    proc = run_ranks(SCRIPT, out, *args, warnings="ignore", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -130,10 +130,11 @@ def test_model_after_fit_is_the_average_on_every_rank(fit_run):
 @pytest.mark.parametrize(
     ("strategy", "optimizer"),
     [
-        pytest.param("vrl_sgd", "sgd", marks=pytest.mark.slow),  # `-m slow`; vrl_sgd + adam covers VRL-SGD
+        ("local_sgd", "sgd"),
+        ("vrl_sgd", "sgd"),
         ("vrl_sgd", "adam"),
         ("overlap_local_sgd", "sgd"),
-        pytest.param("cocod_sgd", "adam", marks=pytest.mark.slow),  # overlap_local_sgd covers a transfer in flight
+        ("cocod_sgd", "adam"),
     ],
 )
 def test_resume_from_a_mid_period_checkpoint_matches_the_uninterrupted_run(tmp_path, strategy, optimizer):
@@ -199,7 +200,7 @@ def _tensors_in(payload) -> list:
 
 def _run(out: Path, *args: str, devices: int = 2) -> tuple[str, list[dict]]:
     """As ``run_case``, with ``devices`` processes, warnings shown; returns stderr too."""
-    proc = run_script(SCRIPT, out, "--devices", str(devices), *args, timeout=240)
+    proc = run_ranks(SCRIPT, out, "--devices", str(devices), *args, world=devices, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stderr, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dist_utils import run_script
+from dist_utils import run_ranks
 
 SCRIPT = Path(__file__).parent / "e2e" / "per_step_collectives_case.py"
 WARNINGS = {
@@ -25,7 +25,7 @@ INSTEAD = {"max_time": "`max_steps`", "train_time_interval": "`every_n_train_ste
 
 def run_case(out: Path, *args: str) -> tuple[str, list[list[int]]]:
     """Stderr of the run, and each rank's count of world-group collectives inside each training batch."""
-    proc = run_script(SCRIPT, out, *args)
+    proc = run_ranks(SCRIPT, out, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads(p.read_text())["per_step"] for p in sorted(out.glob("rank*.json"))]
     assert len(ranks) == 2
