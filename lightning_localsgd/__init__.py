@@ -1,18 +1,29 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
 Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
-``cocod_sgd``, ``liec_sgd``, ``ef_sign``) with Lightning.
+``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``) with Lightning.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_localsgd import hooks
-from lightning_localsgd.algorithms import LIECSGD, VRLSGD, CoCoDSGD, ErrorFeedbackSGD, LocalSGD, OverlapLocalSGD
+from lightning_localsgd.algorithms import (
+    DPSGD,
+    LIECSGD,
+    VRLSGD,
+    CoCoDSGD,
+    DeTAG,
+    ErrorFeedbackSGD,
+    LocalSGD,
+    OverlapLocalSGD,
+)
 from lightning_localsgd.callbacks import RoundCheckpoint
 from lightning_localsgd.data import NonIIDSampler
 from lightning_localsgd.strategies import (
     ALL_STRATEGIES,
     CoCoDSGDStrategy,
+    DeTAGStrategy,
+    DPSGDStrategy,
     ErrorFeedbackStrategy,
     LIECSGDStrategy,
     LocalSGDStrategy,
@@ -27,10 +38,14 @@ for _strategy in ALL_STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "DPSGD",
     "LIECSGD",
     "VRLSGD",
     "CoCoDSGD",
     "CoCoDSGDStrategy",
+    "DPSGDStrategy",
+    "DeTAG",
+    "DeTAGStrategy",
     "ErrorFeedbackSGD",
     "ErrorFeedbackStrategy",
     "LIECSGDStrategy",

@@ -1,6 +1,8 @@
 """Algorithm cores: plain PyTorch, one module per paper, no Lightning import."""
 
 from lightning_localsgd.algorithms.cocod_sgd import CoCoDSGD
+from lightning_localsgd.algorithms.detag import DeTAG
+from lightning_localsgd.algorithms.dpsgd import DPSGD
 from lightning_localsgd.algorithms.ef_sgd import ErrorFeedbackSGD
 from lightning_localsgd.algorithms.liec_sgd import LIECSGD
 from lightning_localsgd.algorithms.local_sgd import LocalSGD
@@ -9,9 +11,11 @@ from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.vrl_sgd import VRLSGD
 
 __all__ = [
+    "DPSGD",
     "LIECSGD",
     "VRLSGD",
     "CoCoDSGD",
+    "DeTAG",
     "ErrorFeedbackSGD",
     "LocalSGD",
     "OverlapLocalSGD",

@@ -355,6 +355,10 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
                 average_module_(shadow, self.comm)
         self._shadows_stale = False
 
+    def metrics(self) -> dict[str, float]:
+        """Algorithm-specific values to log beside the communication counters (none here)."""
+        return {}
+
     # ------------------------------------------------------------------ helpers
     def _optimizer_index(self, optimizer: Optimizer) -> int:
         for index, known in enumerate(self._optimizers):

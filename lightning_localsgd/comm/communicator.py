@@ -87,6 +87,26 @@ class Communicator(ABC):
         self.stats.seconds += time.perf_counter() - start
         return gathered
 
+    def neighbour_exchange_(self, tensor: Tensor, peers: Sequence[int]) -> list[Tensor]:
+        """Send ``tensor`` to each rank in ``peers`` and receive theirs (same shape and dtype): point to point, no
+        whole-world collective. Every peer must call it at the same time with this rank among its own ``peers``.
+
+        Returns the peers' tensors in the order of ``peers``. Counted as one collective; this rank sends
+        ``len(peers)`` times the payload.
+        """
+        peers = list(peers)
+        if not peers:
+            return []
+        if self.rank in peers or len(set(peers)) != len(peers):
+            raise ValueError(f"Rank {self.rank}'s gossip peers must be other ranks, each once; got {peers}.")
+        start = time.perf_counter()
+        received = self._neighbour_exchange_(tensor.contiguous(), peers)
+        self.stats.collectives += 1
+        self.stats.bytes_sent += len(peers) * tensor.numel() * tensor.element_size()
+        self._wait_for_device([tensor])
+        self.stats.seconds += time.perf_counter() - start
+        return received
+
     def start_all_reduce_mean_(self, tensor: Tensor) -> PendingAllReduce:
         """Start averaging ``tensor`` in place without blocking; call ``.wait()`` on the result before reading it.
 
@@ -123,6 +143,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def _all_gather_(self, tensor: Tensor) -> list[Tensor]: ...
+
+    @abstractmethod
+    def _neighbour_exchange_(self, tensor: Tensor, peers: list[int]) -> list[Tensor]: ...
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -218,6 +241,18 @@ class ProcessGroupCommunicator(Communicator):
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(out, tensor.contiguous(), group=self.group)
         return out
+
+    def _neighbour_exchange_(self, tensor: Tensor, peers: list[int]) -> list[Tensor]:
+        # All sends and receives posted at once: neither side of a pair waits for the other to start.
+        received = [torch.empty_like(tensor) for _ in peers]
+        ops = []
+        for peer, buffer in zip(peers, received):
+            global_peer = dist.get_global_rank(self.group, peer) if self.group is not None else peer
+            ops.append(dist.P2POp(dist.isend, tensor, global_peer, self.group))
+            ops.append(dist.P2POp(dist.irecv, buffer, global_peer, self.group))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return received
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size

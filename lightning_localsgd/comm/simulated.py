@@ -193,6 +193,19 @@ class SimulatedCommunicator(Communicator):
         _check_same_layout(values, self.rank, "all-gather")
         return [value.clone() for value in values]
 
+    def _neighbour_exchange_(self, tensor: Tensor, peers: list[int]) -> list[Tensor]:
+        # Every simulated worker deposits at the same meeting (they gossip in lockstep); each reads its peers' only.
+        values = self.group.exchange(self.rank, (tensor.clone(), frozenset(peers)))
+        for peer in peers:
+            sent, their_peers = values[peer]
+            if self.rank not in their_peers:
+                raise SimulatedCollectiveError(
+                    f"Rank {self.rank} gossips with rank {peer}, which does not gossip with it: the topology is not "
+                    "symmetric or the ranks disagree on it."
+                )
+            _check_same_layout([tensor, sent], self.rank, "neighbour exchange")
+        return [values[peer][0].clone() for peer in peers]
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self.group.exchange(self.rank, obj)
 

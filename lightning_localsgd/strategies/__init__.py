@@ -2,6 +2,8 @@
 
 from lightning_localsgd.strategies.base import LocalUpdateStrategy
 from lightning_localsgd.strategies.cocod_sgd import CoCoDSGDStrategy
+from lightning_localsgd.strategies.detag import DeTAGStrategy
+from lightning_localsgd.strategies.dpsgd import DPSGDStrategy
 from lightning_localsgd.strategies.ef_sgd import ErrorFeedbackStrategy
 from lightning_localsgd.strategies.liec_sgd import LIECSGDStrategy
 from lightning_localsgd.strategies.local_sgd import LocalSGDStrategy
@@ -15,11 +17,15 @@ ALL_STRATEGIES = (
     CoCoDSGDStrategy,
     LIECSGDStrategy,
     ErrorFeedbackStrategy,
+    DPSGDStrategy,
+    DeTAGStrategy,
 )
 
 __all__ = [
     "ALL_STRATEGIES",
     "CoCoDSGDStrategy",
+    "DPSGDStrategy",
+    "DeTAGStrategy",
     "ErrorFeedbackStrategy",
     "LIECSGDStrategy",
     "LocalSGDStrategy",

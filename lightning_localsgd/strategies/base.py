@@ -282,7 +282,7 @@ class LocalUpdateStrategy(DDPStrategy):
             self._log_comm_metrics(trainer)
 
     def _log_comm_metrics(self, trainer: pl.Trainer) -> None:
-        metrics = self.comm_stats.as_metrics()
+        metrics = {**self.comm_stats.as_metrics(), **self.algorithm.metrics()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
