@@ -117,7 +117,7 @@ class DeTAG(GossipAlgorithm):
 
     def _gossip_step(self, optimizer: Optimizer, indices: list[int], gradient: Optional[Tensor]) -> Optional[Tensor]:
         tracker, last = self.state_views("tracker"), self.state_views("last_gradient")
-        y = flat_slices(tracker, indices).float()
+        y = flat_slices(tracker, indices).to(self.gossip_dtype)
         if gradient is not None:  # an overflowed AMP gradient stays out of the tracker
             y.add_(gradient).sub_(flat_slices(last, indices))  # y_i + g_new - g_old
             write_slices(last, indices, gradient)

@@ -53,7 +53,7 @@ from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology, check_topology_name, make_topology
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError
 
-_HEADER = 3  # float32 slots: finite flag, position split in two exact halves (float32 holds integers below 2**24)
+_HEADER = 3  # slots: finite flag, position split in two exact halves (float32 holds integers below 2**24)
 _HALF = 2**22
 ROUNDS_PER_STEP = 64  # at most this many gossip rounds in one step (positions count them)
 
@@ -136,13 +136,13 @@ class GossipAlgorithm(PeriodicAlgorithm):
             index_of = self.flat.index_of
             indices = [index_of[id(p)] for p in params]
             scale = float(self.grad_scale()) if self.grad_scale is not None else 1.0
-            gradient = flat_gradients(params, scale) if grads_finite else None
+            gradient = flat_gradients(params, scale, self.gossip_dtype) if grads_finite else None
             sent_before = self.comm.stats.bytes_sent
             with torch.no_grad():
                 direction = self._gossip_step(optimizer, indices, gradient)
                 if direction is not None and grads_finite:
                     write_gradients(params, direction, scale)
-            self.comm.stats.exchanges += 1
+            self.comm.stats.exchanges += 1  # one per optimizer step, wherever its gossip happens
             self.comm.stats.exchange_bytes_sent += self.comm.stats.bytes_sent - sent_before
 
     def _gossip_step(self, optimizer: Optimizer, indices: list[int], gradient: Optional[Tensor]) -> Optional[Tensor]:
@@ -157,10 +157,19 @@ class GossipAlgorithm(PeriodicAlgorithm):
     # ------------------------------------------------------------------ the neighbour exchange
     def _replica_vector(self, indices: list[int]) -> Tensor:
         """This optimizer's parameters as one float32 vector, then (once per step) the averaged buffers."""
-        parts = [flat_slices([p.data for p in self.flat.params], indices).float()]
+        dtype = self.gossip_dtype
+        parts = [flat_slices([p.data for p in self.flat.params], indices).to(dtype)]
         if self._buffers_gossiped_at != self.step:
-            parts += [b.detach().reshape(-1).float() for b in self.averaged_buffers()]
+            parts += [b.detach().reshape(-1).to(dtype) for b in self.averaged_buffers()]
         return torch.cat(parts)
+
+    @property
+    def gossip_dtype(self) -> torch.dtype:
+        """What replicas are mixed in: float32, or the parameters' dtype where that is wider (float64)."""
+        dtype = torch.float32
+        for p in self.flat.params:
+            dtype = torch.promote_types(dtype, p.dtype)
+        return dtype
 
     def _write_replica(self, indices: list[int], vector: Tensor) -> None:
         numel = sum(self.flat.params[i].numel() for i in indices)
@@ -181,7 +190,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
         finite = bool(torch.isfinite(vector).all())
         peers = self.topology.neighbours(rank)
         # A non-finite replica is announced, not sent: the neighbours stop naming this rank, with nothing mixed in.
-        message = torch.cat([_header(finite, at).to(vector.device), vector if finite else torch.zeros_like(vector)])
+        header = _header(finite, at).to(device=vector.device, dtype=vector.dtype)
+        message = torch.cat([header, vector if finite else torch.zeros_like(vector)])
         received = self.comm.neighbour_exchange_(message, list(peers))
         if not finite:
             raise nonfinite_error(self.label, where, "parameters", [rank], self.step)

@@ -26,6 +26,8 @@ class DPSGDStrategy(LocalUpdateStrategy):
         warmup_steps: initial steps of synchronous SGD (all-reduced gradients).
         bucket_cap_mb: flat bucket size of the parameters (consensus averages are one collective per bucket).
         buffers: which module buffers are gossiped with the replicas (see :class:`LocalSGDStrategy`).
+        gossip_order: ``"adapt_then_combine"`` (default: step, then mix the stepped replicas; with a fully connected
+            topology this is synchronous SGD) or ``"combine_then_adapt"`` (mix, then step: the paper's statement).
         **kwargs: :class:`LocalUpdateStrategy` / :class:`~lightning.pytorch.strategies.DDPStrategy` arguments
             (``on_nonfinite`` accepts ``"raise"`` only: gossip has no round every replica agrees at).
     """
@@ -39,6 +41,8 @@ class DPSGDStrategy(LocalUpdateStrategy):
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         buffers: BufferSelection = None,
+        gossip_order: str = "adapt_then_combine",
         **kwargs: Any,
     ) -> None:
-        super().__init__(DPSGD(topology, check_every, warmup_steps, bucket_cap_mb, buffers), **kwargs)
+        algorithm = DPSGD(topology, check_every, warmup_steps, bucket_cap_mb, buffers, gossip_order)
+        super().__init__(algorithm, **kwargs)
