@@ -115,6 +115,9 @@ class DeTAG(GossipAlgorithm):
         """y, in the flat bucket layout of the parameters (float32)."""
         return self.state_buckets("tracker")
 
+    def _message_numel(self, indices: list[int]) -> int:
+        return super()._message_numel(indices) + sum(self.flat.params[i].numel() for i in indices)  # and y
+
     def _gossip_step(self, optimizer: Optimizer, indices: list[int], gradient: Optional[Tensor]) -> Optional[Tensor]:
         tracker, last = self.state_views("tracker"), self.state_views("last_gradient")
         y = flat_slices(tracker, indices).to(self.gossip_dtype)

@@ -131,10 +131,10 @@ class GossipAlgorithm(PeriodicAlgorithm):
                 return
             grads = [p.grad for p in params if p.grad is not None]
             grads_finite = all_finite(grads)
-            if not grads_finite and self.grad_scale is None:
-                raise nonfinite_error(self.label, where, "gradients", [self.comm.rank], self.step)
             index_of = self.flat.index_of
             indices = [index_of[id(p)] for p in params]
+            if not grads_finite and self.grad_scale is None:
+                self._announce_nonfinite(indices, "gradients")
             scale = float(self.grad_scale()) if self.grad_scale is not None else 1.0
             gradient = flat_gradients(params, scale, self.gossip_dtype) if grads_finite else None
             sent_before = self.comm.stats.bytes_sent
@@ -181,20 +181,33 @@ class GossipAlgorithm(PeriodicAlgorithm):
                 offset += buffer.numel()
             self._buffers_gossiped_at = self.step
 
-    def _gossip_round(self, vector: Tensor, round_index: int = 0) -> Tensor:
-        """One gossip round: ``sum_j W_ij v_j`` over this rank and its neighbours, checked before anything is mixed."""
+    def _message_numel(self, indices: list[int]) -> int:
+        """Elements of one gossip message for this optimizer (header aside): the replica and its buffers."""
+        numel = sum(self.flat.params[i].numel() for i in indices)
+        if self._buffers_gossiped_at != self.step:
+            numel += sum(b.numel() for b in self.averaged_buffers())
+        return numel
+
+    def _announce_nonfinite(self, indices: list[int], what: str) -> None:
+        """Tell the neighbours, in the round they are waiting in, that this rank holds inf/NaN ``what``; then raise."""
+        vector = torch.zeros(self._message_numel(indices), dtype=self.gossip_dtype, device=self.flat.buckets[0].device)
+        self._gossip_round(vector, announce=what)
+
+    def _gossip_round(self, vector: Tensor, round_index: int = 0, announce: Optional[str] = None) -> Tensor:
+        """One gossip round: ``sum_j W_ij v_j`` over this rank and its neighbours, checked before anything is mixed.
+        ``announce``: this rank holds inf/NaN of that kind; the round only tells the neighbours, then raises."""
         assert self.topology is not None
         rank = self.comm.rank
         where = f"the gossip of step {self.step}"
         at = position(self.step, EXCHANGE) * ROUNDS_PER_STEP + round_index
-        finite = bool(torch.isfinite(vector).all())
+        finite = announce is None and bool(torch.isfinite(vector).all())
         peers = self.topology.neighbours(rank)
         # A non-finite replica is announced, not sent: the neighbours stop naming this rank, with nothing mixed in.
         header = _header(finite, at).to(device=vector.device, dtype=vector.dtype)
         message = torch.cat([header, vector if finite else torch.zeros_like(vector)])
         received = self.comm.neighbour_exchange_(message, list(peers))
         if not finite:
-            raise nonfinite_error(self.label, where, "parameters", [rank], self.step)
+            raise nonfinite_error(self.label, where, announce or "parameters", [rank], self.step)
         for peer, theirs in zip(peers, received):
             their_finite, their_at = _read_header(theirs)
             if not their_finite:

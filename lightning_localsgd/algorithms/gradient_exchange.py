@@ -31,9 +31,7 @@ if TYPE_CHECKING:
     from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 
 
-def flat_gradients(
-    params: Sequence[nn.Parameter], scale: float = 1.0, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def flat_gradients(params: Sequence[nn.Parameter], scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """The gradients as one vector of ``dtype`` (a missing gradient counts as zero), divided by ``scale``."""
     parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
     flat = torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)

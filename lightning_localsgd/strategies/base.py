@@ -16,6 +16,7 @@ It translates Lightning's life cycle into the algorithm's moments and nothing mo
 from __future__ import annotations
 
 import signal
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, Union
 
@@ -214,7 +215,14 @@ class LocalUpdateStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
         if isinstance(exception, SIGTERMException):
-            return  # a stop every rank agreed on: they all end by themselves
+            # A stop every rank agreed on, after the same batch: they all end by themselves, and leave the model
+            # as a finished `fit` would, the average (replicas that never agree, e.g. gossip's, differ otherwise).
+            if self._active:
+                try:
+                    self.algorithm.finalize()
+                except Exception as error:  # the stop itself must not be masked
+                    warnings.warn(f"The replicas could not be averaged after the stop: {error}", stacklevel=2)
+            return
         # Lightning stops the ranks it launched only on Ctrl+C. After any other error, a rank that is stuck (or
         # waiting in a collective for this one) would outlive the run and hold the job: stop them now.
         if isinstance(self.launcher, _SubprocessScriptLauncher):

@@ -112,8 +112,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     out = Path(args.out)
+    period_name = "check_every" if args.strategy in ("dpsgd", "detag") else "period"
     strategy = StrategyRegistry[args.strategy]["strategy"](
-        period=args.period,
+        **{period_name: args.period},
         warmup_steps=args.warmup,
         on_nonfinite=args.on_nonfinite,
         collective_timeout=args.collective_timeout,

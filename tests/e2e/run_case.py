@@ -38,7 +38,9 @@ def pickled_size(values: tuple) -> int:
 
 
 def count_collectives() -> None:
-    """Wrap torch.distributed's collectives so every call, by anyone, is counted."""
+    """Wrap torch.distributed's collectives so every call, by anyone, is counted. Point-to-point operations (a
+    gossip step's neighbour exchange) are not collectives and are left alone: ``P2POp`` accepts torch's own
+    ``isend`` / ``irecv`` only, and the communicator counts them itself."""
     names = [
         "all_reduce",
         "broadcast",
@@ -51,10 +53,6 @@ def count_collectives() -> None:
         "all_gather_object",
         "gather_object",
         "broadcast_object_list",
-        "send",
-        "recv",
-        "isend",
-        "irecv",
         "all_to_all",
         "all_gather_into_tensor",
         "reduce_scatter_tensor",
@@ -146,6 +144,7 @@ class Recorder(L.LightningModule):
                 "algorithm_step": strategy.algorithm.step,
                 "in_sync": strategy.algorithm.in_sync,
                 "rounds": strategy.comm_stats.rounds,
+                "exchanges": strategy.comm_stats.exchanges,
                 "global_step": self.trainer.global_step,
             }
         )
@@ -193,6 +192,8 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger in <out>/logs every 2 steps")
     parser.add_argument("--rounds-end-periods", action="store_true", help="local_sgd: rounds after steps H, 2H, ...")
+    parser.add_argument("--topology", default=None, help="dpsgd / detag: the gossip topology")
+    parser.add_argument("--gossip-rounds", type=int, default=None, help="detag: gossip rounds per step")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -200,8 +201,13 @@ def main() -> None:
     count_collectives()
     out = Path(args.out)
     options = {"first_period_one_step": False} if args.rounds_end_periods else {}
-    # LIEC-SGD's period is its full-precision rounds'.
-    period = {"full_sync_period": args.period} if args.strategy == "liec_sgd" else {"period": args.period}
+    # LIEC-SGD's period is its full-precision rounds', gossip's the steps between its guard's world checks.
+    period_name = {"liec_sgd": "full_sync_period", "dpsgd": "check_every", "detag": "check_every"}
+    period = {period_name.get(args.strategy, "period"): args.period}
+    if args.topology:
+        options["topology"] = args.topology
+    if args.gossip_rounds:
+        options["gossip_rounds"] = args.gossip_rounds
     strategy = StrategyRegistry[args.strategy]["strategy"](**period, warmup_steps=args.warmup, **options)
     callbacks = step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
