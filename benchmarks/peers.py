@@ -55,6 +55,18 @@ PEERS: tuple[Peer, ...] = (
     Peer("ef_sign (scaled sign, error feedback)", "lightning", "ef_sign", {"period": 100}, ours=True),
     Peer("liec_sgd, p = 32", "lightning", "liec_sgd", {"full_sync_period": 32}, ours=True),
     Peer("liec_sgd, p = 100", "lightning", "liec_sgd", {"full_sync_period": 100}, ours=True),
+    # One scale per 0.25 MiB block instead of 5 MiB (a model of ~4 MB is otherwise a single block).
+    Peer(
+        "liec_sgd, p = 32, 0.25 MiB blocks",
+        "lightning",
+        "liec_sgd",
+        {"full_sync_period": 32, "block_size_mb": 0.25},
+        ours=True,
+    ),
+    Peer("ef_sign, 0.25 MiB blocks", "lightning", "ef_sign", {"compressor_options": {"block_size_mb": 0.25}}, True),
+    # Gossip: every step, the replica to each neighbour on a ring (DeTAG: with its gradient tracker).
+    Peer("dpsgd, ring", "lightning", "dpsgd", {"topology": "ring"}, ours=True),
+    Peer("detag, ring, 1 round", "lightning", "detag", {"topology": "ring"}, ours=True),
     # The machine's speed drifts by tens of % over minutes (a shared VM): measuring the limit again after the
     # peers and dividing by the larger of the two keeps every fraction an underestimate.
     Peer(AGAIN, "compute"),

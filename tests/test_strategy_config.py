@@ -27,6 +27,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("cocod_sgd", CoCoDSGDStrategy, 2),
         ("liec_sgd", lightning_localsgd.LIECSGDStrategy, 32),
         ("ef_sign", lightning_localsgd.ErrorFeedbackStrategy, 100),
+        ("dpsgd", lightning_localsgd.DPSGDStrategy, 50),
+        ("detag", lightning_localsgd.DeTAGStrategy, 50),
     ],
 )
 def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
@@ -63,9 +65,10 @@ COMMON_BAD_ARGUMENTS = [
 
 
 def _spelled_for(cls, kwargs: dict, named: str) -> tuple[dict, str]:
-    """LIEC-SGD calls its period `full_sync_period`."""
-    if cls.__name__ == "LIECSGDStrategy" and "period" in kwargs:
-        return {"full_sync_period": kwargs["period"]}, "full_sync_period"
+    """LIEC-SGD calls its period `full_sync_period`, the gossip strategies `check_every`."""
+    spelling = {"LIECSGDStrategy": "full_sync_period", "DPSGDStrategy": "check_every", "DeTAGStrategy": "check_every"}
+    if cls.__name__ in spelling and "period" in kwargs:
+        return {spelling[cls.__name__]: kwargs["period"]}, spelling[cls.__name__]
     return kwargs, named
 
 
@@ -75,6 +78,13 @@ BAD_ARGUMENTS = [
     (OverlapLocalSGDStrategy, {"pullback": 1.2}, "pullback"),
     (OverlapLocalSGDStrategy, {"anchor_momentum": -0.5}, "anchor_momentum"),
     (OverlapLocalSGDStrategy, {"anchor_momentum": 1}, "anchor_momentum"),
+    (lightning_localsgd.DPSGDStrategy, {"topology": "star"}, "topology"),
+    (lightning_localsgd.DPSGDStrategy, {"gossip_order": "mixed"}, "gossip_order"),
+    (lightning_localsgd.DPSGDStrategy, {"on_nonfinite": "skip_round"}, "on_nonfinite"),
+    (lightning_localsgd.DeTAGStrategy, {"gossip_rounds": 0}, "gossip_rounds"),
+    (lightning_localsgd.DeTAGStrategy, {"gossip_rounds": 65}, "gossip_rounds"),
+    (lightning_localsgd.DeTAGStrategy, {"acceleration": 1.0}, "acceleration"),
+    (lightning_localsgd.DeTAGStrategy, {"acceleration": "fast"}, "acceleration"),
 ]
 
 
@@ -181,3 +191,22 @@ def test_compressed_strategies_take_their_knobs_from_yaml():
 def test_compressed_strategies_refuse_bad_arguments_up_front(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_gossip_strategies_take_their_knobs_from_yaml():
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(EXAMPLES / "detag.yaml")])
+    algorithm = cli.trainer.strategy.algorithm
+    assert isinstance(algorithm, lightning_localsgd.DeTAG) and cli.trainer.strategy.world_size == 4
+    assert (algorithm.topology_name, algorithm.gossip_rounds, algorithm.acceleration) == ("ring", 1, "auto")
+    args = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=8",
+        "--trainer.strategy=lightning_localsgd.DeTAGStrategy",
+        "--trainer.strategy.topology=exponential",
+        "--trainer.strategy.gossip_rounds=3",
+        "--trainer.strategy.acceleration=0.2",
+    ]
+    algorithm = LightningCLI(BoringModel, BoringDataModule, run=False, args=args).trainer.strategy.algorithm
+    assert (algorithm.topology_name, algorithm.gossip_rounds, algorithm.acceleration) == ("exponential", 3, 0.2)
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(EXAMPLES / "dpsgd.yaml")])
+    assert cli.trainer.strategy.algorithm.gossip_order == "adapt_then_combine"

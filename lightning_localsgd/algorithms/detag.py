@@ -85,7 +85,7 @@ class DeTAG(GossipAlgorithm):
         self,
         topology: str = "ring",
         gossip_rounds: int = 1,
-        acceleration: Union[str, float] = "auto",
+        acceleration: Union[float, str] = "auto",
         check_every: int = 50,
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,

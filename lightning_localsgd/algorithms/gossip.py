@@ -108,7 +108,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
     def set_nonfinite_policy(self, policy: str) -> None:
         if check_choice("on_nonfinite", policy, ("raise", "skip_round")) == "skip_round":
             raise ValueError(
-                f"{type(self).__name__}: `on_nonfinite='skip_round'` rolls every rank back to the last round at which "
+                f"{type(self).__name__}: `on_nonfinite` 'skip_round' rolls every rank back to the last round at which "
                 "all replicas were good, and gossip has no such round (replicas never agree). Use 'raise' (the "
                 "default): a non-finite replica stops the run before any neighbour mixes it in."
             )

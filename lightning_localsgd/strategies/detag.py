@@ -34,7 +34,7 @@ class DeTAGStrategy(LocalUpdateStrategy):
         self,
         topology: str = "ring",
         gossip_rounds: int = 1,
-        acceleration: Union[str, float] = "auto",
+        acceleration: Union[float, str] = "auto",
         check_every: int = 50,
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
