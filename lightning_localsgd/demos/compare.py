@@ -33,7 +33,7 @@ def run_one(strategy: str, args: argparse.Namespace, out: Path) -> dict:
         "--json",
         str(summary),
     ]
-    print(f"$ {' '.join(command[1:])}", flush=True)
+    print(f"$ python {' '.join(command[1:])}", flush=True)  # as a user would type it, whatever the interpreter
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
