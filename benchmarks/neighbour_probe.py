@@ -3,8 +3,8 @@
     python -m benchmarks.neighbour_probe [--ranks 4] [--link 200mbit] [--mb 5.28] [--repeats 8]
 
 Each rank (in its own network namespace, as in the lab) times, median of ``--repeats``: a ring all-reduce of the
-tensor; the communicator's neighbour exchange on a ring (both neighbours at once, what D-PSGD does every step);
-and the same exchange in two phases (right neighbour, then left), one TCP flow per link at a time. Prints the
+tensor; an exchange with both ring neighbours at once; and the communicator's neighbour exchange (what D-PSGD does
+every step: the topology's phases, one neighbour after the other, one TCP flow per link at a time). Prints the
 times and each one's fraction of its wire-time bound. A benchmark, not a test.
 """
 
@@ -28,6 +28,7 @@ def rank_main(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from lightning_localsgd.comm import ProcessGroupCommunicator
+    from lightning_localsgd.comm.topology import ring
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -37,18 +38,20 @@ def rank_main(args: argparse.Namespace) -> None:
     left, right = (rank - 1) % world, (rank + 1) % world
     peers = sorted({left, right})
 
-    def phased() -> None:
-        for send_to, receive_from in ((right, left), (left, right)):
-            buffer = torch.empty_like(tensor)
-            ops = [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, buffer, receive_from)]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+    phases = ring(world).phases(rank)
+
+    def at_once() -> None:
+        ops = []
+        for peer in peers:
+            ops += [dist.P2POp(dist.isend, tensor, peer), dist.P2POp(dist.irecv, torch.empty_like(tensor), peer)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
     timings = {}
     for label, run in (
         ("ring all-reduce", lambda: dist.all_reduce(tensor)),
-        ("neighbour exchange, both at once", lambda: comm.neighbour_exchange_(tensor, peers)),
-        ("neighbour exchange, in two phases", phased),
+        ("neighbour exchange, both at once", at_once),
+        ("neighbour exchange, in phases (the communicator's)", lambda: comm.neighbour_exchange_(tensor, phases)),
     ):
         run()  # connections up
         samples = []
@@ -64,7 +67,7 @@ def rank_main(args: argparse.Namespace) -> None:
         bounds = {
             "ring all-reduce": 2 * (world - 1) / world * nbytes / link,
             "neighbour exchange, both at once": len(peers) * nbytes / link,
-            "neighbour exchange, in two phases": len(peers) * nbytes / link,
+            "neighbour exchange, in phases (the communicator's)": len(peers) * nbytes / link,
         }
         print(f"{world} ranks, {args.link}, {nbytes / 1e6:.2f} MB per message, median of {args.repeats}")
         print("| operation | seconds | wire-time bound | of the bound |\n|---|---:|---:|---:|")

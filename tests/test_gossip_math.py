@@ -31,6 +31,11 @@ def test_every_topology_is_symmetric_doubly_stochastic_and_its_neighbours_are_mu
         assert topology.self_weight(i) + sum(peers.values()) == pytest.approx(1.0)
         for j in peers:
             assert i in topology.neighbours(j)
+    # The exchange schedule: in each phase the rank a rank receives from sends to it, and every neighbour is met once.
+    for i in range(n):
+        for k, (send_to, receive_from) in enumerate(topology.phases(i)):
+            assert topology.phases(send_to)[k][1] == i and topology.phases(receive_from)[k][0] == i
+        assert sorted(source for _, source in topology.phases(i)) == sorted(topology.neighbours(i))
     expected = sorted(torch.linalg.eigvalsh(w).abs().tolist(), reverse=True)
     assert topology.lambda2 == pytest.approx(expected[1] if n > 1 else 0.0, abs=1e-12)
 

@@ -205,10 +205,11 @@ class GossipAlgorithm(PeriodicAlgorithm):
         # A non-finite replica is announced, not sent: the neighbours stop naming this rank, with nothing mixed in.
         header = _header(finite, at).to(device=vector.device, dtype=vector.dtype)
         message = torch.cat([header, vector if finite else torch.zeros_like(vector)])
-        received = self.comm.neighbour_exchange_(message, list(peers))
+        received = self.comm.neighbour_exchange_(message, self.topology.phases(rank))
         if not finite:
             raise nonfinite_error(self.label, where, announce or "parameters", [rank], self.step)
-        for peer, theirs in zip(peers, received):
+        for peer in peers:
+            theirs = received[peer]
             their_finite, their_at = _read_header(theirs)
             if not their_finite:
                 raise NonFiniteError(
@@ -224,8 +225,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
                     "batches and take optimizer steps on all ranks alike. Nothing was mixed."
                 )
         mixed = vector * self.topology.self_weight(rank)
-        for weight, theirs in zip(peers.values(), received):  # ascending peer order: deterministic sums
-            mixed.add_(theirs[_HEADER:], alpha=weight)
+        for peer, weight in peers.items():  # ascending peer order: deterministic sums
+            mixed.add_(received[peer][_HEADER:], alpha=weight)
         return mixed
 
     # ------------------------------------------------------------------ consensus distance

@@ -87,22 +87,23 @@ class Communicator(ABC):
         self.stats.seconds += time.perf_counter() - start
         return gathered
 
-    def neighbour_exchange_(self, tensor: Tensor, peers: Sequence[int]) -> list[Tensor]:
-        """Send ``tensor`` to each rank in ``peers`` and receive theirs (same shape and dtype): point to point, no
-        whole-world collective. Every peer must call it at the same time with this rank among its own ``peers``.
+    def neighbour_exchange_(self, tensor: Tensor, phases: Sequence[tuple[int, int]]) -> dict[int, Tensor]:
+        """Gossip: in each phase ``(send_to, receive_from)``, send ``tensor`` to one rank and receive another's
+        (same shape and dtype), point to point, no whole-world collective. Every rank runs the same number of phases
+        at once, and in each phase the rank this one receives from sends to it (a topology's ``phases(rank)``).
 
-        Returns the peers' tensors in the order of ``peers``. Counted as one collective; this rank sends
-        ``len(peers)`` times the payload.
+        Returns the received tensors by sender. Counted as one collective; this rank sends ``len(phases)`` times the
+        payload.
         """
-        peers = list(peers)
-        if not peers:
-            return []
-        if self.rank in peers or len(set(peers)) != len(peers):
-            raise ValueError(f"Rank {self.rank}'s gossip peers must be other ranks, each once; got {peers}.")
+        phases = [(int(to), int(source)) for to, source in phases]
+        if not phases:
+            return {}
+        if any(self.rank in pair for pair in phases) or len({source for _, source in phases}) != len(phases):
+            raise ValueError(f"Rank {self.rank}'s gossip phases must pair it with other ranks, once each: {phases}.")
         start = time.perf_counter()
-        received = self._neighbour_exchange_(tensor.contiguous(), peers)
+        received = self._neighbour_exchange_(tensor.contiguous(), phases)
         self.stats.collectives += 1
-        self.stats.bytes_sent += len(peers) * tensor.numel() * tensor.element_size()
+        self.stats.bytes_sent += len(phases) * tensor.numel() * tensor.element_size()
         self._wait_for_device([tensor])
         self.stats.seconds += time.perf_counter() - start
         return received
@@ -145,7 +146,7 @@ class Communicator(ABC):
     def _all_gather_(self, tensor: Tensor) -> list[Tensor]: ...
 
     @abstractmethod
-    def _neighbour_exchange_(self, tensor: Tensor, peers: list[int]) -> list[Tensor]: ...
+    def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]: ...
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -242,17 +243,21 @@ class ProcessGroupCommunicator(Communicator):
         dist.all_gather(out, tensor.contiguous(), group=self.group)
         return out
 
-    def _neighbour_exchange_(self, tensor: Tensor, peers: list[int]) -> list[Tensor]:
-        # All sends and receives posted at once: neither side of a pair waits for the other to start.
-        received = [torch.empty_like(tensor) for _ in peers]
-        ops = []
-        for peer, buffer in zip(peers, received):
-            global_peer = dist.get_global_rank(self.group, peer) if self.group is not None else peer
-            ops.append(dist.P2POp(dist.isend, tensor, global_peer, self.group))
-            ops.append(dist.P2POp(dist.irecv, buffer, global_peer, self.group))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+    def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
+        # One phase at a time: each link carries one message at once (see Topology.phases for what that bought).
+        received = {}
+        for send_to, receive_from in phases:
+            buffer = received[receive_from] = torch.empty_like(tensor)
+            ops = [
+                dist.P2POp(dist.isend, tensor, self._global(send_to), self.group),
+                dist.P2POp(dist.irecv, buffer, self._global(receive_from), self.group),
+            ]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
         return received
+
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size

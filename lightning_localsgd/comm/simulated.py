@@ -193,18 +193,21 @@ class SimulatedCommunicator(Communicator):
         _check_same_layout(values, self.rank, "all-gather")
         return [value.clone() for value in values]
 
-    def _neighbour_exchange_(self, tensor: Tensor, peers: list[int]) -> list[Tensor]:
-        # Every simulated worker deposits at the same meeting (they gossip in lockstep); each reads its peers' only.
-        values = self.group.exchange(self.rank, (tensor.clone(), frozenset(peers)))
-        for peer in peers:
-            sent, their_peers = values[peer]
-            if self.rank not in their_peers:
+    def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
+        # Every simulated worker deposits at one meeting (they gossip in lockstep) and reads its senders' only,
+        # after checking that each sends to it in the same phase, as the real schedule needs.
+        values = self.group.exchange(self.rank, (tensor.clone(), tuple(phases)))
+        received = {}
+        for index, (_, source) in enumerate(phases):
+            sent, their_phases = values[source]
+            if index >= len(their_phases) or their_phases[index][0] != self.rank:
                 raise SimulatedCollectiveError(
-                    f"Rank {self.rank} gossips with rank {peer}, which does not gossip with it: the topology is not "
-                    "symmetric or the ranks disagree on it."
+                    f"Rank {self.rank} expects rank {source} to send to it in gossip phase {index}, and it does not: "
+                    "the topology's phases do not pair up or the ranks disagree on the topology."
                 )
             _check_same_layout([tensor, sent], self.rank, "neighbour exchange")
-        return [values[peer][0].clone() for peer in peers]
+            received[source] = sent.clone()
+        return received
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self.group.exchange(self.rank, obj)
