@@ -2,13 +2,13 @@
 
 Each rank keeps its own replica and, at every optimizer step, mixes it with its neighbours' over a topology
 (:mod:`lightning_localsgd.comm.topology`): ``x_i <- sum_j W_ij x_j``. Messages go point to point to the neighbours
-only (:meth:`~lightning_localsgd.comm.Communicator.neighbour_exchange_`), packed into one flat float32 vector per
-round: parameters of the optimizer about to step (and, once per step, the averaged normalisation buffers), plus
-whatever the algorithm gossips beside them (DeTAG's gradient tracker).
+only (:meth:`~lightning_localsgd.comm.Communicator.neighbour_exchange_`, one neighbour per phase), packed into one
+flat float32 vector (float64 for a float64 model) per round: the parameters of the optimizer about to step (and,
+once per step, the averaged normalisation buffers), plus what the algorithm gossips beside them (DeTAG's tracker).
 
 The guard, without a whole-world collective on the critical path of a step:
 
-* Every message starts with a two-float header: "my vector is finite" and the sender's position (step and round
+* Every message starts with a small header: "my vector is finite" and the sender's position (step and round
   within the step). A rank checks its neighbours' headers *before* mixing: a non-finite neighbour, or one at another
   point of training, stops this rank with a :class:`~lightning_localsgd.errors.NonFiniteError` /
   :class:`~lightning_localsgd.errors.OutOfStepError` naming it, and nothing it sent is mixed in. The rank that
@@ -125,7 +125,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
         where = f"the gossip of step {self.step}"
         with failures_named(self.label, where, self.timeout):
             self.flat.ensure_views()
-            self._follow_managed_set()
+            # The managed set follows `requires_grad` at the checks only, where the ranks agree on it first: a layer
+            # unfrozen in between trains on its own rank and joins the gossip at the next check.
             params = self._managed_params_of(optimizer)
             if not params:
                 return
