@@ -23,6 +23,7 @@ from benchmarks.workloads import WORKLOADS, Workload
 from lightning_localsgd.algorithms import DPSGD, DeTAG
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import ring_all_reduce_bytes, run_simulated
+from lightning_localsgd.comm.topology import ring
 
 RUNS: dict[str, Callable[[], PeriodicAlgorithm]] = {
     "synchronous SGD (fully connected gossip)": partial(DPSGD, "fully_connected", check_every=10**6),
@@ -100,8 +101,9 @@ def bytes_table(workload: Workload) -> list[str]:
 
         stats = run_simulated(world, worker, timeout=600.0)[0]
         gossip = stats["exchange_bytes_sent"] / stats["exchanges"]
-        ring = ring_all_reduce_bytes(numel * 4, world)
-        rows.append(f"| {world} | {gossip / 1e6:.3f} | 1 | {ring / 1e6:.3f} | {2 * (world - 1)} |")
+        all_reduce = ring_all_reduce_bytes(numel * 4, world)
+        phases = len(ring(world).phases(0))  # one neighbour after the other
+        rows.append(f"| {world} | {gossip / 1e6:.3f} | {phases} | {all_reduce / 1e6:.3f} | {2 * (world - 1)} |")
     return rows
 
 
