@@ -1,7 +1,7 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
 Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
-``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``) with Lightning.
+``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``, ``diloco``) with Lightning.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -13,6 +13,7 @@ from lightning_localsgd.algorithms import (
     VRLSGD,
     CoCoDSGD,
     DeTAG,
+    DiLoCo,
     ErrorFeedbackSGD,
     LocalSGD,
     OverlapLocalSGD,
@@ -23,6 +24,7 @@ from lightning_localsgd.strategies import (
     ALL_STRATEGIES,
     CoCoDSGDStrategy,
     DeTAGStrategy,
+    DiLoCoStrategy,
     DPSGDStrategy,
     ErrorFeedbackStrategy,
     LIECSGDStrategy,
@@ -46,6 +48,8 @@ __all__ = [
     "DPSGDStrategy",
     "DeTAG",
     "DeTAGStrategy",
+    "DiLoCo",
+    "DiLoCoStrategy",
     "ErrorFeedbackSGD",
     "ErrorFeedbackStrategy",
     "LIECSGDStrategy",

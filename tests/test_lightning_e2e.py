@@ -17,8 +17,8 @@ def run_case(out: Path, *args: str) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-STRATEGIES = ["local_sgd", "vrl_sgd", "overlap_local_sgd", "cocod_sgd"]
-SYNCHRONISING = {"vrl_sgd", "local_sgd"}  # replicas agree after a round (the overlapping ones never do)
+STRATEGIES = ["local_sgd", "vrl_sgd", "overlap_local_sgd", "cocod_sgd", "diloco"]
+SYNCHRONISING = {"vrl_sgd", "local_sgd", "diloco"}  # replicas agree after a round (the overlapping ones never do)
 
 
 @pytest.fixture(scope="module", params=STRATEGIES)
@@ -97,6 +97,10 @@ def test_checkpoint_weights_are_the_average_and_every_rank_state_is_stored(fit_r
         assert set(shards[rank]["rng"]) >= {"torch", "python", "numpy"}
     momentum = [s["optimizer_states"][0]["state"][0]["momentum_buffer"] for s in shards]
     assert (momentum[0] - momentum[1]).abs().max() > 1e-4  # each rank's own optimizer state
+    if name == "diloco":  # the global model and its outer momentum: the same on every rank, stored by each
+        thetas = [torch.cat(shards[r]["algorithm"]["global_params"]) for r in range(2)]
+        assert torch.equal(thetas[0], thetas[1])
+        assert shards[0]["algorithm"]["outer_optimizer"]["state"]
     if name == "vrl_sgd":
         deltas = [torch.cat(shards[r]["algorithm"]["delta"]) for r in range(2)]
         assert (deltas[0] + deltas[1]).abs().max() < 1e-5 and deltas[0].abs().max() > 1e-3
@@ -135,6 +139,7 @@ def test_model_after_fit_is_the_average_on_every_rank(fit_run):
         ("vrl_sgd", "adam"),
         ("overlap_local_sgd", "sgd"),
         ("cocod_sgd", "adam"),
+        ("diloco", "adam"),
     ],
 )
 def test_resume_from_a_mid_period_checkpoint_matches_the_uninterrupted_run(tmp_path, strategy, optimizer):

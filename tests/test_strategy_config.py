@@ -29,6 +29,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("ef_sign", lightning_localsgd.ErrorFeedbackStrategy, 100),
         ("dpsgd", lightning_localsgd.DPSGDStrategy, 50),
         ("detag", lightning_localsgd.DeTAGStrategy, 50),
+        ("diloco", lightning_localsgd.DiLoCoStrategy, 100),
     ],
 )
 def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
@@ -85,6 +86,9 @@ BAD_ARGUMENTS = [
     (lightning_localsgd.DeTAGStrategy, {"gossip_rounds": 65}, "gossip_rounds"),
     (lightning_localsgd.DeTAGStrategy, {"acceleration": 1.0}, "acceleration"),
     (lightning_localsgd.DeTAGStrategy, {"acceleration": "fast"}, "acceleration"),
+    (lightning_localsgd.DiLoCoStrategy, {"outer_optimizer": "Lion"}, "outer_optimizer"),
+    (lightning_localsgd.DiLoCoStrategy, {"outer_optimizer_options": {"lr": -1}}, "outer_optimizer_options"),
+    (lightning_localsgd.DiLoCoStrategy, {"global_device": "gpu"}, "global_device"),
 ]
 
 
@@ -210,3 +214,22 @@ def test_gossip_strategies_take_their_knobs_from_yaml():
     assert (algorithm.topology_name, algorithm.gossip_rounds, algorithm.acceleration) == ("exponential", 3, 0.2)
     cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(EXAMPLES / "dpsgd.yaml")])
     assert cli.trainer.strategy.algorithm.gossip_order == "adapt_then_combine"
+
+
+def test_diloco_takes_its_outer_optimizer_from_yaml():
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(EXAMPLES / "diloco.yaml")])
+    algorithm = cli.trainer.strategy.algorithm
+    assert isinstance(algorithm, lightning_localsgd.DiLoCo) and algorithm.period == 100
+    assert (algorithm.outer_optimizer_name, algorithm.outer_optimizer_options) == (
+        "SGD",
+        {"lr": 0.7, "momentum": 0.9, "nesterov": True},
+    )
+    args = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=lightning_localsgd.DiLoCoStrategy",
+        "--trainer.strategy.outer_optimizer=AdamW",
+        "--trainer.strategy.outer_optimizer_options={lr: 0.3, betas: [0.9, 0.95]}",
+    ]
+    algorithm = LightningCLI(BoringModel, BoringDataModule, run=False, args=args).trainer.strategy.algorithm
+    assert algorithm.outer_optimizer_name == "AdamW" and algorithm.outer_optimizer_options["lr"] == 0.3

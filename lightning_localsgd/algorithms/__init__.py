@@ -2,6 +2,7 @@
 
 from lightning_localsgd.algorithms.cocod_sgd import CoCoDSGD
 from lightning_localsgd.algorithms.detag import DeTAG
+from lightning_localsgd.algorithms.diloco import DiLoCo
 from lightning_localsgd.algorithms.dpsgd import DPSGD
 from lightning_localsgd.algorithms.ef_sgd import ErrorFeedbackSGD
 from lightning_localsgd.algorithms.liec_sgd import LIECSGD
@@ -16,6 +17,7 @@ __all__ = [
     "VRLSGD",
     "CoCoDSGD",
     "DeTAG",
+    "DiLoCo",
     "ErrorFeedbackSGD",
     "LocalSGD",
     "OverlapLocalSGD",

@@ -3,6 +3,7 @@
 from lightning_localsgd.strategies.base import LocalUpdateStrategy
 from lightning_localsgd.strategies.cocod_sgd import CoCoDSGDStrategy
 from lightning_localsgd.strategies.detag import DeTAGStrategy
+from lightning_localsgd.strategies.diloco import DiLoCoStrategy
 from lightning_localsgd.strategies.dpsgd import DPSGDStrategy
 from lightning_localsgd.strategies.ef_sgd import ErrorFeedbackStrategy
 from lightning_localsgd.strategies.liec_sgd import LIECSGDStrategy
@@ -19,6 +20,7 @@ ALL_STRATEGIES = (
     ErrorFeedbackStrategy,
     DPSGDStrategy,
     DeTAGStrategy,
+    DiLoCoStrategy,
 )
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "CoCoDSGDStrategy",
     "DPSGDStrategy",
     "DeTAGStrategy",
+    "DiLoCoStrategy",
     "ErrorFeedbackStrategy",
     "LIECSGDStrategy",
     "LocalSGDStrategy",

@@ -1,0 +1,135 @@
+"""DiLoCo: Local SGD whose rounds feed an outer optimizer.
+
+Paper: "DiLoCo: Distributed Low-Communication Training of Language Models" (Douillard et al., arXiv 2311.08455).
+
+Update rule, per rank i, with global parameters theta kept apart from the replicas (on the CPU by default):
+    x_i <- inner optimizer step on g_i                        every step (the user's optimizer, state local)
+    every `period` steps:
+        x_mean = mean_j x_j                                   one all-reduce of the model, as Local SGD's round
+        pseudo-gradient  delta = theta - x_mean
+        theta <- outer optimizer step on theta with gradient delta   (Nesterov SGD, lr 0.7, momentum 0.9 by default)
+        x_i <- theta                                          every replica restarts from the global model
+Normalisation statistics are averaged at the round, as in Local SGD. With an outer SGD of lr 1 and no momentum,
+theta <- theta - (theta - x_mean) = x_mean: Local SGD (tested step for step).
+
+theta and the outer optimizer's state are the same on every rank (every rank computes the same outer step from the
+same mean), are kept in float32 (or the parameters' wider dtype), and are part of each rank's checkpoint state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.comm import FlatParameters
+from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
+
+DEFAULT_OUTER_OPTIMIZER = "SGD"
+DEFAULT_OUTER_OPTIONS: dict[str, Any] = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+GLOBAL_DEVICES = ("cpu", "device")
+
+
+def outer_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """A ``torch.optim`` optimizer by its class name (``"SGD"``, ``"Adam"``, ``"AdamW"``, ...)."""
+    optimizer = getattr(torch.optim, name, None) if isinstance(name, str) else None
+    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        raise ValueError(f"`outer_optimizer` must name a torch.optim optimizer such as 'SGD' or 'AdamW', got {name!r}.")
+    return optimizer
+
+
+def check_outer_optimizer(name: str, options: Optional[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Validate the outer optimizer and its keyword arguments now, on a throwaway tensor."""
+    optimizer = outer_optimizer_class(name)
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"`outer_optimizer_options` must be a mapping of keyword arguments, got {options!r}.")
+    chosen = dict(DEFAULT_OUTER_OPTIONS if options is None and name == DEFAULT_OUTER_OPTIMIZER else options or {})
+    try:
+        optimizer([torch.zeros(1)], **chosen)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`outer_optimizer_options` {chosen} do not fit torch.optim.{name}: {error}") from error
+    return name, chosen
+
+
+class DiLoCo(PeriodicAlgorithm):
+    """DiLoCo (see the module docstring).
+
+    Args:
+        period: inner steps between two outer steps (H; the paper uses 500 on language models).
+        outer_optimizer: a ``torch.optim`` class name (default ``"SGD"``).
+        outer_optimizer_options: its keyword arguments (default for SGD: lr 0.7, momentum 0.9, Nesterov).
+        global_device: where theta and the outer optimizer's state live: ``"cpu"`` (default: no accelerator memory)
+            or ``"device"`` (the model's device: faster outer steps on a GPU).
+        warmup_steps, bucket_cap_mb, buffers: as :class:`PeriodicAlgorithm` (theta starts as the model when the
+            local phase starts).
+    """
+
+    def __init__(
+        self,
+        period: int = 100,
+        outer_optimizer: str = DEFAULT_OUTER_OPTIMIZER,
+        outer_optimizer_options: Optional[dict[str, Any]] = None,
+        global_device: str = "cpu",
+        warmup_steps: int = 0,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        buffers: BufferSelection = None,
+    ) -> None:
+        super().__init__(period, warmup_steps, False, bucket_cap_mb, buffers)
+        self.outer_optimizer_name, self.outer_optimizer_options = check_outer_optimizer(
+            outer_optimizer, outer_optimizer_options
+        )
+        if global_device not in GLOBAL_DEVICES:
+            raise ValueError(f"`global_device` must be one of {list(GLOBAL_DEVICES)}, got {global_device!r}.")
+        self.global_device = global_device
+        self.global_params: list[Tensor] = []  # theta, one tensor per bucket (at least float32)
+        self.outer: Optional[torch.optim.Optimizer] = None
+
+    def _begin_local_phase(self) -> None:
+        """theta <- the model (in sync: after set-up or warm-up), with a fresh outer optimizer."""
+        device = torch.device("cpu") if self.global_device == "cpu" else self.flat.buckets[0].device
+        self.global_params = [
+            b.detach().to(device=device, dtype=torch.promote_types(b.dtype, torch.float32), copy=True)
+            for b in self.flat.buckets
+        ]
+        optimizer = outer_optimizer_class(self.outer_optimizer_name)
+        self.outer = optimizer(self.global_params, **self.outer_optimizer_options)
+
+    def _round(self) -> None:
+        super()._round()  # x_mean, in the buckets; normalisation statistics averaged
+        assert self.outer is not None
+        with torch.no_grad():
+            for theta, bucket in zip(self.global_params, self.flat.buckets):
+                theta.grad = theta - bucket.to(theta.device, theta.dtype)  # the pseudo-gradient
+            self.outer.step()
+            for theta, bucket in zip(self.global_params, self.flat.buckets):
+                bucket.copy_(theta)
+                theta.grad = None
+
+    def _on_relayout(self, old: FlatParameters) -> None:
+        raise ValueError(
+            f"{self.label}: the set of trainable parameters changed during fit; DiLoCo's outer optimizer state is laid "
+            "out for the set it started with. Freeze or unfreeze layers before `fit`, or start a new `fit`."
+        )
+
+    def _extra_state(self) -> dict[str, Any]:
+        if self.outer is None:  # still in warm-up: theta does not exist yet
+            return {}
+        return {
+            "global_params": [t.detach().cpu().clone() for t in self.global_params],
+            "outer_optimizer": self.outer.state_dict(),
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if "global_params" not in state:
+            return
+        if self.outer is None:  # saved after warm-up, loaded into a run that is still set up for it
+            self._begin_local_phase()
+        if len(state["global_params"]) != len(self.global_params):
+            raise ValueError("The saved DiLoCo state was laid out for another model: resume with the same model.")
+        with torch.no_grad():
+            for theta, saved in zip(self.global_params, state["global_params"]):
+                theta.copy_(saved)
+        self.outer.load_state_dict(state["outer_optimizer"])

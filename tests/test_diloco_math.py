@@ -1,0 +1,141 @@
+"""DiLoCo against its update rule, with simulated workers (several buckets, two dtypes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model
+from torch import nn
+
+from lightning_localsgd.algorithms import DiLoCo, LocalSGD
+from lightning_localsgd.comm import run_simulated
+
+LR = 0.05
+
+
+def run(make_algorithm, world=3, steps=9, dtype=torch.float32, momentum=0.9, cut=None):
+    """Every worker's parameters after each step; with ``cut``, the state is saved there and training goes on in
+    new objects loaded from it (as a resumed process would)."""
+
+    def worker(rank, comm):
+        model = make_layered_model(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
+        algorithm = make_algorithm()
+        algorithm.setup(model, comm, [opt])
+        trajectory = []
+        for step in range(steps):
+            if step == cut:
+                saved = (algorithm.state_dict(), opt.state_dict())
+                model = make_layered_model(dtype, seed=5)
+                opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
+                algorithm = make_algorithm()
+                algorithm.setup(model, comm, [opt])
+                algorithm.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            algorithm.after_optimizer_step(opt)
+            algorithm.end_step()
+            trajectory.append(flat_params(model).clone())
+        return trajectory, algorithm
+
+    return run_simulated(world, worker)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_with_outer_sgd_of_lr_1_and_no_momentum_diloco_is_local_sgd_step_for_step(dtype):
+    period = 3
+    diloco = run(
+        lambda: DiLoCo(period, "SGD", {"lr": 1.0}, bucket_cap_mb=SMALL_BUCKET_MB),
+        dtype=dtype,
+    )
+    local = run(lambda: LocalSGD(period, first_period_one_step=False, bucket_cap_mb=SMALL_BUCKET_MB), dtype=dtype)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12  # theta - (theta - mean) is the mean up to rounding
+    for (ours, _), (theirs, _) in zip(diloco, local):
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=tolerance, rtol=0)
+    assert (diloco[0][0][1] - diloco[1][0][1]).abs().max() > 1e-4  # mid-period the replicas differ
+
+
+def test_a_round_is_an_outer_nesterov_step_on_the_pseudo_gradient():
+    period, world = 3, 3
+    runs = run(lambda: DiLoCo(period), world=world, steps=period * 2, dtype=torch.float64)
+    # Replay the outer optimizer by hand from the replicas just before each round.
+    before_round = {}
+
+    def worker(rank, comm):  # the same run, stopped before each round's end_step to read the replicas
+        model = make_layered_model(torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        algorithm = DiLoCo(period)
+        algorithm.setup(model, comm, [opt])
+        for step in range(period * 2):
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            algorithm.after_optimizer_step(opt)
+            if algorithm.is_round_after(algorithm.step):
+                before_round.setdefault(step, {})[rank] = flat_params(model).clone()
+            algorithm.end_step()
+
+    run_simulated(world, worker)
+    theta = flat_params(make_layered_model(torch.float64)).clone()
+    velocity = torch.zeros_like(theta)
+    for step in sorted(before_round):
+        mean = torch.stack([before_round[step][r] for r in range(world)]).mean(0)
+        delta = theta - mean
+        velocity = 0.9 * velocity + delta
+        theta = theta - 0.7 * (delta + 0.9 * velocity)  # torch's Nesterov SGD
+        for trajectory, _ in runs:
+            torch.testing.assert_close(trajectory[step], theta, atol=1e-12, rtol=0)
+    assert len(before_round) == 2
+
+
+def test_global_parameters_live_on_the_cpu_and_every_rank_holds_the_same():
+    runs = run(lambda: DiLoCo(3), steps=4)
+    thetas = [torch.cat([t.reshape(-1) for t in algorithm.global_params]) for _, algorithm in runs]
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in thetas)
+    for theta in thetas[1:]:
+        assert torch.equal(theta, thetas[0])
+
+
+def test_resuming_mid_period_with_the_outer_state_matches_the_uninterrupted_run():
+    make = lambda: DiLoCo(3, bucket_cap_mb=SMALL_BUCKET_MB)  # noqa: E731
+    straight = run(make, steps=10)
+    resumed = run(make, steps=10, cut=5)  # after one outer step (momentum built), mid-period
+    for (a, _), (b, _) in zip(straight, resumed):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_outer_optimizers_are_taken_by_name_and_bad_ones_refused():
+    assert DiLoCo(outer_optimizer="AdamW", outer_optimizer_options={"lr": 0.1}).outer_optimizer_name == "AdamW"
+    assert DiLoCo().outer_optimizer_options == {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+    with pytest.raises(ValueError, match=r"`outer_optimizer` must name a torch\.optim optimizer"):
+        DiLoCo(outer_optimizer="Lion")
+    with pytest.raises(ValueError, match="`outer_optimizer_options`"):
+        DiLoCo(outer_optimizer_options={"betas": 3})
+    with pytest.raises(ValueError, match="`global_device`"):
+        DiLoCo(global_device="gpu")
+    with pytest.raises(ValueError, match="`period`"):
+        DiLoCo(period=0)
+
+
+def test_a_layer_unfrozen_mid_fit_is_refused_with_a_message():
+    def worker(rank, comm):
+        model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+        model[0].requires_grad_(False)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        algorithm = DiLoCo(2)
+        algorithm.setup(model, comm, [opt])
+        model[0].requires_grad_(True)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.ones(2, 3)).sum().backward()
+            opt.step()
+            algorithm.end_step()
+
+    with pytest.raises(ValueError, match="trainable parameters changed during fit"):
+        run_simulated(2, worker)
