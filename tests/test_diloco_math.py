@@ -139,3 +139,47 @@ def test_a_layer_unfrozen_mid_fit_is_refused_with_a_message():
 
     with pytest.raises(ValueError, match="trainable parameters changed during fit"):
         run_simulated(2, worker)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_overlapped_outer_step_with_outer_sgd_of_lr_1_is_cocod_sgd_step_for_step(dtype):
+    from lightning_localsgd.algorithms import CoCoDSGD
+
+    period = 3
+    make = lambda: DiLoCo(period, "SGD", {"lr": 1.0}, overlap=True, bucket_cap_mb=SMALL_BUCKET_MB)  # noqa: E731
+    diloco = run(make, dtype=dtype)
+    cocod = run(lambda: CoCoDSGD(period, bucket_cap_mb=SMALL_BUCKET_MB), dtype=dtype)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    for (ours, _), (theirs, _) in zip(diloco, cocod):
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=tolerance, rtol=0)
+
+
+def test_the_overlapped_outer_step_applies_the_previous_rounds_progress_one_round_late():
+    period, world = 3, 3
+    runs = run(lambda: DiLoCo(period, overlap=True), world=world, steps=3 * period, dtype=torch.float64)
+    trajectories = [trajectory for trajectory, _ in runs]
+    thetas = [torch.cat([t.reshape(-1) for t in algorithm.global_params]) for _, algorithm in runs]
+    assert all(torch.equal(t, thetas[0]) for t in thetas)
+    # Round r starts from the replicas left by round r - 1 (round 1 from the model itself); the outer step at
+    # the end of round r uses the mean of round r's start: the progress of round r - 1, one round late.
+    x0 = flat_params(make_layered_model(torch.float64))
+    starts = [[x0] * world] + [[t[r * period - 1] for t in trajectories] for r in (1, 2)]
+    theta, velocity = x0.clone(), torch.zeros_like(x0)
+    for round_starts in starts:
+        delta = theta - torch.stack(round_starts).mean(0)
+        velocity = 0.9 * velocity + delta
+        theta = theta - 0.7 * (delta + 0.9 * velocity)  # torch's Nesterov SGD
+    torch.testing.assert_close(thetas[0], theta, atol=1e-12, rtol=0)
+    assert not torch.equal(theta, x0)
+    for trajectory in trajectories[1:]:  # replicas keep their own progress
+        assert (trajectory[-1] - trajectories[0][-1]).abs().max() > 1e-6
+
+
+def test_resuming_with_the_overlapped_transfer_in_flight_matches_the_uninterrupted_run():
+    make = lambda: DiLoCo(3, overlap=True, bucket_cap_mb=SMALL_BUCKET_MB)  # noqa: E731
+    straight = run(make, steps=10)
+    resumed = run(make, steps=10, cut=5)  # mid-period: a transfer is in flight and the outer momentum is built
+    for (a, _), (b, _) in zip(straight, resumed):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

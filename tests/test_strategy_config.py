@@ -89,6 +89,7 @@ BAD_ARGUMENTS = [
     (lightning_localsgd.DiLoCoStrategy, {"outer_optimizer": "Lion"}, "outer_optimizer"),
     (lightning_localsgd.DiLoCoStrategy, {"outer_optimizer_options": {"lr": -1}}, "outer_optimizer_options"),
     (lightning_localsgd.DiLoCoStrategy, {"global_device": "gpu"}, "global_device"),
+    (lightning_localsgd.DiLoCoStrategy, {"overlap": "yes"}, "overlap"),
 ]
 
 
@@ -230,6 +231,8 @@ def test_diloco_takes_its_outer_optimizer_from_yaml():
         "--trainer.strategy=lightning_localsgd.DiLoCoStrategy",
         "--trainer.strategy.outer_optimizer=AdamW",
         "--trainer.strategy.outer_optimizer_options={lr: 0.3, betas: [0.9, 0.95]}",
+        "--trainer.strategy.overlap=true",
     ]
     algorithm = LightningCLI(BoringModel, BoringDataModule, run=False, args=args).trainer.strategy.algorithm
     assert algorithm.outer_optimizer_name == "AdamW" and algorithm.outer_optimizer_options["lr"] == 0.3
+    assert algorithm.overlap and not algorithm.rounds_synchronise

@@ -12,6 +12,15 @@ Update rule, per rank i, with global parameters theta kept apart from the replic
 Normalisation statistics are averaged at the round, as in Local SGD. With an outer SGD of lr 1 and no momentum,
 theta <- theta - (theta - x_mean) = x_mean: Local SGD (tested step for step).
 
+``overlap=True``: the delayed outer step of Streaming DiLoCo ("Streaming DiLoCo with overlapping communication",
+Douillard et al., arXiv 2501.18512), built like CoCoD-SGD's rounds. At a round's start each rank keeps its replica
+``s_i`` and starts a non-blocking all-reduce of it; the ``period`` inner steps run meanwhile; at the round's end
+    theta <- outer step on theta with gradient (theta - mean_j s_j)      (the previous round's progress)
+    x_i  <- theta + (x_i - s_i)                                          (keep this round's own progress)
+and the next round starts at once. The outer step is one round late and the transfer never blocks; the replicas
+never coincide (each keeps its own progress), so evaluation and checkpoints use their average. With an outer SGD
+of lr 1 and no momentum this is CoCoD-SGD (tested step for step). Memory: two more copies of the model.
+
 theta and the outer optimizer's state are the same on every rank (every rank computes the same outer step from the
 same mean), are kept in float32 (or the parameters' wider dtype), and are part of each rank's checkpoint state.
 """
@@ -23,8 +32,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_localsgd._validation import check_bool
+from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.algorithms.precision import in_state_precision, write_back
+from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm import FlatParameters
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 
@@ -63,6 +76,8 @@ class DiLoCo(PeriodicAlgorithm):
         outer_optimizer_options: its keyword arguments (default for SGD: lr 0.7, momentum 0.9, Nesterov).
         global_device: where theta and the outer optimizer's state live: ``"cpu"`` (default: no accelerator memory)
             or ``"device"`` (the model's device: faster outer steps on a GPU).
+        overlap: the delayed outer step (see the module docstring): the round's transfer runs behind the next
+            ``period`` inner steps.
         warmup_steps, bucket_cap_mb, buffers: as :class:`PeriodicAlgorithm` (theta starts as the model when the
             local phase starts).
     """
@@ -73,11 +88,14 @@ class DiLoCo(PeriodicAlgorithm):
         outer_optimizer: str = DEFAULT_OUTER_OPTIMIZER,
         outer_optimizer_options: Optional[dict[str, Any]] = None,
         global_device: str = "cpu",
+        overlap: bool = False,
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         buffers: BufferSelection = None,
     ) -> None:
         super().__init__(period, warmup_steps, False, bucket_cap_mb, buffers)
+        self.overlap = check_bool("overlap", overlap)
+        self.rounds_synchronise = not self.overlap  # with the delayed step each replica keeps its own progress
         self.outer_optimizer_name, self.outer_optimizer_options = check_outer_optimizer(
             outer_optimizer, outer_optimizer_options
         )
@@ -96,17 +114,51 @@ class DiLoCo(PeriodicAlgorithm):
         ]
         optimizer = outer_optimizer_class(self.outer_optimizer_name)
         self.outer = optimizer(self.global_params, **self.outer_optimizer_options)
+        if self.overlap:
+            self._start_round()
+
+    def _declare_state_buffers(self) -> dict[str, StateInit]:
+        if not self.overlap:
+            return {}
+        # s_i, and the buffer its mean is all-reduced into (holding the mean once the transfer landed)
+        return {"round_start": "params", "round_start_mean": "params"}
+
+    def _outer_step(self, means: list[Tensor]) -> None:
+        """theta <- outer optimizer step with the pseudo-gradient theta - mean."""
+        assert self.outer is not None
+        for theta, mean in zip(self.global_params, means):
+            theta.grad = theta - mean.to(theta.device, theta.dtype)
+        self.outer.step()
+        for theta in self.global_params:
+            theta.grad = None
 
     def _round(self) -> None:
-        super()._round()  # x_mean, in the buckets; normalisation statistics averaged
-        assert self.outer is not None
         with torch.no_grad():
-            for theta, bucket in zip(self.global_params, self.flat.buckets):
-                theta.grad = theta - bucket.to(theta.device, theta.dtype)  # the pseudo-gradient
-            self.outer.step()
-            for theta, bucket in zip(self.global_params, self.flat.buckets):
-                bucket.copy_(theta)
-                theta.grad = None
+            if not self.overlap:
+                super()._round()  # x_mean, in the buckets; normalisation statistics averaged
+                self._outer_step(self.flat.buckets)
+                for theta, bucket in zip(self.global_params, self.flat.buckets):
+                    bucket.copy_(theta)
+                return
+            self._settle_in_flight()
+            starts, means = self.state_buckets("round_start"), self.state_buckets("round_start_mean")
+            self._outer_step(means)
+            worked = in_state_precision(self.flat.buckets)
+            for x, start, theta in zip(worked, starts, self.global_params):
+                x.sub_(start).add_(theta.to(x.device, x.dtype))  # theta + this round's own progress
+            write_back(self.flat.buckets, worked)
+            mean_packed_(self.averaged_buffers(), self.comm)
+            self._start_round()
+
+    def _start_round(self) -> None:
+        """s_i <- x_i, and its all-reduce started; it lands during the next ``period`` inner steps."""
+        self._settle_in_flight()
+        for start, mean, x in zip(
+            self.state_buckets("round_start"), self.state_buckets("round_start_mean"), self.flat.buckets
+        ):
+            start.copy_(x)
+            mean.copy_(x)
+        self._in_flight = [self.comm.start_all_reduce_mean_(mean) for mean in self.state_buckets("round_start_mean")]
 
     def _on_relayout(self, old: FlatParameters) -> None:
         raise ValueError(

@@ -25,6 +25,8 @@ class DiLoCoStrategy(LocalUpdateStrategy):
         outer_optimizer_options: its keyword arguments (default for SGD: ``{lr: 0.7, momentum: 0.9, nesterov:
             true}``; ``{lr: 1.0}`` with SGD is Local SGD).
         global_device: ``"cpu"`` (default) or ``"device"``: where theta and the outer optimizer's state live.
+        overlap: the delayed outer step (Streaming DiLoCo): each round's all-reduce runs behind the next ``period``
+            inner steps and its outer step is applied one round late; the transfer never blocks training.
         warmup_steps, bucket_cap_mb, buffers: as for :class:`LocalSGDStrategy`.
         **kwargs: :class:`LocalUpdateStrategy` / :class:`~lightning.pytorch.strategies.DDPStrategy` arguments.
     """
@@ -37,12 +39,20 @@ class DiLoCoStrategy(LocalUpdateStrategy):
         outer_optimizer: str = DEFAULT_OUTER_OPTIMIZER,
         outer_optimizer_options: Optional[dict[str, Any]] = None,
         global_device: str = "cpu",
+        overlap: bool = False,
         warmup_steps: int = 0,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         buffers: BufferSelection = None,
         **kwargs: Any,
     ) -> None:
         algorithm = DiLoCo(
-            period, outer_optimizer, outer_optimizer_options, global_device, warmup_steps, bucket_cap_mb, buffers
+            period,
+            outer_optimizer,
+            outer_optimizer_options,
+            global_device,
+            overlap,
+            warmup_steps,
+            bucket_cap_mb,
+            buffers,
         )
         super().__init__(algorithm, **kwargs)

@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--rounds-end-periods", action="store_true", help="local_sgd: rounds after steps H, 2H, ...")
     parser.add_argument("--topology", default=None, help="dpsgd / detag: the gossip topology")
     parser.add_argument("--gossip-rounds", type=int, default=None, help="detag: gossip rounds per step")
+    parser.add_argument("--overlap", action="store_true", help="diloco: the delayed, overlapped outer step")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -208,6 +209,8 @@ def main() -> None:
         options["topology"] = args.topology
     if args.gossip_rounds:
         options["gossip_rounds"] = args.gossip_rounds
+    if args.overlap:
+        options["overlap"] = True
     strategy = StrategyRegistry[args.strategy]["strategy"](**period, warmup_steps=args.warmup, **options)
     callbacks = step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
