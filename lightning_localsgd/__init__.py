@@ -1,7 +1,7 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
 Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
-``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``, ``diloco``) with Lightning.
+``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``, ``diloco``, ``stl_sgd``) with Lightning.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -10,6 +10,7 @@ from lightning_localsgd import hooks
 from lightning_localsgd.algorithms import (
     DPSGD,
     LIECSGD,
+    STLSGD,
     VRLSGD,
     CoCoDSGD,
     DeTAG,
@@ -31,6 +32,7 @@ from lightning_localsgd.strategies import (
     LocalSGDStrategy,
     LocalUpdateStrategy,
     OverlapLocalSGDStrategy,
+    STLSGDStrategy,
     VRLSGDStrategy,
 )
 
@@ -42,6 +44,7 @@ for _strategy in ALL_STRATEGIES:
 __all__ = [
     "DPSGD",
     "LIECSGD",
+    "STLSGD",
     "VRLSGD",
     "CoCoDSGD",
     "CoCoDSGDStrategy",
@@ -60,6 +63,7 @@ __all__ = [
     "OverlapLocalSGD",
     "OverlapLocalSGDStrategy",
     "RoundCheckpoint",
+    "STLSGDStrategy",
     "VRLSGDStrategy",
     "__version__",
     "hooks",

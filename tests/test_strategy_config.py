@@ -30,6 +30,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("dpsgd", lightning_localsgd.DPSGDStrategy, 50),
         ("detag", lightning_localsgd.DeTAGStrategy, 50),
         ("diloco", lightning_localsgd.DiLoCoStrategy, 100),
+        ("stl_sgd", lightning_localsgd.STLSGDStrategy, 4),
     ],
 )
 def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
@@ -66,8 +67,13 @@ COMMON_BAD_ARGUMENTS = [
 
 
 def _spelled_for(cls, kwargs: dict, named: str) -> tuple[dict, str]:
-    """LIEC-SGD calls its period `full_sync_period`, the gossip strategies `check_every`."""
-    spelling = {"LIECSGDStrategy": "full_sync_period", "DPSGDStrategy": "check_every", "DeTAGStrategy": "check_every"}
+    """LIEC-SGD calls its period `full_sync_period`, the gossip strategies `check_every`, STL-SGD `first_period`."""
+    spelling = {
+        "LIECSGDStrategy": "full_sync_period",
+        "DPSGDStrategy": "check_every",
+        "DeTAGStrategy": "check_every",
+        "STLSGDStrategy": "first_period",
+    }
     if cls.__name__ in spelling and "period" in kwargs:
         return {spelling[cls.__name__]: kwargs["period"]}, spelling[cls.__name__]
     return kwargs, named
@@ -90,6 +96,10 @@ BAD_ARGUMENTS = [
     (lightning_localsgd.DiLoCoStrategy, {"outer_optimizer_options": {"lr": -1}}, "outer_optimizer_options"),
     (lightning_localsgd.DiLoCoStrategy, {"global_device": "gpu"}, "global_device"),
     (lightning_localsgd.DiLoCoStrategy, {"overlap": "yes"}, "overlap"),
+    (lightning_localsgd.STLSGDStrategy, {"first_stage_steps": 0}, "first_stage_steps"),
+    (lightning_localsgd.STLSGDStrategy, {"period_growth": "fast"}, "period_growth"),
+    (lightning_localsgd.STLSGDStrategy, {"lr_decay": 2.0}, "lr_decay"),
+    (lightning_localsgd.STLSGDStrategy, {"proximal": 0}, "proximal"),
 ]
 
 
@@ -236,3 +246,10 @@ def test_diloco_takes_its_outer_optimizer_from_yaml():
     algorithm = LightningCLI(BoringModel, BoringDataModule, run=False, args=args).trainer.strategy.algorithm
     assert algorithm.outer_optimizer_name == "AdamW" and algorithm.outer_optimizer_options["lr"] == 0.3
     assert algorithm.overlap and not algorithm.rounds_synchronise
+
+
+def test_stl_sgd_takes_its_stages_from_yaml():
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(EXAMPLES / "stl_sgd.yaml")])
+    schedule = cli.trainer.strategy.algorithm.schedule
+    assert (schedule.first_stage_steps, schedule.first_period) == (128, 4)
+    assert schedule.period_growth == pytest.approx(2**0.5) and cli.trainer.strategy.algorithm.lr_decay == 0.5

@@ -9,11 +9,13 @@ from lightning_localsgd.algorithms.liec_sgd import LIECSGD
 from lightning_localsgd.algorithms.local_sgd import LocalSGD
 from lightning_localsgd.algorithms.overlap_local_sgd import OverlapLocalSGD
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.algorithms.stl_sgd import STLSGD
 from lightning_localsgd.algorithms.vrl_sgd import VRLSGD
 
 __all__ = [
     "DPSGD",
     "LIECSGD",
+    "STLSGD",
     "VRLSGD",
     "CoCoDSGD",
     "DeTAG",

@@ -151,7 +151,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
             return
         self._module = module
         self._comm = comm
-        self.schedule.step = self.schedule.rounds = 0  # a new run; resuming restores them via `load_state_dict`
+        self.schedule.reset()  # a new run; resuming restores the schedule via `load_state_dict`
         trainable = self._trainable()
         if not trainable:
             raise ValueError(f"{self.label}: the model has no trainable parameters; there is nothing to average.")
@@ -175,6 +175,9 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
 
     def _begin_local_phase(self) -> None:
         """The replicas are in sync and local steps are about to begin (after set-up or warm-up)."""
+
+    def _begin_stage(self) -> None:
+        """A stage of a stagewise schedule (STL-SGD) ended with the round just held; the next begins."""
 
     def _start_local_phase(self) -> None:
         self._close_gradient_averagers()  # no per-step gradient exchange from now on: no hooks left behind
@@ -265,8 +268,10 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
                 self._follow_managed_set()
                 self._keep_rollback_point("round")
                 self._round()
-            self.schedule.rounds += 1
+            new_stage = self.schedule.round_held()
             self.comm.stats.rounds += 1
+            if new_stage:
+                self._begin_stage()
             self.in_sync = self.rounds_synchronise
             return True
         self.in_sync = False

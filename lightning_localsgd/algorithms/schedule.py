@@ -12,6 +12,7 @@ rounds" must not fire every 10 warm-up steps.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning_localsgd._validation import check_bool, check_int
@@ -52,9 +53,85 @@ class PeriodicSchedule:
         """Whether the step now running ends with the ranks in sync (warm-up step or round)."""
         return self.in_warmup() or self.is_round_after(self.step)
 
+    def reset(self) -> None:
+        """A new run: no step taken, no round held."""
+        self.step = self.rounds = 0
+
+    def round_held(self) -> bool:
+        """Count the round just held (after ``step`` was advanced past it). Returns True if a new stage begins."""
+        self.rounds += 1
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.rounds = int(state.get("rounds", 0))
+
+
+class StagewiseSchedule(PeriodicSchedule):
+    """STL-SGD's stages: stage s (0-based) lasts about ``first_stage_steps * 2**s`` local steps with period
+    ``round(first_period * period_growth**s)``; a stage ends at a round (its length is rounded up to whole periods),
+    so a stage boundary is always a synchronisation point.
+
+    Args:
+        first_stage_steps: local steps of the first stage (T_1).
+        first_period: period of the first stage (k_1).
+        period_growth: factor of the period from one stage to the next (2 for identical data, sqrt(2) otherwise).
+        warmup_steps: synchronous steps before the first stage.
+    """
+
+    def __init__(self, first_stage_steps: int, first_period: int, period_growth: float, warmup_steps: int = 0) -> None:
+        super().__init__(first_period, warmup_steps, False)
+        self.first_stage_steps = check_int("first_stage_steps", first_stage_steps, 1)
+        self.first_period = self.period
+        if not isinstance(period_growth, (int, float)) or isinstance(period_growth, bool) or not period_growth >= 1:
+            raise ValueError(f"`period_growth` must be a number of at least 1, got {period_growth!r}.")
+        self.period_growth = float(period_growth)
+        self.reset()
+
+    def period_of(self, stage: int) -> int:
+        return max(1, round(self.first_period * self.period_growth**stage))
+
+    def rounds_in(self, stage: int) -> int:
+        """Rounds of stage ``stage``: its 2**stage * T_1 steps in whole periods."""
+        return max(1, math.ceil(self.first_stage_steps * 2**stage / self.period_of(stage)))
+
+    def reset(self) -> None:
+        super().reset()
+        self.stage = 0
+        self.stage_rounds = 0  # rounds held in the current stage
+        self.last_round_end = self.warmup_steps  # steps completed when the last round (or warm-up) ended
+        self.period = self.period_of(0)
+
+    def is_round_after(self, step: int) -> bool:
+        if step < self.warmup_steps:
+            return False
+        return step + 1 - self.last_round_end == self.period
+
+    def round_held(self) -> bool:
+        super().round_held()
+        self.last_round_end = self.step
+        self.stage_rounds += 1
+        if self.stage_rounds < self.rounds_in(self.stage):
+            return False
+        self.stage += 1
+        self.stage_rounds = 0
+        self.period = self.period_of(self.stage)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "stage": self.stage,
+            "stage_rounds": self.stage_rounds,
+            "last_round_end": self.last_round_end,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.stage = int(state.get("stage", 0))
+        self.stage_rounds = int(state.get("stage_rounds", 0))
+        self.last_round_end = int(state.get("last_round_end", self.warmup_steps))
+        self.period = self.period_of(self.stage)

@@ -9,6 +9,7 @@ from lightning_localsgd.strategies.ef_sgd import ErrorFeedbackStrategy
 from lightning_localsgd.strategies.liec_sgd import LIECSGDStrategy
 from lightning_localsgd.strategies.local_sgd import LocalSGDStrategy
 from lightning_localsgd.strategies.overlap_local_sgd import OverlapLocalSGDStrategy
+from lightning_localsgd.strategies.stl_sgd import STLSGDStrategy
 from lightning_localsgd.strategies.vrl_sgd import VRLSGDStrategy
 
 ALL_STRATEGIES = (
@@ -21,6 +22,7 @@ ALL_STRATEGIES = (
     DPSGDStrategy,
     DeTAGStrategy,
     DiLoCoStrategy,
+    STLSGDStrategy,
 )
 
 __all__ = [
@@ -34,5 +36,6 @@ __all__ = [
     "LocalSGDStrategy",
     "LocalUpdateStrategy",
     "OverlapLocalSGDStrategy",
+    "STLSGDStrategy",
     "VRLSGDStrategy",
 ]

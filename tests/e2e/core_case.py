@@ -102,7 +102,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     out = Path(args.out)
-    strategy = StrategyRegistry[args.strategy]["strategy"](period=args.period)
+    period_name = "first_period" if args.strategy == "stl_sgd" else "period"
+    strategy = StrategyRegistry[args.strategy]["strategy"](**{period_name: args.period})
     callbacks = step_checkpoints(out, args.ckpt_every)
     if args.ema:
         callbacks.append(EMAWeightAveraging(decay=0.8))

@@ -146,6 +146,7 @@ class Recorder(L.LightningModule):
                 "rounds": strategy.comm_stats.rounds,
                 "exchanges": strategy.comm_stats.exchanges,
                 "global_step": self.trainer.global_step,
+                "lrs": [g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups],
             }
         )
 
@@ -195,6 +196,7 @@ def main() -> None:
     parser.add_argument("--topology", default=None, help="dpsgd / detag: the gossip topology")
     parser.add_argument("--gossip-rounds", type=int, default=None, help="detag: gossip rounds per step")
     parser.add_argument("--overlap", action="store_true", help="diloco: the delayed, overlapped outer step")
+    parser.add_argument("--stage-steps", type=int, default=0, help="stl_sgd: first stage's steps (periods x2)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -203,7 +205,12 @@ def main() -> None:
     out = Path(args.out)
     options = {"first_period_one_step": False} if args.rounds_end_periods else {}
     # LIEC-SGD's period is its full-precision rounds', gossip's the steps between its guard's world checks.
-    period_name = {"liec_sgd": "full_sync_period", "dpsgd": "check_every", "detag": "check_every"}
+    period_name = {
+        "liec_sgd": "full_sync_period",
+        "dpsgd": "check_every",
+        "detag": "check_every",
+        "stl_sgd": "first_period",
+    }
     period = {period_name.get(args.strategy, "period"): args.period}
     if args.topology:
         options["topology"] = args.topology
@@ -211,6 +218,8 @@ def main() -> None:
         options["gossip_rounds"] = args.gossip_rounds
     if args.overlap:
         options["overlap"] = True
+    if args.stage_steps:
+        options.update(first_stage_steps=args.stage_steps, period_growth="identical")
     strategy = StrategyRegistry[args.strategy]["strategy"](**period, warmup_steps=args.warmup, **options)
     callbacks = step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
