@@ -67,6 +67,11 @@ PEERS: tuple[Peer, ...] = (
     # Gossip: every step, the replica to each neighbour on a ring (DeTAG: with its gradient tracker).
     Peer("dpsgd, ring", "lightning", "dpsgd", {"topology": "ring"}, ours=True),
     Peer("detag, ring, 1 round", "lightning", "detag", {"topology": "ring"}, ours=True),
+    # Outer optimizer on the rounds (Nesterov SGD, lr 0.7, momentum 0.9), blocking or with the delayed outer step.
+    Peer("diloco, period 32", "lightning", "diloco", {"period": 32}, ours=True),
+    Peer("diloco, overlap, period 32", "lightning", "diloco", {"period": 32, "overlap": True}, ours=True),
+    # Stages of 64, 128, ... steps with periods 8, 11, 16, ... and the learning rate halved at each boundary.
+    Peer("stl_sgd, first period 8", "lightning", "stl_sgd", {"first_period": 8, "first_stage_steps": 64}, True),
     # The machine's speed drifts by tens of % over minutes (a shared VM): measuring the limit again after the
     # peers and dividing by the larger of the two keeps every fraction an underestimate.
     Peer(AGAIN, "compute"),
