@@ -1,7 +1,7 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
-Importing the package registers the strategy names (``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
-``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``, ``diloco``, ``stl_sgd``) with Lightning.
+Importing the package registers the strategy names with Lightning: ``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
+``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``, ``diloco``, ``stl_sgd``, ``hierarchical_local_sgd``.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -16,6 +16,7 @@ from lightning_localsgd.algorithms import (
     DeTAG,
     DiLoCo,
     ErrorFeedbackSGD,
+    HierarchicalLocalSGD,
     LocalSGD,
     OverlapLocalSGD,
 )
@@ -28,6 +29,7 @@ from lightning_localsgd.strategies import (
     DiLoCoStrategy,
     DPSGDStrategy,
     ErrorFeedbackStrategy,
+    HierarchicalLocalSGDStrategy,
     LIECSGDStrategy,
     LocalSGDStrategy,
     LocalUpdateStrategy,
@@ -55,6 +57,8 @@ __all__ = [
     "DiLoCoStrategy",
     "ErrorFeedbackSGD",
     "ErrorFeedbackStrategy",
+    "HierarchicalLocalSGD",
+    "HierarchicalLocalSGDStrategy",
     "LIECSGDStrategy",
     "LocalSGD",
     "LocalSGDStrategy",

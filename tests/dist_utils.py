@@ -129,13 +129,20 @@ def _script_rank(script: str, argv: list[str], out: str, env: dict[str, str], lo
 
 
 def run_ranks(
-    script: Path, out: Path, *args: str, world: int = 2, warnings: str = "default", timeout: float = 300.0
+    script: Path,
+    out: Path,
+    *args: str,
+    world: int = 2,
+    nodes: int = 1,
+    warnings: str = "default",
+    timeout: float = 300.0,
 ) -> subprocess.CompletedProcess:
     """``run_script`` with the ranks started as torchrun would: ``world`` processes, each told its rank by the
     environment (Lightning then launches nothing itself), forked from a server that has Lightning imported.
 
-    The returned process's ``returncode`` is the first non-zero rank's (0 when all succeeded; -9 for a rank killed
-    at the timeout), ``stdout`` holds every rank's output one after another and ``stderr`` the same.
+    ``nodes``: the ranks pose as that many nodes of ``world / nodes`` ranks each (node-major, as launchers number
+    them). The returned process's ``returncode`` is the first non-zero rank's (0 when all succeeded; -9 for a rank
+    killed at the timeout), ``stdout`` holds every rank's output one after another and ``stderr`` the same.
     """
     out.mkdir(parents=True, exist_ok=True)
     ctx = _context()
@@ -143,14 +150,14 @@ def run_ranks(
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world),
-        "GROUP_RANK": "0",
+        "LOCAL_WORLD_SIZE": str(world // nodes),
         "TORCHELASTIC_RUN_ID": uuid.uuid4().hex,
     }
     logs = [out / f"rank{r}.log" for r in range(world)]
     procs = []
     for r in range(world):
-        rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+        node, local_rank = divmod(r, world // nodes)
+        rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(node)}
         argv = ["--out", str(out), *args]
         proc = ctx.Process(target=_script_rank, args=(str(script), argv, str(out), rank_env, str(logs[r]), warnings))
         proc.start()

@@ -31,6 +31,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("detag", lightning_localsgd.DeTAGStrategy, 50),
         ("diloco", lightning_localsgd.DiLoCoStrategy, 100),
         ("stl_sgd", lightning_localsgd.STLSGDStrategy, 4),
+        ("hierarchical_local_sgd", lightning_localsgd.HierarchicalLocalSGDStrategy, 4),
     ],
 )
 def test_registered_names_resolve_to_the_strategy_with_its_defaults(name, cls, period):
@@ -73,6 +74,7 @@ def _spelled_for(cls, kwargs: dict, named: str) -> tuple[dict, str]:
         "DPSGDStrategy": "check_every",
         "DeTAGStrategy": "check_every",
         "STLSGDStrategy": "first_period",
+        "HierarchicalLocalSGDStrategy": "intra_period",
     }
     if cls.__name__ in spelling and "period" in kwargs:
         return {spelling[cls.__name__]: kwargs["period"]}, spelling[cls.__name__]
@@ -100,6 +102,7 @@ BAD_ARGUMENTS = [
     (lightning_localsgd.STLSGDStrategy, {"period_growth": "fast"}, "period_growth"),
     (lightning_localsgd.STLSGDStrategy, {"lr_decay": 2.0}, "lr_decay"),
     (lightning_localsgd.STLSGDStrategy, {"proximal": 0}, "proximal"),
+    (lightning_localsgd.HierarchicalLocalSGDStrategy, {"inter_period": 6}, "inter_period"),
 ]
 
 

@@ -5,6 +5,7 @@ from lightning_localsgd.algorithms.detag import DeTAG
 from lightning_localsgd.algorithms.diloco import DiLoCo
 from lightning_localsgd.algorithms.dpsgd import DPSGD
 from lightning_localsgd.algorithms.ef_sgd import ErrorFeedbackSGD
+from lightning_localsgd.algorithms.hierarchical import HierarchicalLocalSGD
 from lightning_localsgd.algorithms.liec_sgd import LIECSGD
 from lightning_localsgd.algorithms.local_sgd import LocalSGD
 from lightning_localsgd.algorithms.overlap_local_sgd import OverlapLocalSGD
@@ -21,6 +22,7 @@ __all__ = [
     "DeTAG",
     "DiLoCo",
     "ErrorFeedbackSGD",
+    "HierarchicalLocalSGD",
     "LocalSGD",
     "OverlapLocalSGD",
     "PeriodicAlgorithm",

@@ -6,6 +6,7 @@ from lightning_localsgd.strategies.detag import DeTAGStrategy
 from lightning_localsgd.strategies.diloco import DiLoCoStrategy
 from lightning_localsgd.strategies.dpsgd import DPSGDStrategy
 from lightning_localsgd.strategies.ef_sgd import ErrorFeedbackStrategy
+from lightning_localsgd.strategies.hierarchical import HierarchicalLocalSGDStrategy
 from lightning_localsgd.strategies.liec_sgd import LIECSGDStrategy
 from lightning_localsgd.strategies.local_sgd import LocalSGDStrategy
 from lightning_localsgd.strategies.overlap_local_sgd import OverlapLocalSGDStrategy
@@ -23,6 +24,7 @@ ALL_STRATEGIES = (
     DeTAGStrategy,
     DiLoCoStrategy,
     STLSGDStrategy,
+    HierarchicalLocalSGDStrategy,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "DeTAGStrategy",
     "DiLoCoStrategy",
     "ErrorFeedbackStrategy",
+    "HierarchicalLocalSGDStrategy",
     "LIECSGDStrategy",
     "LocalSGDStrategy",
     "LocalUpdateStrategy",

@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--gossip-rounds", type=int, default=None, help="detag: gossip rounds per step")
     parser.add_argument("--overlap", action="store_true", help="diloco: the delayed, overlapped outer step")
     parser.add_argument("--stage-steps", type=int, default=0, help="stl_sgd: first stage's steps (periods x2)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes of --devices ranks each")
+    parser.add_argument("--inter-period", type=int, default=0, help="hierarchical: steps between world rounds")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -210,6 +212,7 @@ def main() -> None:
         "dpsgd": "check_every",
         "detag": "check_every",
         "stl_sgd": "first_period",
+        "hierarchical_local_sgd": "intra_period",
     }
     period = {period_name.get(args.strategy, "period"): args.period}
     if args.topology:
@@ -218,6 +221,8 @@ def main() -> None:
         options["gossip_rounds"] = args.gossip_rounds
     if args.overlap:
         options["overlap"] = True
+    if args.inter_period:
+        options["inter_period"] = args.inter_period
     if args.stage_steps:
         options.update(first_stage_steps=args.stage_steps, period_growth="identical")
     strategy = StrategyRegistry[args.strategy]["strategy"](**period, warmup_steps=args.warmup, **options)
@@ -225,6 +230,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
+        num_nodes=args.num_nodes,
         strategy=strategy,
         max_steps=args.max_steps,
         callbacks=callbacks,
@@ -244,6 +250,7 @@ def main() -> None:
     model.records["final"] = flat(model)
     model.records["final_buffers"] = float_buffers(model)
     model.records["comm"] = strategy.comm_stats.state_dict()
+    model.records["algorithm_metrics"] = strategy.algorithm.metrics()
     torch.save(model.records, out / f"rank{trainer.global_rank}.pt")
 
 

@@ -1,0 +1,100 @@
+"""Hierarchical Local SGD against its update rule: 4 simulated workers posing as 2 nodes x 2."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model
+
+from lightning_localsgd.algorithms import HierarchicalLocalSGD
+from lightning_localsgd.comm.simulated import SimulatedGroup
+
+NODES, LOCAL = 2, 2
+LR = 0.05
+
+
+def run_nodes(worker, nodes=NODES, local=LOCAL):
+    """``worker(rank, world_comm, intra_comm, cross_comm)`` in one thread per rank, ranks node-major."""
+    world = nodes * local
+    groups = {"world": SimulatedGroup(world), "async": SimulatedGroup(world)}
+    node_groups = [SimulatedGroup(local) for _ in range(nodes)]
+    cross_groups = [SimulatedGroup(nodes) for _ in range(local)]
+    results, errors = [None] * world, []
+
+    def run(rank):
+        node, local_rank = divmod(rank, local)
+        try:
+            results[rank] = worker(
+                rank,
+                groups["world"].communicator(rank, groups["async"]),
+                node_groups[node].communicator(local_rank),
+                cross_groups[local_rank].communicator(node),
+            )
+        except BaseException as error:
+            errors.append(error)
+            for group in [*groups.values(), *node_groups, *cross_groups]:
+                group.abort(f"rank {rank} failed")
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nodes_average_every_intra_period_and_the_world_every_inter_period(dtype):
+    intra, inter, steps = 2, 6, 12
+
+    def worker(rank, comm, intra_comm, cross_comm):
+        model = make_layered_model(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        algorithm = HierarchicalLocalSGD(intra, inter, bucket_cap_mb=SMALL_BUCKET_MB)
+        algorithm.set_node_groups(intra_comm, cross_comm)
+        algorithm.setup(model, comm, [opt])
+        history = []
+        for step in range(steps):
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            before = flat_params(model).clone()
+            algorithm.end_step()
+            history.append((before, flat_params(model).clone(), algorithm.in_sync))
+        return history, algorithm.metrics()
+
+    results = run_nodes(worker)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    for step in range(steps):
+        before = [r[0][step][0] for r in results]
+        after = [r[0][step][1] for r in results]
+        done = step + 1
+        if done % inter == 0:  # every rank: the mean over all 4
+            for a in after:
+                torch.testing.assert_close(a, torch.stack(before).mean(0), atol=tolerance, rtol=0)
+            assert all(r[0][step][2] for r in results)
+        elif done % intra == 0:  # each node: its own mean; the nodes stay apart
+            for rank, a in enumerate(after):
+                node = rank // LOCAL
+                mean = torch.stack(before[node * LOCAL : (node + 1) * LOCAL]).mean(0)
+                torch.testing.assert_close(a, mean, atol=tolerance, rtol=0)
+            assert (after[0] - after[LOCAL]).abs().max() > 1e-4 and not results[0][0][step][2]
+        else:
+            assert torch.equal(after[0], before[0])
+    numel = sum(p.numel() for p in make_layered_model().parameters())
+    inter_bytes = results[0][1]["comm/inter_node_mb_sent"] * 1e6
+    # two global rounds; local rank 0 carries half the model across (a 2-node all-reduce sends it once)
+    element = 4 if dtype == torch.float32 else 8
+    assert inter_bytes == pytest.approx(2 * (-(-numel // LOCAL) * element + 0), rel=0, abs=element * 4)
+
+
+def test_bad_periods_are_refused():
+    with pytest.raises(ValueError, match="multiple of `intra_period`"):
+        HierarchicalLocalSGD(4, 10)
+    with pytest.raises(ValueError, match="`intra_period`"):
+        HierarchicalLocalSGD(0, 8)
