@@ -72,6 +72,15 @@ PEERS: tuple[Peer, ...] = (
     Peer("diloco, overlap, period 32", "lightning", "diloco", {"period": 32, "overlap": True}, ours=True),
     # Stages of 64, 128, ... steps with periods 8, 11, 16, ... and the learning rate halved at each boundary.
     Peer("stl_sgd, first period 8", "lightning", "stl_sgd", {"first_period": 8, "first_stage_steps": 64}, True),
+    # Each lab rank is a node of its own (one rank per namespace): the node level is trivial, the world level is
+    # Local SGD at period 32. Meaningful with several ranks per node.
+    Peer(
+        "hierarchical_local_sgd, intra 4, inter 32",
+        "lightning",
+        "hierarchical_local_sgd",
+        {"intra_period": 4, "inter_period": 32},
+        ours=True,
+    ),
     # The machine's speed drifts by tens of % over minutes (a shared VM): measuring the limit again after the
     # peers and dividing by the larger of the two keeps every fraction an underestimate.
     Peer(AGAIN, "compute"),
