@@ -79,3 +79,42 @@ def local_step(algo, model: nn.Module, opt: torch.optim.Optimizer, rank: int, st
         opt.step()
     algo.after_optimizer_step(opt)
     return algo.end_step()
+
+
+def train_workers(make_algorithm, world, steps, *, dtype=torch.float64, make_optimizer=None, cut=None, record=None):
+    """Each simulated worker trains ``steps`` steps of the layered model through every moment of a fresh
+    ``make_algorithm()``. With ``cut``, the state is saved before that step and training goes on in new objects
+    loaded from it, as a resumed process would. Returns, per rank, ``(history, algorithm)``: one entry per step with
+    the parameters after it (``"params"``), whether it ended with a round (``"round"``), and ``record(algorithm,
+    optimizer)``'s items."""
+    from lightning_localsgd.comm import run_simulated
+
+    make_optimizer = make_optimizer or (lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
+
+    def worker(rank, comm):
+        model = make_layered_model(dtype)
+        opt = make_optimizer(model)
+        algorithm = make_algorithm()
+        algorithm.setup(model, comm, [opt])
+        history = []
+        for step in range(steps):
+            if step == cut:
+                saved = (algorithm.state_dict(), opt.state_dict())
+                model = make_layered_model(dtype, seed=9)  # other weights until the state is loaded
+                opt = make_optimizer(model)
+                algorithm = make_algorithm()
+                algorithm.setup(model, comm, [opt])
+                algorithm.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            algorithm.after_optimizer_step(opt)
+            held = algorithm.end_step()
+            entry = {"params": flat_params(model).clone(), "round": held}
+            entry.update(record(algorithm, opt) if record else {})
+            history.append(entry)
+        return history, algorithm
+
+    return run_simulated(world, worker)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model
+from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model, train_workers
 from torch import nn
 
 from lightning_localsgd.algorithms import DiLoCo, LocalSGD
@@ -13,35 +13,10 @@ from lightning_localsgd.comm import run_simulated
 LR = 0.05
 
 
-def run(make_algorithm, world=3, steps=9, dtype=torch.float32, momentum=0.9, cut=None):
-    """Every worker's parameters after each step; with ``cut``, the state is saved there and training goes on in
-    new objects loaded from it (as a resumed process would)."""
-
-    def worker(rank, comm):
-        model = make_layered_model(dtype)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
-        algorithm = make_algorithm()
-        algorithm.setup(model, comm, [opt])
-        trajectory = []
-        for step in range(steps):
-            if step == cut:
-                saved = (algorithm.state_dict(), opt.state_dict())
-                model = make_layered_model(dtype, seed=5)
-                opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
-                algorithm = make_algorithm()
-                algorithm.setup(model, comm, [opt])
-                algorithm.load_state_dict(saved[0])
-                opt.load_state_dict(saved[1])
-            opt.zero_grad()
-            loss_of(model, rank, step).backward()
-            algorithm.before_optimizer_step(opt)
-            opt.step()
-            algorithm.after_optimizer_step(opt)
-            algorithm.end_step()
-            trajectory.append(flat_params(model).clone())
-        return trajectory, algorithm
-
-    return run_simulated(world, worker)
+def run(make_algorithm, world=3, steps=9, dtype=torch.float32, cut=None):
+    """Every worker's parameters after each step, and its algorithm (see ``train_workers``)."""
+    runs = train_workers(make_algorithm, world, steps, dtype=dtype, cut=cut)
+    return [([entry["params"] for entry in history], algorithm) for history, algorithm in runs]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from sim_utils import SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model
+from sim_utils import SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model, train_workers
 
 from lightning_localsgd.algorithms import STLSGD, LocalSGD
 from lightning_localsgd.algorithms.schedule import StagewiseSchedule
@@ -38,41 +38,16 @@ def test_stages_double_their_length_and_their_period_and_end_at_rounds():
 
 
 def run(make, world=2, steps=12, cut=None, two_groups=False):
-    def worker(rank, comm):
-        model = make_layered_model(torch.float64)
-        params = list(model.parameters())
+    """Per rank, per step: parameters, whether a round ended it, and the optimizer's learning rates."""
 
-        def optimizer_for(m):
-            ps = list(m.parameters())
-            groups = [{"params": ps[:2], "lr": LR}, {"params": ps[2:], "lr": 2 * LR}] if two_groups else ps
-            return torch.optim.SGD(groups, lr=LR, momentum=0.9)
+    def optimizer_for(model):
+        ps = list(model.parameters())
+        groups = [{"params": ps[:2], "lr": LR}, {"params": ps[2:], "lr": 2 * LR}] if two_groups else ps
+        return torch.optim.SGD(groups, lr=LR, momentum=0.9)
 
-        opt = optimizer_for(model)
-        algorithm = make()
-        algorithm.setup(model, comm, [opt])
-        history = []
-        for step in range(steps):
-            if step == cut:
-                saved = (algorithm.state_dict(), opt.state_dict())
-                model = make_layered_model(torch.float64, seed=4)
-                opt = optimizer_for(model)
-                algorithm = make()
-                algorithm.setup(model, comm, [opt])
-                algorithm.load_state_dict(saved[0])
-                opt.load_state_dict(saved[1])
-            opt.zero_grad()
-            loss_of(model, rank, step).backward()
-            algorithm.before_optimizer_step(opt)
-            opt.step()
-            algorithm.after_optimizer_step(opt)
-            held = algorithm.end_step()
-            history.append(
-                {"params": flat_params(model).clone(), "round": held, "lrs": [g["lr"] for g in opt.param_groups]}
-            )
-        del params
-        return history
-
-    return run_simulated(world, worker)
+    record = lambda algorithm, opt: {"lrs": [g["lr"] for g in opt.param_groups]}  # noqa: E731
+    runs = train_workers(make, world, steps, make_optimizer=optimizer_for, cut=cut, record=record)
+    return [history for history, _ in runs]
 
 
 def test_with_one_endless_stage_stl_sgd_is_local_sgd_step_for_step():
