@@ -44,7 +44,8 @@ def batches_forever(loader: Any) -> Any:
 
 
 def curve(workload: Workload, make: Callable[[], PeriodicAlgorithm], world: int, steps: int, every: int) -> dict:
-    """Train ``world`` simulated ranks; the average's evaluation (loss, accuracy) every ``every`` steps."""
+    """Train ``world`` simulated ranks; the average's evaluation (loss, accuracy) every ``every`` steps, and rank 0's
+    communication counters."""
 
     def worker(rank: int, comm: Any) -> dict[str, Any]:
         torch.manual_seed(0)
@@ -82,24 +83,8 @@ def bytes_table(workload: Workload) -> list[str]:
         "|---:|---:|---:|---:|---:|",
     ]
     for world in (2, 4, 8):
-
-        def worker(rank: int, comm: Any, world: int = world) -> dict:
-            torch.manual_seed(0)
-            model = workload.build_model()
-            optimizer = workload.make_optimizer(model.parameters())
-            algorithm = DPSGD("ring", check_every=10**6)
-            algorithm.setup(model, comm, [optimizer])
-            batches = batches_forever(workload.train_loader(rank, world))
-            for _ in range(2):
-                optimizer.zero_grad()
-                workload.loss(model, next(batches)).backward()
-                algorithm.before_optimizer_step(optimizer)
-                optimizer.step()
-                algorithm.after_optimizer_step(optimizer)
-                algorithm.end_step()
-            return algorithm.comm.stats.state_dict()
-
-        stats = run_simulated(world, worker, timeout=600.0)[0]
+        make = partial(DPSGD, "ring", check_every=10**6)
+        stats = curve(workload, make, world, steps=2, every=10**9)["stats"]  # two steps, no evaluation
         gossip = stats["exchange_bytes_sent"] / stats["exchanges"]
         all_reduce = ring_all_reduce_bytes(numel * 4, world)
         phases = len(ring(world).phases(0))  # one neighbour after the other
