@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model
 
 from lightning_localsgd.algorithms import HierarchicalLocalSGD
-from lightning_localsgd.comm.simulated import SimulatedGroup
+from lightning_localsgd.comm.simulated import run_simulated_nodes
 
 NODES, LOCAL = 2, 2
 LR = 0.05
-
-
-def run_nodes(worker, nodes=NODES, local=LOCAL):
-    """``worker(rank, world_comm, intra_comm, cross_comm)`` in one thread per rank, ranks node-major."""
-    world = nodes * local
-    groups = {"world": SimulatedGroup(world), "async": SimulatedGroup(world)}
-    node_groups = [SimulatedGroup(local) for _ in range(nodes)]
-    cross_groups = [SimulatedGroup(nodes) for _ in range(local)]
-    results, errors = [None] * world, []
-
-    def run(rank):
-        node, local_rank = divmod(rank, local)
-        try:
-            results[rank] = worker(
-                rank,
-                groups["world"].communicator(rank, groups["async"]),
-                node_groups[node].communicator(local_rank),
-                cross_groups[local_rank].communicator(node),
-            )
-        except BaseException as error:
-            errors.append(error)
-            for group in [*groups.values(), *node_groups, *cross_groups]:
-                group.abort(f"rank {rank} failed")
-
-    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -68,7 +34,7 @@ def test_nodes_average_every_intra_period_and_the_world_every_inter_period(dtype
             history.append((before, flat_params(model).clone(), algorithm.in_sync))
         return history, algorithm.metrics()
 
-    results = run_nodes(worker)
+    results = run_simulated_nodes(NODES, LOCAL, worker)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-12
     for step in range(steps):
         before = [r[0][step][0] for r in results]

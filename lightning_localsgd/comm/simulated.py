@@ -278,3 +278,29 @@ def run_simulated(world_size: int, worker: Callable[[int, Communicator], T], tim
         primary = [e for e in errors if not _caused_by_abort(e)]
         raise (primary or errors)[0]
     return results
+
+
+def run_simulated_nodes(
+    nodes: int,
+    local: int,
+    worker: Callable[[int, Communicator, Communicator, Communicator], T],
+    timeout: float = 60.0,
+) -> list[T]:
+    """As :func:`run_simulated`, for ``nodes`` nodes of ``local`` ranks (node-major): ``worker(rank, world, node,
+    cross)`` gets the world's communicator, its node's, and the one of its local rank across the nodes."""
+    world = nodes * local
+    node_groups = [SimulatedGroup(local, timeout=timeout) for _ in range(nodes)]
+    cross_groups = [SimulatedGroup(nodes, timeout=timeout) for _ in range(local)]
+
+    def with_groups(rank: int, comm: Communicator) -> T:
+        node, local_rank = divmod(rank, local)
+        try:
+            return worker(
+                rank, comm, node_groups[node].communicator(local_rank), cross_groups[local_rank].communicator(node)
+            )
+        except BaseException:
+            for group in [*node_groups, *cross_groups]:
+                group.abort(f"rank {rank} failed")
+            raise
+
+    return run_simulated(world, with_groups, timeout=timeout)
