@@ -158,3 +158,32 @@ def test_resuming_with_the_overlapped_transfer_in_flight_matches_the_uninterrupt
     for (a, _), (b, _) in zip(straight, resumed):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_nan_replica_stops_every_rank_before_theta_or_the_outer_state_see_it(overlap):
+    from lightning_localsgd.errors import NonFiniteError
+
+    def worker(rank, comm):
+        model = make_layered_model(torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        algorithm = DiLoCo(3, overlap=overlap)
+        algorithm.setup(model, comm, [opt])
+        try:
+            for step in range(9):
+                opt.zero_grad()
+                loss_of(model, rank, step).backward()
+                opt.step()
+                if (rank, step) == (1, 4):
+                    with torch.no_grad():
+                        next(model.parameters()).view(-1)[0] = float("nan")
+                algorithm.end_step()
+        except NonFiniteError as error:
+            theta = torch.cat([t.reshape(-1) for t in algorithm.global_params])
+            momenta = [s["momentum_buffer"] for s in algorithm.outer.state_dict()["state"].values()]
+            return str(error), bool(torch.isfinite(theta).all()), all(torch.isfinite(m).all() for m in momenta)
+        return "finished", False, False
+
+    for message, theta_finite, momenta_finite in run_simulated(2, worker):
+        assert "rank 1 held inf/NaN parameters" in message and "(step 5)" in message
+        assert theta_finite and momenta_finite
