@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.simulated import batches_forever, train_step
 from benchmarks.workloads import WORKLOADS, Workload
 from lightning_localsgd.algorithms import DPSGD, DeTAG
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
@@ -31,16 +32,6 @@ RUNS: dict[str, Callable[[], PeriodicAlgorithm]] = {
     "DeTAG, ring, R = 1": partial(DeTAG, "ring", gossip_rounds=1, check_every=10**6),
     "DeTAG, ring, R = 2": partial(DeTAG, "ring", gossip_rounds=2, check_every=10**6),
 }
-
-
-def batches_forever(loader: Any) -> Any:
-    """The loader's batches, epoch after epoch (the sampler's epoch set each time, as Lightning does)."""
-    epoch = 0
-    while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def curve(workload: Workload, make: Callable[[], PeriodicAlgorithm], world: int, steps: int, every: int) -> dict:
@@ -56,12 +47,7 @@ def curve(workload: Workload, make: Callable[[], PeriodicAlgorithm], world: int,
         batches = batches_forever(workload.train_loader(rank, world))
         points = []
         for step in range(1, steps + 1):
-            optimizer.zero_grad()
-            workload.loss(model, next(batches)).backward()
-            algorithm.before_optimizer_step(optimizer)
-            optimizer.step()
-            algorithm.after_optimizer_step(optimizer)
-            algorithm.end_step()
+            train_step(workload, model, optimizer, algorithm, next(batches))
             if step % every == 0:
                 with algorithm.consensus():  # collective: every rank enters, rank 0 scores
                     scores = workload.evaluate(model, world) if rank == 0 else {}

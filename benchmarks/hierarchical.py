@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.gossip import batches_forever
+from benchmarks.simulated import batches_forever, train_step
 from benchmarks.workloads import WORKLOADS, Workload
 from lightning_localsgd.algorithms import HierarchicalLocalSGD, LocalSGD
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
@@ -37,12 +37,7 @@ def train(workload: Workload, make: Callable[[], PeriodicAlgorithm], nodes: int,
         algorithm.setup(model, comm, [optimizer])
         batches = batches_forever(workload.train_loader(rank, world))
         for _ in range(steps):
-            optimizer.zero_grad()
-            workload.loss(model, next(batches)).backward()
-            algorithm.before_optimizer_step(optimizer)
-            optimizer.step()
-            algorithm.after_optimizer_step(optimizer)
-            algorithm.end_step()
+            train_step(workload, model, optimizer, algorithm, next(batches))
         algorithm.finalize()
         scores = workload.evaluate(model, world) if rank == 0 else {}
         return {"scores": scores, "rounds": algorithm.rounds, "metrics": algorithm.metrics()}

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.simulated import train_step
 from benchmarks.workloads import WORKLOADS, Workload
 from lightning_localsgd.algorithms import CoCoDSGD, LocalSGD, OverlapLocalSGD
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
@@ -37,12 +38,7 @@ def final_loss(workload: Workload, make_algorithm: Callable[[], PeriodicAlgorith
         algorithm.setup(model, comm, [optimizer])
         batches = iter(workload.train_loader(rank, world))
         for _ in range(steps):
-            optimizer.zero_grad()
-            workload.loss(model, next(batches)).backward()
-            algorithm.before_optimizer_step(optimizer)
-            optimizer.step()
-            algorithm.after_optimizer_step(optimizer)
-            algorithm.end_step()
+            train_step(workload, model, optimizer, algorithm, next(batches))
         algorithm.finalize()  # every rank now holds the average of the replicas
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

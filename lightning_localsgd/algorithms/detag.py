@@ -81,6 +81,8 @@ class DeTAG(GossipAlgorithm):
             :class:`~lightning_localsgd.algorithms.gossip.GossipAlgorithm`.
     """
 
+    gossips_gradients = True
+
     def __init__(
         self,
         topology: str = "ring",

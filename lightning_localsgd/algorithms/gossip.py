@@ -85,6 +85,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
     """
 
     rounds_synchronise = False  # gossip brings replicas closer, never to one model
+    gossips_gradients = False  # whether `_gossip_step` needs this rank's gradient as one vector (DeTAG's tracker)
 
     def __init__(
         self,
@@ -137,7 +138,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
             if not grads_finite and self.grad_scale is None:
                 self._announce_nonfinite(indices, "gradients")
             scale = float(self.grad_scale()) if self.grad_scale is not None else 1.0
-            gradient = flat_gradients(params, scale, self.gossip_dtype) if grads_finite else None
+            needed = grads_finite and self.gossips_gradients  # D-PSGD steps on the gradients as they are: no copy
+            gradient = flat_gradients(params, scale, self.gossip_dtype) if needed else None
             sent_before = self.comm.stats.bytes_sent
             with torch.no_grad():
                 direction = self._gossip_step(optimizer, indices, gradient)
@@ -149,7 +151,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
     def _gossip_step(self, optimizer: Optimizer, indices: list[int], gradient: Optional[Tensor]) -> Optional[Tensor]:
         """Mix this optimizer's parameters ``flat.params[i]`` (``i`` in ``indices``) with the neighbours'; return the
         direction the optimizer steps on (``None``: the gradients as they are). ``gradient`` is this rank's unscaled
-        float32 gradient, or ``None`` when it overflowed under AMP (the scaler skips this rank's step)."""
+        gradient as one vector where :attr:`gossips_gradients` asks for it, or ``None`` (also when it overflowed under
+        AMP: the scaler then skips this rank's step)."""
         raise NotImplementedError
 
     def _round(self) -> None:

@@ -177,9 +177,7 @@ def fully_connected(n: int) -> Topology:
 def make_topology(name: str, n: int) -> Topology:
     """The topology called ``name`` (one of :data:`TOPOLOGIES`) over ``n`` ranks."""
     builders = {"ring": ring, "torus": torus, "exponential": exponential, "fully_connected": fully_connected}
-    if name not in builders:
-        raise ValueError(f"`topology` must be one of {list(TOPOLOGIES)}, got {name!r}.")
-    return builders[name](n)
+    return builders[check_topology_name(name)](n)
 
 
 def check_topology_name(name: object) -> str:
