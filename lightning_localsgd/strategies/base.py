@@ -42,14 +42,12 @@ from typing_extensions import override
 from lightning_localsgd._validation import check_bool, check_positive_float
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
+from lightning_localsgd.driving import WorldLayout, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
     read_rank_state,
     remove_shards,
     remove_stale_shards,
-    restore_rng_states,
-    to_device,
-    without_replica_if_in_sync,
     write_shards,
 )
 from lightning_localsgd.strategies.round_callback import RoundCallback
@@ -164,7 +162,12 @@ class LocalUpdateStrategy(DDPStrategy):
         if self._communicator is None:
             group = dist.new_group(timeout=self.collective_timeout)
             self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
+            self.prepare_algorithm(WorldLayout(self.num_nodes, self.num_processes, self.world_size, self.global_rank))
         self.algorithm.setup(self.model, self._communicator)
+
+    def prepare_algorithm(self, layout: WorldLayout) -> None:
+        """Once, with the process group started, before the algorithm is set up: build what it needs beyond the
+        world's group (e.g. per-node groups). Fabric's strategies call it too, so it must not use Trainer state."""
 
     @override
     def setup_distributed(self) -> None:
@@ -259,19 +262,11 @@ class LocalUpdateStrategy(DDPStrategy):
             self.algorithm.before_optimizer_step(optimizer)
             return result
 
-        scaler = grad_scaler_of(self.precision_plugin)
-        scale_before = scaler.get_scale() if scaler is not None else None
-        output = super().optimizer_step(optimizer, closure_then_synchronise, model, **kwargs)
-        skipped = scaler is not None and scale_before is not None and scaler.get_scale() < scale_before
-        if skipped and self.algorithm.in_warmup():
-            # The scaler found inf gradients and skipped `optimizer.step()`. In warm-up (gradients averaged, so
-            # every rank skips alike) the step is not counted. In the local phase the batch still counts for the
-            # round schedule, which must stay identical on every rank, and the algorithm's own part of the step
-            # still runs as for a zero direction (VRL-SGD: the correction and its learning-rate sum, which every
-            # rank must share for sum_i Delta_i = 0).
-            return output
-        self.algorithm.after_optimizer_step(optimizer)
-        self._stepped_this_batch = True
+        def run_step() -> Any:
+            return super(LocalUpdateStrategy, self).optimizer_step(optimizer, closure_then_synchronise, model, **kwargs)
+
+        output, counted = step_and_follow(self.algorithm, optimizer, run_step, grad_scaler_of(self.precision_plugin))
+        self._stepped_this_batch = self._stepped_this_batch or counted
         return output
 
     def on_train_batch_end_first(self, trainer: pl.Trainer) -> None:
@@ -334,11 +329,7 @@ class LocalUpdateStrategy(DDPStrategy):
         if self._active and "optimizer_states" in checkpoint:  # a full checkpoint, not weights only
             # Each rank writes its own shard (no tensor travels to rank 0); the main file only names them.
             scaler = grad_scaler_of(self.precision_plugin)
-            mine = {
-                "algorithm": without_replica_if_in_sync(self.algorithm.state_dict()),
-                "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            }
+            mine = rank_payload(self.algorithm, self.optimizers, scaler, drop_replica=True)
             section = write_shards(self.algorithm.comm, mine, filepath, type(self).__name__)
             checkpoint[CHECKPOINT_KEY] = section
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
@@ -364,18 +355,13 @@ class LocalUpdateStrategy(DDPStrategy):
         state, self._pending_rank_state = self._pending_rank_state, None
         if state is None or not self._active:
             return
-        for optimizer, optimizer_state in zip(self.optimizers, state["optimizer_states"]):
-            optimizer.load_state_dict(optimizer_state)  # this rank's own momentum, not rank 0's
         # A shard saved in sync has no replica: the module keeps the main file's consensus weights, loaded before.
-        self.algorithm.load_state_dict(to_device(state["algorithm"], self.root_device))
         scaler = grad_scaler_of(self.precision_plugin)
-        if scaler is not None and state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])  # this rank's own scale: its overflows were its own
+        restore_rank_payload(state, self.algorithm, self.optimizers, scaler, self.root_device)
         if state.get("rng") is not None:
-            # As at the save. Right for a resume at an epoch's end: the next epoch's data iterator draws first, in
-            # both runs. Mid-epoch, Lightning's new iterator draws before the first batch where the uninterrupted
-            # run drew nothing: RoundCallback restores them again at that batch.
-            restore_rng_states(state["rng"])
+            # Restored as at the save. Right for a resume at an epoch's end: the next epoch's data iterator draws
+            # first, in both runs. Mid-epoch, Lightning's new iterator draws before the first batch where the
+            # uninterrupted run drew nothing: RoundCallback restores them again at that batch.
             self._resume_rng = state["rng"]
 
     @override
