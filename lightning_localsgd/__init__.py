@@ -1,12 +1,13 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
-Importing the package registers the strategy names with Lightning: ``local_sgd``, ``vrl_sgd``, ``overlap_local_sgd``,
-``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``, ``diloco``, ``stl_sgd``, ``hierarchical_local_sgd``.
+Importing the package registers the strategy names with Lightning's Trainer and with Fabric: ``local_sgd``,
+``vrl_sgd``, ``overlap_local_sgd``, ``cocod_sgd``, ``liec_sgd``, ``ef_sign``, ``dpsgd``, ``detag``, ``diloco``,
+``stl_sgd``, ``hierarchical_local_sgd``. Plain PyTorch loops use :class:`LocalSGDOptimizer`.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_localsgd import hooks
+from lightning_localsgd import fabric, hooks
 from lightning_localsgd.algorithms import (
     DPSGD,
     LIECSGD,
@@ -22,6 +23,7 @@ from lightning_localsgd.algorithms import (
 )
 from lightning_localsgd.callbacks import RoundCheckpoint
 from lightning_localsgd.data import NonIIDSampler
+from lightning_localsgd.optim import LocalSGDOptimizer
 from lightning_localsgd.strategies import (
     ALL_STRATEGIES,
     CoCoDSGDStrategy,
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 
 for _strategy in ALL_STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
+fabric.register_fabric_strategies()  # the same names for `Fabric(strategy=...)`
 
 __all__ = [
     "DPSGD",
@@ -61,6 +64,7 @@ __all__ = [
     "HierarchicalLocalSGDStrategy",
     "LIECSGDStrategy",
     "LocalSGD",
+    "LocalSGDOptimizer",
     "LocalSGDStrategy",
     "LocalUpdateStrategy",
     "NonIIDSampler",
@@ -70,5 +74,6 @@ __all__ = [
     "STLSGDStrategy",
     "VRLSGDStrategy",
     "__version__",
+    "fabric",
     "hooks",
 ]

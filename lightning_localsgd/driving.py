@@ -2,14 +2,12 @@
 
 The algorithm (:class:`~lightning_localsgd.algorithms.periodic.PeriodicAlgorithm`) is the same object whichever
 loop drives it; these helpers are the few steps of glue that would otherwise be written once per entry point: an
-optimizer step under an optional fp16 grad scaler, the per-rank state a checkpoint holds, and the world layout an
-algorithm may need to build its groups.
+optimizer step under an optional fp16 grad scaler, the per-rank state a checkpoint holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -19,16 +17,6 @@ from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.strategies.checkpointing import restore_rng_states, to_device, without_replica_if_in_sync
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class WorldLayout:
-    """How the launcher laid the ranks out: ``num_nodes`` nodes of ``processes_per_node`` ranks, node-major."""
-
-    num_nodes: int
-    processes_per_node: int
-    world_size: int
-    global_rank: int
 
 
 def step_and_follow(

@@ -188,3 +188,16 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
 
 
 __all__ = ["CompressedHookState", "ef_sign_hook"]
+
+
+def local_gradients_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A DDP communication hook that sends nothing: every rank keeps its own gradients.
+
+    For a model that stays wrapped in ``DistributedDataParallel`` while a local-update algorithm synchronises it
+    (:class:`~lightning_localsgd.optim.LocalSGDOptimizer` registers it): DDP's all-reduce would undo what the
+    algorithm saves. DDP does not divide a hook's result by the world size, so the gradients are exactly the local
+    ones.
+    """
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future

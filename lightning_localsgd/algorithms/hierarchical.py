@@ -16,6 +16,7 @@ same two levels.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -27,10 +28,12 @@ from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import Communicator
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
+from lightning_localsgd.comm.layout import WorldLayout, node_communicators
 
 
 class HierarchicalLocalSGD(PeriodicAlgorithm):
-    """Two-level Local SGD (see the module docstring). Call :meth:`set_node_groups` before :meth:`setup`.
+    """Two-level Local SGD (see the module docstring). Call :meth:`create_groups` (process groups) or
+    :meth:`set_node_groups` (any communicators) before :meth:`setup`.
 
     Args:
         intra_period: steps between averages within a node.
@@ -61,6 +64,9 @@ class HierarchicalLocalSGD(PeriodicAlgorithm):
     @property
     def intra_period(self) -> int:
         return self.period
+
+    def create_groups(self, layout: WorldLayout, timeout: timedelta) -> None:
+        self.set_node_groups(*node_communicators(layout, timeout, self.label))
 
     def set_node_groups(self, intra: Communicator, cross: Communicator) -> None:
         """The communicators of this rank's node and of its local rank across nodes."""

@@ -54,6 +54,7 @@ from lightning_localsgd.algorithms.sync_guard import SyncGuard
 from lightning_localsgd.comm import Communicator, FlatParameters
 from lightning_localsgd.comm.communicator import PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
+from lightning_localsgd.comm.layout import WorldLayout
 
 
 class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
@@ -165,6 +166,10 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
             self.register_optimizers(optimizers)
             if self.warmup_steps == 0:
                 self._start_local_phase()
+
+    def create_groups(self, layout: WorldLayout, timeout: timedelta) -> None:
+        """Collective, once, after the process group started and before :meth:`setup`: create the process groups
+        the algorithm needs beyond its communicator's (none here; hierarchical Local SGD's per-node groups)."""
 
     def register_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         """Tell the algorithm which optimizers exist, in a fixed order (their index keys per-optimizer state)."""

@@ -42,7 +42,8 @@ from typing_extensions import override
 from lightning_localsgd._validation import check_bool, check_positive_float
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
-from lightning_localsgd.driving import WorldLayout, rank_payload, restore_rank_payload, step_and_follow
+from lightning_localsgd.comm.layout import WorldLayout
+from lightning_localsgd.driving import rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
     read_rank_state,
@@ -162,12 +163,9 @@ class LocalUpdateStrategy(DDPStrategy):
         if self._communicator is None:
             group = dist.new_group(timeout=self.collective_timeout)
             self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
-            self.prepare_algorithm(WorldLayout(self.num_nodes, self.num_processes, self.world_size, self.global_rank))
+            layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank)
+            self.algorithm.create_groups(layout, self.collective_timeout)
         self.algorithm.setup(self.model, self._communicator)
-
-    def prepare_algorithm(self, layout: WorldLayout) -> None:
-        """Once, with the process group started, before the algorithm is set up: build what it needs beyond the
-        world's group (e.g. per-node groups). Fabric's strategies call it too, so it must not use Trainer state."""
 
     @override
     def setup_distributed(self) -> None:

@@ -3,17 +3,11 @@ across nodes."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
-
-import torch.distributed as dist
-from typing_extensions import override
 
 from lightning_localsgd.algorithms import HierarchicalLocalSGD
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.comm import ProcessGroupCommunicator
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
-from lightning_localsgd.driving import WorldLayout
 from lightning_localsgd.strategies.base import LocalUpdateStrategy
 
 
@@ -45,24 +39,3 @@ class HierarchicalLocalSGDStrategy(LocalUpdateStrategy):
     ) -> None:
         algorithm = HierarchicalLocalSGD(intra_period, inter_period, warmup_steps, bucket_cap_mb, buffers)
         super().__init__(algorithm, **kwargs)
-
-    @override
-    def prepare_algorithm(self, layout: WorldLayout) -> None:
-        assert isinstance(self.algorithm, HierarchicalLocalSGD)
-        self.algorithm.set_node_groups(*node_communicators(layout, self.collective_timeout, type(self).__name__))
-
-
-def node_communicators(
-    layout: WorldLayout, timeout: timedelta, strategy: str
-) -> tuple[ProcessGroupCommunicator, ProcessGroupCommunicator]:
-    """One group per node and one per local rank across nodes; every rank creates all of them, in one order."""
-    nodes, local = layout.num_nodes, layout.processes_per_node
-    if nodes * local != layout.world_size:
-        raise ValueError(f"{strategy}: {nodes} nodes x {local} processes do not make the world of {layout.world_size}.")
-    node_groups = [dist.new_group([n * local + r for r in range(local)], timeout=timeout) for n in range(nodes)]
-    cross_groups = [dist.new_group([n * local + r for n in range(nodes)], timeout=timeout) for r in range(local)]
-    node, local_rank = divmod(layout.global_rank, local)
-    return (
-        ProcessGroupCommunicator(node_groups[node], timeout=timeout),
-        ProcessGroupCommunicator(cross_groups[local_rank], timeout=timeout),
-    )

@@ -1,0 +1,287 @@
+"""Fabric: a ``DDPStrategy`` of Lightning Fabric whose synchronisation is done by a local-update algorithm.
+
+Fabric keeps its own strategy classes and registry and has no training-loop hooks, so the moments are taken where
+Fabric passes through its strategy: the model is not wrapped in ``DistributedDataParallel`` (``setup_module`` sets
+the algorithm up instead), ``optimizer.step()`` runs the algorithm's pre-step exchange, the step and its correction,
+and a training step ends (the round schedule counts it) with the step of the optimizer set up last. Evaluation and
+the end of training are the user's loop's: :meth:`consensus` and :meth:`finalize`. ``fabric.save`` stores the
+average as the weights and each rank's own state in a shard beside the file (the same layout as the Trainer's
+checkpoints); ``fabric.load`` after ``fabric.setup`` restores every rank exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies.strategy import _BackwardSyncControl
+from lightning.fabric.utilities.distributed import _init_dist_connection
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.utilities.types import _PATH
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_localsgd._validation import check_positive_float
+from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
+from lightning_localsgd.comm.layout import WorldLayout
+from lightning_localsgd.driving import rank_payload, restore_rank_payload, step_and_follow
+from lightning_localsgd.strategies.checkpointing import (
+    CHECKPOINT_KEY,
+    read_rank_state,
+    remove_stale_shards,
+    write_shards,
+)
+from lightning_localsgd.strategies.safety import (
+    as_timeout,
+    check_supported_device,
+    check_supported_model,
+    check_supported_optimizers,
+    elastic_attempt_store,
+    grad_scaler_of,
+)
+
+
+class _NothingToSkip(_BackwardSyncControl):
+    """``fabric.no_backward_sync``: backward never communicates here (warm-up averages at the step), so there is
+    nothing to skip under gradient accumulation."""
+
+    @override
+    def no_backward_sync(self, module: nn.Module, enabled: bool) -> Any:
+        return nullcontext()
+
+
+class FabricLocalUpdateStrategy(DDPStrategy):
+    """Fabric strategy driving ``algorithm`` (any of this package's, e.g. ``VRLSGD(period=20)``).
+
+    The named strategies (``Fabric(strategy="vrl_sgd")``, :class:`lightning_localsgd.fabric.VRLSGDStrategy`, ...)
+    build their algorithm from plain values, as the Trainer's do.
+
+    Args:
+        algorithm: a fresh algorithm instance.
+        on_nonfinite: ``"raise"`` or ``"skip_round"``, as for the Trainer's strategies.
+        collective_timeout: seconds a collective of the algorithm may wait for a peer before the run stops.
+        Remaining arguments: as Fabric's :class:`~lightning.fabric.strategies.DDPStrategy`.
+    """
+
+    def __init__(
+        self,
+        algorithm: PeriodicAlgorithm,
+        on_nonfinite: str = "raise",
+        collective_timeout: float = 600.0,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Union[float, timedelta, None] = default_pg_timeout,
+        start_method: str = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=as_timeout(timeout),
+            start_method=start_method,  # type: ignore[arg-type]
+        )
+        algorithm.set_nonfinite_policy(on_nonfinite)
+        self.algorithm = algorithm
+        self.algorithm.label = f"{type(self).__name__} ({type(algorithm).__name__})"
+        self.collective_timeout = timedelta(seconds=check_positive_float("collective_timeout", collective_timeout))
+        self.algorithm.timeout = self.collective_timeout
+        self._backward_sync_control = _NothingToSkip()
+        self._module: Optional[nn.Module] = None
+        self._optimizers: list[Optimizer] = []
+        self._ending_optimizer: Optional[Optimizer] = None
+        self._communicator: Optional[ProcessGroupCommunicator] = None
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def rounds(self) -> int:
+        return self.algorithm.rounds
+
+    @property
+    def comm_stats(self) -> CommStats:
+        return self.algorithm.comm.stats if self.algorithm.is_set_up else CommStats()
+
+    def comm_metrics(self) -> dict[str, float]:
+        """``comm/rounds``, ``comm/mb_sent``, ``comm/seconds``, ... and the algorithm's own values: log them with
+        ``fabric.log_dict(fabric.strategy.comm_metrics(), step=...)`` (or :func:`log_comm_metrics`)."""
+        return {**self.comm_stats.as_metrics(), **(self.algorithm.metrics() if self.algorithm.is_set_up else {})}
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup_environment(self) -> None:
+        check_supported_device(self.root_device, type(self).__name__)
+        super().setup_environment()
+
+    @override
+    def _setup_distributed(self) -> None:
+        # As Fabric's, plus a store namespaced per torchrun restart attempt (see elastic_attempt_store).
+        self._set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
+        if not dist.is_initialized() and (store := elastic_attempt_store(self._timeout)) is not None:
+            kwargs["store"] = store
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:  # type: ignore[override]
+        """Collective: every rank starts from rank 0's model; the algorithm takes over its parameters (no DDP)."""
+        name = type(self).__name__
+        if self._module is not None and module is not self._module:
+            raise ValueError(
+                f"{name} drives one model, set up once; this is a second one. Put the models in one container "
+                "(e.g. `nn.ModuleDict({'generator': g, 'discriminator': d})`) and call `fabric.setup(container, "
+                "optimizer_g, optimizer_d)` once."
+            )
+        check_supported_model(module, name)
+        if self._communicator is None:
+            group = dist.new_group(timeout=self.collective_timeout)
+            self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
+            layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank)
+            self.algorithm.create_groups(layout, self.collective_timeout)
+        scaler = grad_scaler_of(self.precision)
+        self.algorithm.gradients_may_overflow = scaler is not None
+        self.algorithm.grad_scale = scaler.get_scale if scaler is not None else None
+        self.algorithm.setup(module, self._communicator, self._optimizers)
+        self._module = module
+        return module
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        check_supported_optimizers([optimizer], type(self).__name__)
+        if not any(known is optimizer for known in self._optimizers):
+            self._optimizers.append(optimizer)
+            self._ending_optimizer = optimizer
+        if self.algorithm.is_set_up:
+            self.algorithm.register_optimizers(self._optimizers)
+        return optimizer
+
+    def end_step_after(self, optimizer: Optimizer) -> None:
+        """Count a training step (and hold a round when due) after ``optimizer``'s steps rather than after the
+        steps of the optimizer set up last (e.g. a GAN whose discriminator steps several times per generator step
+        and whose rounds should follow the generator)."""
+        if not any(known is optimizer for known in self._optimizers):
+            raise ValueError(f"{type(self).__name__}: this optimizer was not set up with `fabric.setup`.")
+        self._ending_optimizer = optimizer
+
+    @property
+    def _active(self) -> bool:
+        return self._module is not None and self.algorithm.is_set_up
+
+    # ------------------------------------------------------------------ the training step
+    @override
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        if not self._active or not any(known is optimizer for known in self._optimizers):
+            return super().optimizer_step(optimizer, **kwargs)
+        closure: Optional[Callable[[], Any]] = kwargs.get("closure")
+        if closure is not None:
+
+            def closure_then_exchange() -> Any:
+                result = closure()
+                self.algorithm.before_optimizer_step(optimizer)
+                return result
+
+            kwargs["closure"] = closure_then_exchange
+        else:
+            self.algorithm.before_optimizer_step(optimizer)
+
+        def run_step() -> Any:
+            return super(FabricLocalUpdateStrategy, self).optimizer_step(optimizer, **kwargs)
+
+        output, counted = step_and_follow(self.algorithm, optimizer, run_step, grad_scaler_of(self.precision))
+        if counted and optimizer is self._ending_optimizer:
+            self.algorithm.end_step()
+        return output
+
+    # ------------------------------------------------------------------ consensus
+    @contextmanager
+    def consensus(self) -> Iterator[None]:
+        """Collective: inside, the model holds the average of the replicas (evaluate here); each rank's own
+        replica comes back on exit."""
+        if not self._active:
+            yield
+            return
+        with self.algorithm.consensus():
+            yield
+
+    def finalize(self) -> None:
+        """Collective, at the end of training: every rank keeps the average of the replicas."""
+        if self._active:
+            self.algorithm.finalize()
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        state = super().get_module_state_dict(module)
+        if self._active and module is self._module:  # inside the consensus: copies, the replica comes back after
+            return {key: value.detach().clone() if torch.is_tensor(value) else value for key, value in state.items()}
+        return state
+
+    @override
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, Any],
+        storage_options: Optional[Any] = None,
+        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None,
+    ) -> None:
+        if not self._active:
+            return super().save_checkpoint(path, state, storage_options, filter)
+        with self.algorithm.consensus():
+            converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
+        # Each rank writes its own shard (no tensor travels to rank 0); the main file names them.
+        mine = rank_payload(self.algorithm, self._optimizers, grad_scaler_of(self.precision), drop_replica=True)
+        section = write_shards(self.algorithm.comm, mine, path, type(self).__name__)
+        converted[CHECKPOINT_KEY] = section
+        if self.is_global_zero:
+            self.checkpoint_io.save_checkpoint(checkpoint=converted, path=path, storage_options=storage_options)
+            remove_stale_shards(path, section["token"])
+        return None
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        state: Optional[Union[nn.Module, Optimizer, dict[str, Any]]] = None,
+        strict: bool = True,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        restores = isinstance(state, dict) and bool(state)
+        if restores and self._active:
+            self.algorithm.exit_consensus()
+        remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        if not restores:
+            return remainder
+        section = remainder.pop(CHECKPOINT_KEY, None)
+        if not self._active:
+            if section is not None:
+                rank_zero_warn(
+                    f"{type(self).__name__}: the checkpoint was loaded before `fabric.setup`, so every rank starts "
+                    "from the averaged weights with fresh algorithm state. Load after `fabric.setup(...)` to "
+                    "resume exactly."
+                )
+            return remainder
+        rank_state = read_rank_state(section, path, self.global_rank, self.world_size, type(self).__name__)
+        if rank_state is not None:
+            # A shard saved in sync has no replica: the module keeps the main file's averaged weights, loaded above.
+            restore_rank_payload(
+                rank_state, self.algorithm, self._optimizers, grad_scaler_of(self.precision), self.root_device
+            )
+        return remainder
