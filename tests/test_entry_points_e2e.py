@@ -16,7 +16,7 @@ from dist_utils import run_ranks
 from sim_utils import train_workers
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
-from entry_case import STRATEGY_OPTIONS, make_algorithm  # noqa: E402
+from entry_case import STRATEGY_OPTIONS, make_algorithm
 
 SCRIPT = Path(__file__).parent / "e2e" / "entry_case.py"
 STEPS = 10

@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sim_utils import flat_params, loss_of, make_layered_model  # noqa: E402
+from sim_utils import flat_params, loss_of, make_layered_model
 
-import lightning_localsgd  # noqa: E402
-from lightning_localsgd import fabric as fabric_strategies  # noqa: E402
+import lightning_localsgd
+from lightning_localsgd import fabric as fabric_strategies
 
 # Small periods, so that a 10-step run holds several rounds (and, for STL-SGD, a stage change).
 STRATEGY_OPTIONS = {
