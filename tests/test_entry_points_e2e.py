@@ -50,18 +50,19 @@ def check_against_reference(ranks: list[dict], ref: list, rounds: bool = True) -
 
 
 @pytest.mark.parametrize(
-    ("entry", "strategy", "warmup"),
+    ("entry", "strategy", "warmup", "closure"),
     [
-        ("plain", "local_sgd", 0),
-        ("plain", "vrl_sgd", 2),
-        ("ddp", "vrl_sgd", 2),  # warm-up steps: DDP's all-reduce is off, the algorithm averages the gradients
-        ("ddp", "cocod_sgd", 0),
-        ("plain", "liec_sgd", 0),
-        ("plain", "detag", 0),
+        ("plain", "local_sgd", 0, False),
+        ("plain", "vrl_sgd", 2, True),  # warm-up gradients averaged while the closure's backward runs
+        ("ddp", "vrl_sgd", 2, False),  # warm-up steps: DDP's all-reduce is off, the algorithm averages the gradients
+        ("ddp", "cocod_sgd", 0, False),
+        ("plain", "liec_sgd", 0, False),
+        ("plain", "detag", 0, False),
     ],
 )
-def test_the_optimizer_wrapper_runs_the_algorithm_exactly(entry, strategy, warmup, tmp_path):
-    ranks = run(tmp_path, "--entry", entry, "--strategy", strategy, "--warmup", str(warmup), "--steps", str(STEPS))
+def test_the_optimizer_wrapper_runs_the_algorithm_exactly(entry, strategy, warmup, closure, tmp_path):
+    args = ("--entry", entry, "--strategy", strategy, "--warmup", str(warmup), "--steps", str(STEPS))
+    ranks = run(tmp_path, *args, *(["--closure"] if closure else []))
     check_against_reference(ranks, reference(strategy, 3, warmup))
     assert ranks[0]["metrics"]["comm/rounds"] > 0
 

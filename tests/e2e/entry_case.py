@@ -63,6 +63,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--save-at", type=int, default=-1)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--closure", action="store_true", help="plain/ddp: optimizer.step(closure)")
     return parser.parse_args()
 
 
@@ -122,8 +123,11 @@ def main() -> None:
             optimizer.load_state_dict(torch.load(args.out / f"checkpoint.rank{rank}.pt", weights_only=False))
         for step in range(first, args.steps):
             optimizer.zero_grad()
-            loss_of(model, rank, step).backward()
-            optimizer.step()
+            if args.closure:  # forward and backward inside the step (warm-up gradients travel during backward)
+                optimizer.step(lambda: loss_of(model, rank, step).backward())  # noqa: B023 - called right here
+            else:
+                loss_of(model, rank, step).backward()
+                optimizer.step()
             scheduler.step()
             history.append(flat_params(module).clone())
             if step == args.save_at and not args.resume:
