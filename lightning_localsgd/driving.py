@@ -2,7 +2,7 @@
 
 The algorithm (:class:`~lightning_localsgd.algorithms.periodic.PeriodicAlgorithm`) is the same object whichever
 loop drives it; these helpers are the few steps of glue that would otherwise be written once per entry point: an
-optimizer step under an optional fp16 grad scaler, the per-rank state a checkpoint holds.
+optimizer step under an optional fp16 grad scaler, the per-rank state a checkpoint holds, the metrics to log.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ def step_and_follow(
         return output, False
     algorithm.after_optimizer_step(optimizer)
     return output, True
+
+
+def comm_metrics(algorithm: PeriodicAlgorithm) -> dict[str, float]:
+    """What a logger gets: ``comm/rounds``, ``comm/mb_sent``, ``comm/seconds``, ... and the algorithm's own values."""
+    if not algorithm.is_set_up:
+        return {}
+    return {**algorithm.comm.stats.as_metrics(), **algorithm.metrics()}
 
 
 def rank_payload(

@@ -36,7 +36,7 @@ from lightning_localsgd._validation import check_positive_float
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
-from lightning_localsgd.driving import rank_payload, restore_rank_payload, step_and_follow
+from lightning_localsgd.driving import comm_metrics, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.hooks import local_gradients_hook
 from lightning_localsgd.strategies.safety import check_supported_model, check_supported_optimizers
 
@@ -188,7 +188,7 @@ class LocalSGDOptimizer(Optimizer):
 
     def comm_metrics(self) -> dict[str, float]:
         """``comm/rounds``, ``comm/mb_sent``, ``comm/seconds``, ... and the algorithm's own values, to log."""
-        return {**self.algorithm.comm.stats.as_metrics(), **self.algorithm.metrics()}
+        return comm_metrics(self.algorithm)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.algorithm).__name__}, {self.optimizer!r})"

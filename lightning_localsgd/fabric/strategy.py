@@ -34,7 +34,7 @@ from lightning_localsgd._validation import check_positive_float
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
-from lightning_localsgd.driving import rank_payload, restore_rank_payload, step_and_follow
+from lightning_localsgd.driving import comm_metrics, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
     read_rank_state,
@@ -120,7 +120,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
     def comm_metrics(self) -> dict[str, float]:
         """``comm/rounds``, ``comm/mb_sent``, ``comm/seconds``, ... and the algorithm's own values: log them with
         ``fabric.log_dict(fabric.strategy.comm_metrics(), step=...)`` (or :func:`log_comm_metrics`)."""
-        return {**self.comm_stats.as_metrics(), **(self.algorithm.metrics() if self.algorithm.is_set_up else {})}
+        return comm_metrics(self.algorithm)
 
     # ------------------------------------------------------------------ set-up
     @override

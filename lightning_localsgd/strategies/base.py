@@ -43,7 +43,7 @@ from lightning_localsgd._validation import check_bool, check_positive_float
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
-from lightning_localsgd.driving import rank_payload, restore_rank_payload, step_and_follow
+from lightning_localsgd.driving import comm_metrics, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
     read_rank_state,
@@ -283,7 +283,7 @@ class LocalUpdateStrategy(DDPStrategy):
             self._log_comm_metrics(trainer)
 
     def _log_comm_metrics(self, trainer: pl.Trainer) -> None:
-        metrics = {**self.comm_stats.as_metrics(), **self.algorithm.metrics()}
+        metrics = comm_metrics(self.algorithm)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
