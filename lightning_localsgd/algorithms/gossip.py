@@ -49,6 +49,7 @@ from lightning_localsgd.algorithms.guard import (
     position,
 )
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+from lightning_localsgd.algorithms.profiling import phase
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology, check_topology_name, make_topology
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError
@@ -141,7 +142,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
             needed = grads_finite and self.gossips_gradients  # D-PSGD steps on the gradients as they are: no copy
             gradient = flat_gradients(params, scale, self.gossip_dtype) if needed else None
             sent_before = self.comm.stats.bytes_sent
-            with torch.no_grad():
+            with torch.no_grad(), phase("gossip"):
                 direction = self._gossip_step(optimizer, indices, gradient)
                 if direction is not None and grads_finite:
                     write_gradients(params, direction, scale)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.guard import EXCHANGE, WARMUP, all_finite, failures_named, nonfinite_error
+from lightning_localsgd.algorithms.profiling import phase
 from lightning_localsgd.comm import GradientAverager, average_gradients
 
 # Gradient buckets are smaller than parameter buckets: a round wants few large collectives, a synchronous step
@@ -98,7 +99,7 @@ class GradientExchange:
 
     def _guarded_exchange(self: PeriodicAlgorithm, optimizer: Optimizer) -> None:
         where = f"the gradient exchange of step {self.step}"
-        with failures_named(self.label, where, self.timeout):
+        with failures_named(self.label, where, self.timeout), phase("exchange"):
             self.flat.ensure_views()
             scale = float(self.grad_scale()) if self.grad_scale is not None else 1.0
             params = self._managed_params_of(optimizer)
@@ -143,7 +144,7 @@ class GradientExchange:
 
     def _average_warmup_gradients(self: PeriodicAlgorithm, optimizer: Optimizer) -> None:
         where = f"warm-up step {self.step}"
-        with failures_named(self.label, where, self.timeout):
+        with failures_named(self.label, where, self.timeout), phase("warmup/gradients"):
             averager = self._gradient_averager(optimizer)
             grads = [p.grad for p in self._trainable() if p.grad is not None]
             finite = self.gradients_may_overflow or all_finite(grads)  # local gradients, before they are replaced

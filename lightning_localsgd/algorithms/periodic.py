@@ -48,6 +48,7 @@ from lightning_localsgd.algorithms.guard import (
 )
 from lightning_localsgd.algorithms.managed_set import ManagedSet
 from lightning_localsgd.algorithms.param_groups import ParamGroupMap
+from lightning_localsgd.algorithms.profiling import phase
 from lightning_localsgd.algorithms.rank_state import RankState
 from lightning_localsgd.algorithms.schedule import PeriodicSchedule
 from lightning_localsgd.algorithms.sync_guard import SyncGuard
@@ -253,7 +254,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         self.schedule.step += 1
         self._shadows_stale = True
         if step < self.warmup_steps:
-            with failures_named(self.label, f"warm-up step {step}", self.timeout):
+            with failures_named(self.label, f"warm-up step {step}", self.timeout), phase("warmup/buffers"):
                 # The gradients were averaged; bring BatchNorm statistics along, as DDP's buffer broadcast would.
                 mean_packed_(self.averaged_buffers(), self.comm)
                 self.comm.stats.rounds += 1
@@ -267,12 +268,16 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
                 self.flat.ensure_views()
                 # The previous round's transfer first: on a real link the flag collective below would queue
                 # behind it, waiting out of sight of the wait-time metric.
-                self._settle_in_flight()
-                if self._check_replicas(where, step, ROUND):
-                    self._rolled_back_resume()  # back at the last good round; that round's work follows
-                self._follow_managed_set()
-                self._keep_rollback_point("round")
-                self._round()
+                with phase("round/settle"):
+                    self._settle_in_flight()
+                with phase("round/guard"):
+                    if self._check_replicas(where, step, ROUND):
+                        self._rolled_back_resume()  # back at the last good round; that round's work follows
+                    self._follow_managed_set()
+                with phase("round/rollback_point"):
+                    self._keep_rollback_point("round")
+                with phase("round/update"):
+                    self._round()
             new_stage = self.schedule.round_held()
             self.comm.stats.rounds += 1
             if new_stage:
@@ -301,7 +306,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         if self._local_backup is not None:
             return
         where = "the consensus (evaluation or checkpoint weights)"
-        with failures_named(self.label, where, self.timeout):
+        with failures_named(self.label, where, self.timeout), phase("consensus"):
             self._average_shadows()
             if self.in_sync:
                 self._follow_managed_set()  # in sync: nothing differs, so nothing to average
@@ -346,7 +351,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         copy swapped in at the end of ``fit``), and the model after ``fit`` must be the same on every rank.
         """
         where = "the final average"
-        with failures_named(self.label, where, self.timeout):
+        with failures_named(self.label, where, self.timeout), phase("final"):
             self._settle_in_flight()
             self.flat.ensure_views()
             if self._local_backup is not None:
