@@ -23,6 +23,7 @@ from lightning_localsgd.algorithms import (
 )
 from lightning_localsgd.callbacks import RoundCheckpoint
 from lightning_localsgd.data import NonIIDSampler
+from lightning_localsgd.dropit import DropITCallback, apply_dropit, remove_dropit
 from lightning_localsgd.optim import LocalSGDOptimizer
 from lightning_localsgd.strategies import (
     ALL_STRATEGIES,
@@ -58,6 +59,7 @@ __all__ = [
     "DeTAGStrategy",
     "DiLoCo",
     "DiLoCoStrategy",
+    "DropITCallback",
     "ErrorFeedbackSGD",
     "ErrorFeedbackStrategy",
     "HierarchicalLocalSGD",
@@ -74,6 +76,8 @@ __all__ = [
     "STLSGDStrategy",
     "VRLSGDStrategy",
     "__version__",
+    "apply_dropit",
     "fabric",
     "hooks",
+    "remove_dropit",
 ]
