@@ -81,18 +81,23 @@ def local_step(algo, model: nn.Module, opt: torch.optim.Optimizer, rank: int, st
     return algo.end_step()
 
 
-def train_workers(make_algorithm, world, steps, *, dtype=torch.float64, make_optimizer=None, cut=None, record=None):
+def train_workers(
+    make_algorithm, world, steps, *, dtype=torch.float64, make_optimizer=None, cut=None, record=None, prepare=None
+):
     """Each simulated worker trains ``steps`` steps of the layered model through every moment of a fresh
     ``make_algorithm()``. With ``cut``, the state is saved before that step and training goes on in new objects
     loaded from it, as a resumed process would. Returns, per rank, ``(history, algorithm)``: one entry per step with
     the parameters after it (``"params"``), whether it ended with a round (``"round"``), and ``record(algorithm,
-    optimizer)``'s items."""
+    optimizer)``'s items. ``prepare(model)`` runs on each new model (e.g. swapping in DropIT layers)."""
     from lightning_localsgd.comm import run_simulated
 
     make_optimizer = make_optimizer or (lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
 
+    prepare = prepare or (lambda model: None)
+
     def worker(rank, comm):
         model = make_layered_model(dtype)
+        prepare(model)
         opt = make_optimizer(model)
         algorithm = make_algorithm()
         algorithm.setup(model, comm, [opt])
@@ -101,6 +106,7 @@ def train_workers(make_algorithm, world, steps, *, dtype=torch.float64, make_opt
             if step == cut:
                 saved = (algorithm.state_dict(), opt.state_dict())
                 model = make_layered_model(dtype, seed=9)  # other weights until the state is loaded
+                prepare(model)
                 opt = make_optimizer(model)
                 algorithm = make_algorithm()
                 algorithm.setup(model, comm, [opt])

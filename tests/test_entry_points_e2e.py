@@ -15,6 +15,8 @@ import torch
 from dist_utils import run_ranks
 from sim_utils import train_workers
 
+from lightning_localsgd import apply_dropit
+
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from entry_case import STRATEGY_OPTIONS, make_algorithm
 
@@ -29,8 +31,11 @@ def run(out: Path, *args: str) -> list[dict]:
     return [torch.load(out / f"rank{r}{'-resumed' if resumed else ''}.pt", weights_only=False) for r in range(2)]
 
 
-def reference(strategy: str, period: int, warmup: int = 0) -> list:
-    return train_workers(lambda: make_algorithm(strategy, period, warmup), 2, STEPS, dtype=torch.float64)
+def reference(strategy: str, period: int, warmup: int = 0, dropit: float = 0.0) -> list:
+    prepare = (lambda model: apply_dropit(model, dropit)) if dropit else None
+    return train_workers(
+        lambda: make_algorithm(strategy, period, warmup), 2, STEPS, dtype=torch.float64, prepare=prepare
+    )
 
 
 def check_against_reference(ranks: list[dict], ref: list, rounds: bool = True) -> None:
@@ -87,6 +92,16 @@ def test_fabric_takes_a_strategy_by_name_with_its_defaults(tmp_path):
     assert ranks[0]["metrics"]["comm/rounds"] == sum(default.is_round_after(step) for step in range(4)) == 1
     assert not torch.equal(ranks[0]["history"][-1], ranks[1]["history"][-1])  # local steps: the replicas differ
     assert torch.equal(ranks[0]["final"], ranks[1]["final"])
+
+
+@pytest.mark.parametrize(("entry", "strategy"), [("fabric", "overlap_local_sgd"), ("plain", "local_sgd")])
+def test_dropit_layers_train_through_fabric_and_plain_pytorch_as_in_the_simulation(entry, strategy, tmp_path):
+    # gamma 0.5 on the 8-wide layers: the weight gradients differ from the dense run's, and must still match the
+    # simulated workers with the same DropIT layers step by step.
+    ranks = run(tmp_path, "--entry", entry, "--strategy", strategy, "--steps", str(STEPS), "--dropit", "0.5")
+    check_against_reference(ranks, reference(strategy, 3, dropit=0.5))
+    dense = reference(strategy, 3)
+    assert not torch.allclose(ranks[0]["history"][-1], dense[0][0][-1]["params"])
 
 
 @pytest.mark.parametrize(("entry", "strategy"), [("fabric", "vrl_sgd"), ("plain", "cocod_sgd"), ("ddp", "vrl_sgd")])

@@ -64,6 +64,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--save-at", type=int, default=-1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--closure", action="store_true", help="plain/ddp: optimizer.step(closure)")
+    parser.add_argument("--dropit", type=float, default=0.0, help="swap in DropIT layers with this gamma")
     return parser.parse_args()
 
 
@@ -92,6 +93,8 @@ def main() -> None:
         fabric.launch()
         assert type(fabric.strategy).__name__ == strategy_class, type(fabric.strategy)
         module = make_layered_model(torch.float64)
+        if args.dropit:
+            lightning_localsgd.apply_dropit(module, args.dropit)
         model, optimizer = fabric.setup(module, make_optimizer(module))
         if args.resume:
             remainder = fabric.load(checkpoint, {"model": model, "optimizer": optimizer})
@@ -112,6 +115,8 @@ def main() -> None:
     else:
         dist.init_process_group("gloo")
         module = make_layered_model(torch.float64)
+        if args.dropit:
+            lightning_localsgd.apply_dropit(module, args.dropit)
         model: torch.nn.Module = module
         if args.entry == "ddp":
             model = DistributedDataParallel(module)  # no buffers: broadcast_buffers may stay on
