@@ -225,30 +225,41 @@ def test_overlap_bad_arguments(kwargs, named):
 
 
 @pytest.mark.parametrize("make", [lambda: CoCoDSGD(period=2), lambda: OverlapLocalSGD(period=2)])
-def test_a_rounds_blocking_collectives_start_after_the_previous_transfer_landed(make):
-    """On a real link a blocking collective sent while a transfer is in flight queues behind it: the round's
-    flag collective must come after the previous round's transfer, not wait behind it unaccounted."""
+@pytest.mark.parametrize("policy", ["raise", "skip_round"])
+def test_a_round_meets_no_rank_on_the_critical_path(make, policy):
+    """With ``on_nonfinite="raise"`` a round's guard travels with its transfer: no blocking collective at all
+    (the model has no buffers to average), one background flag sum per round. With ``"skip_round"`` the round
+    keeps its blocking flag collective, and it starts only after the previous round's transfer landed (on a real
+    link it would otherwise queue behind it, waiting unaccounted)."""
 
     def worker(rank, comm):
         model = make_model()
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         algo = make()
+        algo.set_nonfinite_policy(policy)
         algo.setup(model, comm, [opt])
-        blocking = comm._all_reduce_sum_
-        transfers_done_at_blocking_calls = []
+        blocking, in_order = comm._all_reduce_sum_, comm._start_all_reduce_sum_in_order_
+        transfers_done_at_blocking_calls, background_flag_sums = [], []
 
         def spy(tensor):
             transfers_done_at_blocking_calls.append(all(p.done for p in algo._in_flight))
             blocking(tensor)
 
-        comm._all_reduce_sum_ = spy
+        def spy_in_order(tensor):
+            background_flag_sums.append(len(algo._in_flight))  # the round's transfer is not started yet
+            return in_order(tensor)
+
+        comm._all_reduce_sum_, comm._start_all_reduce_sum_in_order_ = spy, spy_in_order
         for step in range(8):
             opt.zero_grad()
             loss_of(model, rank, step).backward()
             opt.step()
             algo.end_step()
-        return transfers_done_at_blocking_calls, algo.comm.stats.rounds
+        return transfers_done_at_blocking_calls, background_flag_sums, algo.comm.stats.rounds
 
-    for calls, rounds in run_simulated(2, worker):
-        assert rounds == 4 and len(calls) >= rounds
-        assert all(calls)
+    for calls, flag_sums, rounds in run_simulated(2, worker):
+        assert rounds == 4
+        if policy == "raise":
+            assert calls == [] and flag_sums == [0] * rounds  # issued after the settle, before the transfer
+        else:
+            assert len(calls) >= rounds and all(calls) and flag_sums == []

@@ -33,6 +33,7 @@ class CoCoDSGD(PeriodicAlgorithm):
     """CoCoD-SGD with a round every ``period`` steps."""
 
     rounds_synchronise = False
+    applies_rounds_late = True
 
     def __init__(
         self,
@@ -63,7 +64,7 @@ class CoCoDSGD(PeriodicAlgorithm):
         for start, mean, x in zip(self._round_start, self._start_mean, self.flat.buckets):
             start.copy_(x)
             mean.copy_(x)
-        self._in_flight = [self.comm.start_all_reduce_mean_(mean) for mean in self._start_mean]
+        self._start_transfers(self._start_mean)
 
     def _round(self) -> None:
         self._settle_in_flight()

@@ -96,6 +96,7 @@ class DiLoCo(PeriodicAlgorithm):
         super().__init__(period, warmup_steps, False, bucket_cap_mb, buffers)
         self.overlap = check_bool("overlap", overlap)
         self.rounds_synchronise = not self.overlap  # with the delayed step each replica keeps its own progress
+        self.applies_rounds_late = self.overlap
         self.outer_optimizer_name, self.outer_optimizer_options = check_outer_optimizer(
             outer_optimizer, outer_optimizer_options
         )
@@ -158,7 +159,7 @@ class DiLoCo(PeriodicAlgorithm):
         ):
             start.copy_(x)
             mean.copy_(x)
-        self._in_flight = [self.comm.start_all_reduce_mean_(mean) for mean in self.state_buckets("round_start_mean")]
+        self._start_transfers(self.state_buckets("round_start_mean"))
 
     def _on_relayout(self, old: FlatParameters) -> None:
         raise ValueError(

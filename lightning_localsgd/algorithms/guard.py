@@ -84,8 +84,23 @@ def agree(
     with the wrong ones, which would average unrelated tensors or hang. The fingerprint carries values that must
     be identical on every rank (e.g. the learning rates summed over the period, the set of trainable parameters):
     a ``ReduceLROnPlateau`` fed an unsynchronised metric, or a layer unfrozen on one rank only, shows up here.
-    Float64 holds positions and fingerprints exactly (integers below 2**53).
     """
+    flags = flag_vector(comm, finite, position, requests, device, fingerprint)
+    comm.all_reduce_sum_([flags])
+    return read_verdict(flags, comm.world_size, len(fingerprint))
+
+
+def flag_vector(
+    comm: Communicator,
+    finite: bool,
+    position: int,
+    requests: set[str],
+    device: torch.device,
+    fingerprint: Sequence[float] = (),
+) -> Tensor:
+    """This rank's part of the flag all-reduce (its own slots set, the others zero): summed over the ranks, it holds
+    every rank's flags. Float64 holds positions and fingerprints exactly (integers below 2**53). The same layout
+    whether it is summed blocking (:func:`agree`) or in the background (a deferred check), so the two pair up."""
     world, width = comm.world_size, len(fingerprint)
     flags = torch.zeros((2 + width) * world + len(REQUESTS), dtype=torch.float64, device=device)
     flags[comm.rank] = 0 if finite else 1
@@ -95,8 +110,13 @@ def agree(
     base = (2 + width) * world
     for slot, name in enumerate(REQUESTS):
         flags[base + slot] = 1 if name in requests else 0
-    comm.all_reduce_sum_([flags])
+    return flags
+
+
+def read_verdict(flags: Tensor, world: int, width: int) -> Verdict:
+    """The verdict in a flag vector summed over the ranks."""
     values = flags.tolist()
+    base = (2 + width) * world
     raised = {name for slot, name in enumerate(REQUESTS) if values[base + slot] > 0}
     fingerprints = [tuple(values[(2 + slot) * world + r] for slot in range(width)) for r in range(world)]
     positions = [int(v) for v in values[world : 2 * world]]

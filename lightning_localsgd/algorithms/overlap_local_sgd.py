@@ -44,6 +44,7 @@ class OverlapLocalSGD(PeriodicAlgorithm):
     """Overlap Local-SGD. Defaults are the paper's: tau = 2, alpha = 0.6, beta = 0.7."""
 
     rounds_synchronise = False
+    applies_rounds_late = True
 
     def __init__(
         self,
@@ -110,4 +111,4 @@ class OverlapLocalSGD(PeriodicAlgorithm):
                     torch._foreach_copy_(z, x)  # lr = 0: the payload's limit, the pulled-back model
                 write_back(params, x)
         mean_packed_(self.averaged_buffers(), self.comm)
-        self._in_flight = [self.comm.start_all_reduce_mean_(z) for z in self.anchor]
+        self._start_transfers(self.anchor)

@@ -77,6 +77,9 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
     """
 
     rounds_synchronise: bool = True  # after a round every replica holds the same model
+    # True: a round's result is applied one round late (Overlap Local-SGD, CoCoD-SGD, DiLoCo's delayed outer step),
+    # so its guard can travel with its transfer instead of meeting the other ranks before the round.
+    applies_rounds_late: bool = False
 
     def __init__(
         self,
@@ -97,6 +100,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         self._groups = ParamGroupMap()
         self._local_backup: Optional[tuple[list[Tensor], list[Tensor]]] = None
         self._in_flight: list[PendingAllReduce] = []  # non-blocking transfers started by a round
+        self._withholding = False  # this round's replica is non-finite: its transfers send zeros (see _start_transfers)
         # Copies of the model that others keep and update from this rank's replica (EMA / SWA callbacks): each
         # is averaged before it is used, which for these linear averages equals averaging the consensus.
         self.shadow_modules: list[nn.Module] = []
@@ -190,8 +194,21 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         self._keep_rollback_point("local_phase")
         self._begin_local_phase()
 
+    def _start_transfers(self, tensors: Sequence[Tensor]) -> None:
+        """Start averaging ``tensors`` in place in the background; read them only after :meth:`_settle_in_flight`.
+
+        A rank whose replica a deferred check is about to report as non-finite sends zeros instead of its payload:
+        no inf/NaN crosses the wire, and every rank stops before reading what arrived (the flags are judged first).
+        """
+        if self._withholding:
+            for tensor in tensors:
+                tensor.zero_()
+        self._in_flight = [self.comm.start_all_reduce_mean_(tensor) for tensor in tensors]
+
     def _settle_in_flight(self) -> None:
-        """Finish the non-blocking collectives in flight; their results stay in the buffers they wrote."""
+        """Finish the non-blocking collectives in flight; their results stay in the buffers they wrote. The flags
+        of a deferred check are judged first: nothing a bad round sent is read."""
+        self._judge_deferred_check()
         for pending in self._in_flight:
             pending.wait()
         self._in_flight = []
@@ -269,15 +286,26 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
                 # The previous round's transfer first: on a real link the flag collective below would queue
                 # behind it, waiting out of sight of the wait-time metric.
                 with phase("round/settle"):
-                    self._settle_in_flight()
-                with phase("round/guard"):
-                    if self._check_replicas(where, step, ROUND):
-                        self._rolled_back_resume()  # back at the last good round; that round's work follows
-                    self._follow_managed_set()
-                with phase("round/rollback_point"):
-                    self._keep_rollback_point("round")
-                with phase("round/update"):
-                    self._round()
+                    self._settle_in_flight()  # judges the previous round's deferred check, if any
+                if self._defers_round_check():
+                    with phase("round/guard"):
+                        check = self._start_deferred_check(where, step)  # before the transfer: completes first
+                    with phase("round/update"):
+                        self._withholding = not check.finite
+                        try:
+                            self._round()
+                        finally:
+                            self._withholding = False
+                    self._deferred_check = check  # judged by the next settle, before the transfer is read
+                else:
+                    with phase("round/guard"):
+                        if self._check_replicas(where, step, ROUND):
+                            self._rolled_back_resume()  # back at the last good round; that round's work follows
+                        self._follow_managed_set()
+                    with phase("round/rollback_point"):
+                        self._keep_rollback_point("round")
+                    with phase("round/update"):
+                        self._round()
             new_stage = self.schedule.round_held()
             self.comm.stats.rounds += 1
             if new_stage:
@@ -286,6 +314,15 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
             return True
         self.in_sync = False
         return False
+
+    def _defers_round_check(self) -> bool:
+        """Whether this round's guard travels with its transfer (checked one round later) instead of blocking.
+
+        Only for rounds applied one round late, and not under ``on_nonfinite="skip_round"`` (its rollback points
+        assume the check came before the round), nor when the trainable set changed (re-bucketing is collective:
+        the ranks must agree first; a rank taking the blocking check pairs with the others' deferred flags).
+        """
+        return self.applies_rounds_late and self.on_nonfinite == "raise" and not self._managed_set_changed()
 
     def _round(self) -> None:
         """One synchronisation: x_i <- mean_j x_j for parameters and averaged buffers."""
@@ -307,6 +344,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
             return
         where = "the consensus (evaluation or checkpoint weights)"
         with failures_named(self.label, where, self.timeout), phase("consensus"):
+            self._judge_deferred_check()  # a bad round is reported as such, before the consensus's own check
             self._average_shadows()
             if self.in_sync:
                 self._follow_managed_set()  # in sync: nothing differs, so nothing to average

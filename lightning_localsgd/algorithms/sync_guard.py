@@ -12,17 +12,23 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+
+from torch import Tensor
 
 from lightning_localsgd._validation import check_choice
 from lightning_localsgd.algorithms.guard import (
     ON_NONFINITE_CHOICES,
     REQUESTS,
+    ROUND,
     SYNC_POINT_KINDS,
+    Verdict,
     agree,
+    flag_vector,
     nonfinite_error,
     out_of_step_error,
     position,
+    read_verdict,
 )
 from lightning_localsgd.errors import RanksDisagreeError
 
@@ -39,6 +45,18 @@ class RollbackPoint:
     state: dict[str, Any]  # the algorithm's state_dict
     optimizer_states: list[dict[str, Any]]
     resume_with: ResumeWith  # "round": a round followed; "local_phase": the local phase began
+
+
+@dataclass
+class DeferredCheck:
+    """A round's flag vector being summed in the background, and what to name in an error."""
+
+    flags: Tensor
+    wait: Callable[[], None]
+    where: str
+    step: int
+    width: int  # fingerprint slots
+    finite: bool  # this rank's own flag
 
 
 FINGERPRINT_NAMES = ("learning rates", "trainable parameters")
@@ -69,6 +87,7 @@ class SyncGuard:
         self.agreed_requests: set[str] = set()  # raised by some rank: every rank acts on them at the same step
         self.rounds_rolled_back = 0
         self._rollback_point: Optional[RollbackPoint] = None
+        self._deferred_check: Optional[DeferredCheck] = None  # a round's flags in flight (see _start_deferred_check)
 
     def set_nonfinite_policy(self, policy: str) -> None:
         """``"raise"``: stop with :class:`~lightning_localsgd.errors.NonFiniteError` naming the rank and step.
@@ -100,13 +119,50 @@ class SyncGuard:
             self.flat.buckets[0].device,
             self._fingerprint(),
         )
-        if len(set(verdict.positions)) > 1:
-            raise out_of_step_error(self.label, verdict.positions, where)
-        if len(set(verdict.fingerprints)) > 1:
-            raise disagreement_error(self.label, where, verdict.fingerprints)
         self.requests_pending = set()
+        return self._accept(verdict, where)
+
+    def _accept(self, verdict: Verdict, where: str) -> list[int]:
+        """Raise if the ranks are out of step or disagree; take the agreed requests; return the non-finite ranks."""
+        label = getattr(self, "label", type(self).__name__)
+        if len(set(verdict.positions)) > 1:
+            raise out_of_step_error(label, verdict.positions, where)
+        if len(set(verdict.fingerprints)) > 1:
+            raise disagreement_error(label, where, verdict.fingerprints)
         self.agreed_requests |= verdict.requests
         return verdict.nonfinite_ranks
+
+    # ------------------------------------------------------------------ the check carried by a round's transfer
+    def _start_deferred_check(self: PeriodicAlgorithm, where: str, step: int) -> DeferredCheck:
+        """A round whose result is applied one round late: its flags (finiteness of this replica, position,
+        fingerprint, requests) are summed in the background, started before the round's transfer, and judged by
+        :meth:`_judge_deferred_check` before anything the transfer brought is used. Wire-compatible with
+        :meth:`_agree`: a rank at a blocking check at that point pairs with it and sees these flags. The caller
+        keeps the returned check pending once the round's own work (which settles earlier transfers) is done."""
+        fingerprint = self._fingerprint()
+        finite = self._contribution_is_finite()
+        flags = flag_vector(
+            self.comm,
+            finite,
+            position(step, ROUND),
+            self.requests_pending,
+            self.flat.buckets[0].device,
+            fingerprint,
+        )
+        self.requests_pending = set()  # on their way: agreed when the flags are judged
+        wait = self.comm.start_all_reduce_sum_in_order_(flags)
+        return DeferredCheck(flags, wait, where, step, len(fingerprint), finite)
+
+    def _judge_deferred_check(self: PeriodicAlgorithm) -> None:
+        """Wait for the pending round's flags and act on them: raise (naming that round) if a rank was non-finite,
+        out of step or disagreeing; take the requests raised anywhere, for every rank to act on now."""
+        check, self._deferred_check = self._deferred_check, None
+        if check is None:
+            return
+        check.wait()
+        bad = self._accept(read_verdict(check.flags, self.comm.world_size, check.width), check.where)
+        if bad:
+            raise nonfinite_error(self.label, check.where, "parameters", bad, check.step)
 
     def _check_replicas(self: PeriodicAlgorithm, where: str, step: int, kind: int) -> bool:
         """Agree on the replicas' finiteness before averaging them. Raises, or rolls every rank back to the last

@@ -123,6 +123,26 @@ class Communicator(ABC):
             pending._join = self._start_all_reduce_sum_(tensor, pending._on_complete)
         return pending
 
+    def start_all_reduce_sum_in_order_(self, tensor: Tensor) -> Callable[[], None]:
+        """Start summing ``tensor`` in place without blocking, ordered with this communicator's *blocking*
+        collectives (not on the non-blocking transfers' group): a rank that issues a blocking collective at that
+        point instead pairs with it. For small flag vectors; returns a function that waits for the sum."""
+        if self.world_size == 1:
+            return lambda: None
+        self.stats.collectives += 1
+        self.stats.bytes_sent += ring_all_reduce_bytes(tensor.numel() * tensor.element_size(), self.world_size)
+        join = self._start_all_reduce_sum_in_order_(tensor)
+
+        def wait() -> None:
+            start = time.perf_counter()
+            join()
+            self._wait_for_device([tensor])
+            waited = time.perf_counter() - start
+            self.stats.seconds += waited
+            self.stats.wait_seconds += waited
+
+        return wait
+
     def prepare_non_blocking(self) -> None:
         """Create now whatever non-blocking collectives need (a process group of their own), instead of at first use.
 
@@ -138,6 +158,10 @@ class Communicator(ABC):
     @abstractmethod
     def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
         """Start a sum all-reduce; call ``on_complete`` when it finishes; return a function that waits for it."""
+
+    @abstractmethod
+    def _start_all_reduce_sum_in_order_(self, tensor: Tensor) -> Callable[[], None]:
+        """Start a sum all-reduce on the blocking collectives' group; return a function that waits for it."""
 
     @abstractmethod
     def _broadcast_(self, tensor: Tensor, src: int) -> None: ...
@@ -234,6 +258,11 @@ class ProcessGroupCommunicator(Communicator):
     def _all_reduce_sum_(self, tensor: Tensor) -> None:
         # SUM then divide: gloo has no AVG reduction.
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def _start_all_reduce_sum_in_order_(self, tensor: Tensor) -> Callable[[], None]:
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        assert work is not None
+        return work.wait
 
     def _broadcast_(self, tensor: Tensor, src: int) -> None:
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)

@@ -183,6 +183,28 @@ class SimulatedCommunicator(Communicator):
 
         return join
 
+    def _start_all_reduce_sum_in_order_(self, tensor: Tensor) -> Callable[[], None]:
+        # Numbered on the blocking group now, at issue time, so that it pairs with what the other workers issue
+        # there at that point; summed on a thread meanwhile.
+        seq = self.group.reserve(self.rank)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                _sum_into(self.group, self.rank, tensor, seq)
+            except BaseException as error:  # re-raised by join
+                errors.append(error)
+
+        thread = threading.Thread(target=run, name=f"sim-flags-r{self.rank}-{seq}", daemon=True)
+        thread.start()
+
+        def join() -> None:
+            thread.join()
+            if errors:
+                raise errors[0]
+
+        return join
+
     def _broadcast_(self, tensor: Tensor, src: int) -> None:
         values = self.group.exchange(self.rank, tensor.clone())
         _check_same_layout(values, self.rank, "broadcast")
