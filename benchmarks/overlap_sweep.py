@@ -5,7 +5,8 @@
 Same lab, workload and peers' runner as :mod:`benchmarks.slow_link` (MLP by default). For each period it
 reports throughput as a fraction of the compute limit (a plain PyTorch loop), of "every rank at once, no
 communication" (what 2 ranks sharing this machine can do at best) and of Lightning training one process with no
-communication (what Lightning's own loop allows any strategy), the seconds the overlapping strategies waited
+communication (what Lightning's own loop allows any strategy), of the same strategy with no rounds at all (its
+own local steps, the bound a fully hidden round can reach), the seconds the overlapping strategies waited
 for a transfer against the seconds transfers were in flight (hidden fraction = 1 - wait / in flight), and the
 final loss, which should match Local SGD's at the same period (same loss per step, communication off the clock).
 """
@@ -23,6 +24,7 @@ from benchmarks.slow_link import REPO, run_peer
 from benchmarks.workloads import WORKLOADS
 
 STRATEGIES = ("local_sgd", "overlap_local_sgd", "cocod_sgd")
+NO_ROUNDS = 10**9
 
 
 def hidden(ranks: list[dict[str, Any]]) -> str:
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--periods", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--steps", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     args = parser.parse_args(argv)
     workload = WORKLOADS[args.workload]
     run_args = argparse.Namespace(
@@ -50,7 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     out = REPO / "results" / f"overlap-sweep-{args.workload}-{args.link}"
     peers = [Peer("compute limit", "compute"), Peer("every rank at once, no comm", "compute_pair")]
     peers += [Peer("Lightning 1 process, no comm", "lightning", "single")]
-    peers += [Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods for s in STRATEGIES]
+    # The same strategy with no rounds: a period longer than the run (its local steps' own speed).
+    never = {"local_sgd": {"first_period_one_step": False}}  # Local SGD's default first round after one step
+    peers += [
+        Peer(f"{s}, no rounds", "lightning", s, {"period": NO_ROUNDS, **never.get(s, {})}, True)
+        for s in args.strategies
+    ]
+    peers += [
+        Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods for s in args.strategies
+    ]
     rows: list[dict[str, Any]] = []
     with NetLab(2, args.link, args.mtu) as lab:
         print(lab.notice, flush=True)
@@ -60,23 +71,27 @@ def main(argv: list[str] | None = None) -> None:
             ranks = report.load_ranks(run_dir)
             scored = ranks[:1] if peer.kind == "compute_pair" else ranks
             points = report.curve(workload, run_dir, scored)
-            rows.append({"label": peer.label, "steps_per_s": ranks[0]["steps_per_s"], "hidden": hidden(ranks),
+            rows.append({"label": peer.label, "strategy": peer.strategy if peer.kind == "lightning" else None,
+                         "steps_per_s": ranks[0]["steps_per_s"], "hidden": hidden(ranks),
                          "final_loss": points[-1]["loss"]})  # fmt: skip
             print(f"-- {peer.label}: {rows[-1]['steps_per_s']:.1f} steps/s {rows[-1]['hidden']}", flush=True)
     limit, pair, lightning = (r["steps_per_s"] for r in rows[:3])
+    no_rounds = {r["strategy"]: r["steps_per_s"] for r in rows if r["label"].endswith(", no rounds")}
     lines = [
         f"{args.workload} over {args.link}, 2 ranks x 1 thread, {args.steps} steps measured",
         "",
         lab.notice,
         "",
         "| strategy | steps/s | of compute limit | of every-rank-at-once | of Lightning 1 process | "
-        "waited / in flight | final loss |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "of the same strategy with no rounds | waited / in flight | final loss |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
+        bound = no_rounds.get(r["strategy"])
+        of_bound = f"{100 * r['steps_per_s'] / bound:.1f} %" if bound else ""
         lines.append(
             f"| {r['label']} | {r['steps_per_s']:.1f} | {100 * r['steps_per_s'] / limit:.1f} % | "
-            f"{100 * r['steps_per_s'] / pair:.1f} % | {100 * r['steps_per_s'] / lightning:.1f} % | "
+            f"{100 * r['steps_per_s'] / pair:.1f} % | {100 * r['steps_per_s'] / lightning:.1f} % | {of_bound} | "
             f"{r['hidden']} | {r['final_loss']:.3f} |"
         )
     text = "\n".join(lines)
