@@ -35,6 +35,15 @@ def hidden(ranks: list[dict[str, Any]]) -> str:
     return f"{wait:.2f} / {flight:.2f} s ({100 * (1 - wait / flight):.0f} % hidden)"
 
 
+def summarise(peer: Peer, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row: the median run's figures, with the spread of steps/s over the runs."""
+    ordered = sorted(trials, key=lambda t: t["steps_per_s"])
+    median = ordered[len(ordered) // 2]
+    spread = f" ({ordered[0]['steps_per_s']:.1f}-{ordered[-1]['steps_per_s']:.1f})" if len(ordered) > 1 else ""
+    strategy = peer.strategy if peer.kind == "lightning" else None
+    return {"label": peer.label, "strategy": strategy, "spread": spread, **median}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--link", default="200mbit")
@@ -44,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--repeats", type=int, default=1, help="run the whole list N times, interleaved; medians")
     args = parser.parse_args(argv)
     workload = WORKLOADS[args.workload]
     run_args = argparse.Namespace(
@@ -62,23 +72,26 @@ def main(argv: list[str] | None = None) -> None:
     peers += [
         Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods for s in args.strategies
     ]
-    rows: list[dict[str, Any]] = []
+    trials: dict[str, list[dict[str, Any]]] = {peer.label: [] for peer in peers}
     with NetLab(2, args.link, args.mtu) as lab:
         print(lab.notice, flush=True)
-        for i, peer in enumerate(peers):
-            run_dir = out / "runs" / peer.slug
-            run_peer(peer, lab, run_args, run_dir, 29711 + i)
-            ranks = report.load_ranks(run_dir)
-            scored = ranks[:1] if peer.kind == "compute_pair" else ranks
-            points = report.curve(workload, run_dir, scored)
-            rows.append({"label": peer.label, "strategy": peer.strategy if peer.kind == "lightning" else None,
-                         "steps_per_s": ranks[0]["steps_per_s"], "hidden": hidden(ranks),
-                         "final_loss": points[-1]["loss"]})  # fmt: skip
-            print(f"-- {peer.label}: {rows[-1]['steps_per_s']:.1f} steps/s {rows[-1]['hidden']}", flush=True)
+        # Round-robin over the list: a machine that slows down for a minute slows every row alike.
+        for repeat in range(args.repeats):
+            for i, peer in enumerate(peers):
+                run_dir = out / "runs" / f"{peer.slug}-{repeat}"
+                run_peer(peer, lab, run_args, run_dir, 29711 + repeat * len(peers) + i)
+                ranks = report.load_ranks(run_dir)
+                scored = ranks[:1] if peer.kind == "compute_pair" else ranks
+                points = report.curve(workload, run_dir, scored)
+                trials[peer.label].append({"steps_per_s": ranks[0]["steps_per_s"], "hidden": hidden(ranks),
+                                           "final_loss": points[-1]["loss"]})  # fmt: skip
+                print(f"-- {peer.label} ({repeat}): {ranks[0]['steps_per_s']:.1f} steps/s {hidden(ranks)}", flush=True)
+    rows = [summarise(peer, trials[peer.label]) for peer in peers]
     limit, pair, lightning = (r["steps_per_s"] for r in rows[:3])
     no_rounds = {r["strategy"]: r["steps_per_s"] for r in rows if r["label"].endswith(", no rounds")}
     lines = [
-        f"{args.workload} over {args.link}, 2 ranks x 1 thread, {args.steps} steps measured",
+        f"{args.workload} over {args.link}, 2 ranks x 1 thread, {args.steps} steps measured, median of "
+        f"{args.repeats} interleaved run(s) (min-max)",
         "",
         lab.notice,
         "",
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         bound = no_rounds.get(r["strategy"])
         of_bound = f"{100 * r['steps_per_s'] / bound:.1f} %" if bound else ""
         lines.append(
-            f"| {r['label']} | {r['steps_per_s']:.1f} | {100 * r['steps_per_s'] / limit:.1f} % | "
+            f"| {r['label']} | {r['steps_per_s']:.1f}{r['spread']} | {100 * r['steps_per_s'] / limit:.1f} % | "
             f"{100 * r['steps_per_s'] / pair:.1f} % | {100 * r['steps_per_s'] / lightning:.1f} % | {of_bound} | "
             f"{r['hidden']} | {r['final_loss']:.3f} |"
         )
