@@ -44,6 +44,17 @@ def summarise(peer: Peer, trials: list[dict[str, Any]]) -> dict[str, Any]:
     return {"label": peer.label, "strategy": strategy, "spread": spread, **median}
 
 
+def paired_ratio(runs: list[dict[str, Any]], bounds: list[dict[str, Any]]) -> str:
+    """Median over the repeats of steps/s divided by the bound's steps/s in the same repeat (min-max).
+
+    Pairing by repeat cancels the machine's slow drifts (a shared host's speed moves by 10-20 % over minutes),
+    which a ratio of two medians taken from different minutes would keep.
+    """
+    ratios = sorted(run["steps_per_s"] / bound["steps_per_s"] for run, bound in zip(runs, bounds))
+    median = 100 * ratios[len(ratios) // 2]
+    return f"{median:.1f} % ({100 * ratios[0]:.0f}-{100 * ratios[-1]:.0f})" if len(ratios) > 1 else f"{median:.1f} %"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--link", default="200mbit")
@@ -65,13 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     peers += [Peer("Lightning 1 process, no comm", "lightning", "single")]
     # The same strategy with no rounds: a period longer than the run (its local steps' own speed).
     never = {"local_sgd": {"first_period_one_step": False}}  # Local SGD's default first round after one step
-    peers += [
-        Peer(f"{s}, no rounds", "lightning", s, {"period": NO_ROUNDS, **never.get(s, {})}, True)
-        for s in args.strategies
-    ]
-    peers += [
-        Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods for s in args.strategies
-    ]
+    for s in args.strategies:  # each strategy's bound next to its periods: close in time, so the pairs compare
+        peers.append(Peer(f"{s}, no rounds", "lightning", s, {"period": NO_ROUNDS, **never.get(s, {})}, True))
+        peers += [Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods]
     trials: dict[str, list[dict[str, Any]]] = {peer.label: [] for peer in peers}
     with NetLab(2, args.link, args.mtu) as lab:
         print(lab.notice, flush=True)
@@ -87,11 +94,12 @@ def main(argv: list[str] | None = None) -> None:
                                            "final_loss": points[-1]["loss"]})  # fmt: skip
                 print(f"-- {peer.label} ({repeat}): {ranks[0]['steps_per_s']:.1f} steps/s {hidden(ranks)}", flush=True)
     rows = [summarise(peer, trials[peer.label]) for peer in peers]
-    limit, pair, lightning = (r["steps_per_s"] for r in rows[:3])
-    no_rounds = {r["strategy"]: r["steps_per_s"] for r in rows if r["label"].endswith(", no rounds")}
+    limit, pair, lightning = (trials[peer.label] for peer in peers[:3])
+    no_rounds = {peer.strategy: trials[peer.label] for peer in peers if peer.label.endswith(", no rounds")}
     lines = [
-        f"{args.workload} over {args.link}, 2 ranks x 1 thread, {args.steps} steps measured, median of "
-        f"{args.repeats} interleaved run(s) (min-max)",
+        f"{args.workload} over {args.link}, 2 ranks x 1 thread, {args.steps} steps measured, {args.repeats} "
+        "interleaved run(s): steps/s is the median (min-max); each ratio is the median over the runs of the ratio "
+        "to the bound measured in the same run (min-max)",
         "",
         lab.notice,
         "",
@@ -99,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         "of the same strategy with no rounds | waited / in flight | final loss |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for r in rows:
+    for peer, r in zip(peers, rows):
+        runs = trials[peer.label]
         bound = no_rounds.get(r["strategy"])
-        of_bound = f"{100 * r['steps_per_s'] / bound:.1f} %" if bound else ""
+        of_bound = paired_ratio(runs, bound) if bound else ""
         lines.append(
-            f"| {r['label']} | {r['steps_per_s']:.1f}{r['spread']} | {100 * r['steps_per_s'] / limit:.1f} % | "
-            f"{100 * r['steps_per_s'] / pair:.1f} % | {100 * r['steps_per_s'] / lightning:.1f} % | {of_bound} | "
+            f"| {r['label']} | {r['steps_per_s']:.1f}{r['spread']} | {paired_ratio(runs, limit)} | "
+            f"{paired_ratio(runs, pair)} | {paired_ratio(runs, lightning)} | {of_bound} | "
             f"{r['hidden']} | {r['final_loss']:.3f} |"
         )
     text = "\n".join(lines)
