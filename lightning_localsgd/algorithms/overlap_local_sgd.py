@@ -103,9 +103,9 @@ class OverlapLocalSGD(PeriodicAlgorithm):
                 pull = torch._foreach_sub(z, x)
                 torch._foreach_add_(x, pull, alpha=alpha)  # 2. x <- x + alpha (z - x)
                 if lr > 0:
-                    gap = torch._foreach_sub(z, x)
-                    torch._foreach_mul_(v, beta)  # 3. v <- beta v + (z - x) / lr
-                    torch._foreach_add_(v, gap, alpha=1 / lr)
+                    # 3. v <- beta v + (z - x) / lr; after step 2, z - x = (1 - alpha) pull: one pass fewer
+                    torch._foreach_mul_(v, beta)
+                    torch._foreach_add_(v, pull, alpha=(1 - alpha) / lr)
                     torch._foreach_add_(z, v, alpha=-lr)  # 4. z <- z - lr v, the payload
                 else:
                     torch._foreach_copy_(z, x)  # lr = 0: the payload's limit, the pulled-back model
