@@ -17,10 +17,15 @@ NUMEL = 6 * 16 + 16 + 16 + 16 + 16 + 1  # run_case's Recorder
 ARGS = ("--period", "4", "--val-every", "5", "--ckpt-every", "6", "--csv")
 
 
-@pytest.fixture(scope="module", params=["liec_sgd", "ef_sign"])
+RUNS = {"liec_sgd": ("liec_sgd",), "liec_sgd_vr": ("liec_sgd", "--variance-reduction"), "ef_sign": ("ef_sign",)}
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
 def compressed_run(request, tmp_path_factory):
+    """(strategy name, output folder, per-rank records, the run's extra arguments)."""
     out = tmp_path_factory.mktemp(request.param)
-    return request.param, out, run_case(out / "full", "--strategy", request.param, *ARGS)
+    name, *extra = RUNS[request.param]
+    return name, out, run_case(out / "full", "--strategy", name, *extra, *ARGS), tuple(extra)
 
 
 def _shards(main: Path) -> list[dict]:
@@ -29,7 +34,7 @@ def _shards(main: Path) -> list[dict]:
 
 
 def test_replicas_drift_under_liec_and_never_under_ef(compressed_run):
-    name, _, ranks = compressed_run
+    name, _, ranks, _ = compressed_run
     gaps = [(a["params"] - b["params"]).abs().max().item() for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
     if name == "ef_sign":
         assert gaps == [0.0] * 12  # every rank steps on the same decoded mean
@@ -38,7 +43,7 @@ def test_replicas_drift_under_liec_and_never_under_ef(compressed_run):
 
 
 def test_each_compressed_step_sends_the_packed_payload_and_full_rounds_are_counted_apart(compressed_run):
-    name, _, ranks = compressed_run
+    name, _, ranks, _ = compressed_run
     comm = ranks[0]["comm"]
     compressed_steps = 12 - 3 if name == "liec_sgd" else 12
     assert comm["exchanges"] == compressed_steps
@@ -49,7 +54,7 @@ def test_each_compressed_step_sends_the_packed_payload_and_full_rounds_are_count
 
 
 def test_validation_checkpoints_and_the_final_model_hold_the_consensus(compressed_run):
-    name, out, ranks = compressed_run
+    name, out, ranks, extra = compressed_run
     for v0, v1 in zip(ranks[0]["val"], ranks[1]["val"]):
         torch.testing.assert_close(v0["evaluated"], (v0["local"] + v1["local"]) / 2)
         torch.testing.assert_close(v1["evaluated"], v0["evaluated"], rtol=0, atol=0)
@@ -68,13 +73,18 @@ def test_validation_checkpoints_and_the_final_model_hold_the_consensus(compresse
         torch.testing.assert_close(errors[0], errors[1], rtol=0, atol=0)  # one server error, held by every rank
     else:
         assert (errors[0] - errors[1]).abs().max() > 0  # each rank's own
+    if extra:  # variance reduction: Delta_i learnt at the full round after step 4, one per rank, summing to 0
+        deltas = [torch.cat(s["algorithm"]["delta"]) for s in shards]
+        assert deltas[0].abs().max() > 1e-4
+        torch.testing.assert_close(deltas[0] + deltas[1], torch.zeros_like(deltas[0]), rtol=0, atol=1e-6)
+        assert all(s["algorithm"]["lr_sums"] for s in shards)  # mid-period: the rates since that round
     torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], rtol=0, atol=0)
     last = [r["steps"][-1]["params"] for r in ranks]
     torch.testing.assert_close(ranks[0]["final"], (last[0] + last[1]) / 2)
 
 
 def test_exchange_metrics_reach_the_logger(compressed_run):
-    _, out, ranks = compressed_run
+    _, out, ranks, _ = compressed_run
     with open(out / "full" / "logs" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("comm/exchanges")]
     assert rows and float(rows[-1]["comm/exchanges"]) == ranks[0]["comm"]["exchanges"]
@@ -82,9 +92,9 @@ def test_exchange_metrics_reach_the_logger(compressed_run):
 
 
 def test_resume_from_a_mid_period_checkpoint_restores_every_error_and_matches_the_uninterrupted_run(compressed_run):
-    name, out, full = compressed_run
+    name, out, full, extra = compressed_run
     resumed = run_case(
-        out / "resumed", "--strategy", name, *ARGS, "--resume", str(out / "full" / "ckpt" / "step=6.ckpt")
+        out / "resumed", "--strategy", name, *extra, *ARGS, "--resume", str(out / "full" / "ckpt" / "step=6.ckpt")
     )
     assert resumed[0]["steps"][0]["global_step"] == 7
     for rank in range(2):

@@ -38,16 +38,21 @@ def run_recorded(make_algorithm, world, steps, dtype=torch.float32, optimizer="s
             if poison is not None and poison == (rank, step):
                 next(model.parameters()).grad.view(-1)[0] = float("nan")
             error_name = "server_error" if isinstance(algorithm, LIECSGD) else "error"
+            reduces = getattr(algorithm, "variance_reduction", False)
             record = {
                 "grad": flat_of(p.grad for p in model.parameters()),
                 "error_before": flat_of(algorithm.state_buckets(error_name)),
                 "params_before": flat_params(model).float().clone(),
             }
+            if reduces:
+                record["delta_before"] = flat_of(algorithm.delta)
             algorithm.before_optimizer_step(opt)
             record["direction"] = flat_of(
                 p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
             )
             record["error_after"] = flat_of(algorithm.state_buckets(error_name))
+            if reduces:
+                record["delta_after"] = flat_of(algorithm.delta)
             opt.step()
             algorithm.after_optimizer_step(opt)
             algorithm.end_step()
@@ -58,8 +63,13 @@ def run_recorded(make_algorithm, world, steps, dtype=torch.float32, optimizer="s
     return run_simulated(world, worker)
 
 
-def liec(period=4, compressor=None):
-    return lambda: LIECSGD(period, bucket_cap_mb=SMALL_BUCKET_MB, compressor=compressor or ScaledSign(BLOCK_MB))
+def liec(period=4, compressor=None, variance_reduction=False):
+    return lambda: LIECSGD(
+        period,
+        bucket_cap_mb=SMALL_BUCKET_MB,
+        compressor=compressor or ScaledSign(BLOCK_MB),
+        variance_reduction=variance_reduction,
+    )
 
 
 def test_the_model_spans_several_buckets_and_blocks():
@@ -123,10 +133,11 @@ def test_a_full_precision_round_averages_parameters_and_gradients_adds_the_error
     torch.testing.assert_close(plain[0][0][2]["params"], plain[1][0][2]["params"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variance_reduction", [False, True])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
-def test_without_compression_liec_sgd_is_synchronous_sgd(optimizer):
+def test_without_compression_liec_sgd_is_synchronous_sgd(optimizer, variance_reduction):
     world, steps = 3, 8
-    runs = run_recorded(liec(3, NoCompression()), world, steps, optimizer=optimizer)
+    runs = run_recorded(liec(3, NoCompression(), variance_reduction), world, steps, optimizer=optimizer)
     reference = make_layered_model()
     opt = {
         "sgd": lambda: torch.optim.SGD(reference.parameters(), lr=LR),
@@ -137,6 +148,43 @@ def test_without_compression_liec_sgd_is_synchronous_sgd(optimizer):
         for records, _ in runs:
             torch.testing.assert_close(records[step]["params"], flat_params(reference), rtol=0, atol=1e-6)
             assert torch.count_nonzero(records[step]["error_after"]) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_variance_reduction_learns_each_ranks_drift_at_full_rounds_and_corrects_every_step(dtype):
+    """VRL-SGD's control variate on LIEC-SGD (plain SGD, so the step is x - lr * direction):
+    every step x_i <- x_i - lr * dir_i + lr * Delta_i; at a full round (before its step) x_i <- x_hat and
+    Delta_i += (x_hat - x_i) / (lr * steps taken since the last average: p - 1 before the first round, whose own
+    step comes after it, p after); sum_i Delta_i = 0 throughout."""
+    world, period, steps = 3, 4, 10
+    runs = run_recorded(liec(period, variance_reduction=True), world, steps, dtype)
+    atol = 1e-6  # the records are float32 for either dtype
+    for step in range(steps):
+        records = [r[step] for r, _ in runs]
+        full = (step + 1) % period == 0
+        x_hat = sum(r["params_before"] for r in records) / world
+        for r in records:
+            if full:
+                moved = period - 1 if step == period - 1 else period
+                expected_delta = r["delta_before"] + (x_hat - r["params_before"]) / (LR * moved)
+                torch.testing.assert_close(r["delta_after"], expected_delta, rtol=0, atol=atol * 1e2)
+                start = x_hat
+            else:
+                torch.testing.assert_close(r["delta_after"], r["delta_before"], rtol=0, atol=0)
+                start = r["params_before"]
+            expected = start - LR * r["direction"] + LR * r["delta_after"]
+            torch.testing.assert_close(r["params"], expected, rtol=0, atol=atol)
+        total = sum(r["delta_after"] for r in records)
+        torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=atol * 10)  # Delta ~ 1: rounding
+    assert runs[0][0][-1]["delta_after"].abs().max() > 1e-3  # the ranks' data differ: Delta learnt something
+    # The mean model does not feel the correction: it still follows error-feedback SGD.
+    for step in range(steps):
+        records = [r[step] for r, _ in runs]
+        if (step + 1) % period:
+            mean_before = sum(r["params_before"] for r in records) / world
+            mean_after = sum(r["params"] for r in records) / world
+            mean_direction = sum(r["direction"] for r in records) / world
+            torch.testing.assert_close(mean_after, mean_before - LR * mean_direction, rtol=0, atol=atol)
 
 
 def test_a_compressed_step_sends_about_one_thirty_second_of_an_all_reduce_and_counts_it_apart():
@@ -170,12 +218,13 @@ def test_skip_round_drops_a_poisoned_step_on_every_rank_and_keeps_the_error_fini
     assert any("dropped on every rank" in str(w.message) for w in recwarn)
 
 
-def test_resuming_from_a_mid_period_state_matches_the_uninterrupted_run():
+@pytest.mark.parametrize("variance_reduction", [False, True])
+def test_resuming_from_a_mid_period_state_matches_the_uninterrupted_run(variance_reduction):
     world, period, steps, cut = 2, 4, 9, 6
 
     def worker(rank, comm, resume_state=None, start=0, stop=steps):
         model = make_layered_model()
-        algorithm = LIECSGD(period, bucket_cap_mb=SMALL_BUCKET_MB, compressor=ScaledSign(BLOCK_MB))
+        algorithm = liec(period, variance_reduction=variance_reduction)()
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         algorithm.setup(model, comm, [opt])
         if resume_state is not None:
@@ -194,6 +243,8 @@ def test_resuming_from_a_mid_period_state_matches_the_uninterrupted_run():
     first = run_simulated(world, lambda rank, comm: worker(rank, comm, stop=cut))
     saved = [state for state, _ in first]
     assert torch.count_nonzero(saved[0][0]["server_error"][0]) > 0
+    if variance_reduction:  # Delta and the learning rates summed since the round after step 4
+        assert torch.count_nonzero(saved[0][0]["delta"][0]) > 0 and saved[0][0]["lr_sums"]
     resumed = run_simulated(world, lambda rank, comm: worker(rank, comm, saved, start=cut))
     for (_, expected), (_, got) in zip(uninterrupted, resumed):
         assert torch.equal(expected, got)

@@ -18,20 +18,31 @@ Invariants: the mean over ranks of the directions is ``c_hat + mean_j r_j = mean
 mean model follows error-feedback SGD with the server error only; with compression off (:class:`NoCompression`)
 ``e`` stays 0 and every rank steps on ``mean_j g_j``: synchronous SGD; a full round leaves ``e = 0``.
 
+``variance_reduction=True`` (our extension, not in the paper) adds VRL-SGD's control variate
+(``control_variate.py``): after every local step ``x_i += lr * Delta_i``, and at each full-precision round
+``Delta_i += (x_hat - x_i) / sum(lr)`` from the replica before averaging. The immediate errors and local momenta
+move the replicas apart like Local SGD's local steps do, and on non-identical data (each rank a few labels) that
+drift is systematic: Delta_i learns it and cancels it. ``sum_i Delta_i = 0``, so the mean model still follows
+error-feedback SGD; with compression off nothing drifts, Delta_i stays 0 and it is still synchronous SGD.
+
 The server's ``C(u)`` never crosses a wire here: every rank computes it from the same bytes. The bytes sent at a
 compressed step are the all-gathered payloads, about 1/32 of a float32 all-reduce's at two ranks.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_localsgd._validation import check_int
+from lightning_localsgd._validation import check_bool, check_int
 from lightning_localsgd.algorithms.averaging import mean_, mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
+from lightning_localsgd.algorithms.control_variate import ControlVariate
 from lightning_localsgd.algorithms.gradient_exchange import flat_slices, write_slices
+from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor, ScaledSign
@@ -54,6 +65,8 @@ class LIECSGD(CompressedExchangeAlgorithm):
         block_size_mb: MiB of float32 per compression block (one scale each); ``compressor`` overrides it.
         compressor: the compressor in both directions (default :class:`ScaledSign` with ``block_size_mb``);
             :class:`NoCompression` turns LIEC-SGD into synchronous SGD.
+        variance_reduction: add VRL-SGD's control variate (see the module docstring), for data that differs
+            between ranks.
         warmup_steps, bucket_cap_mb, buffers: as for :class:`PeriodicAlgorithm`.
     """
 
@@ -67,11 +80,14 @@ class LIECSGD(CompressedExchangeAlgorithm):
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         buffers: BufferSelection = None,
         compressor: Compressor | None = None,
+        variance_reduction: bool = False,
     ) -> None:
         check_int("full_sync_period", full_sync_period, 1)  # named as the user spells it
         compressor = compressor if compressor is not None else ScaledSign(block_size_mb)
         super().__init__(compressor, full_sync_period, warmup_steps, bucket_cap_mb, buffers)
         self.block_size_mb = block_size_mb
+        self.variance_reduction = check_bool("variance_reduction", variance_reduction)
+        self._variate = ControlVariate()
 
     @property
     def full_sync_period(self) -> int:
@@ -82,8 +98,28 @@ class LIECSGD(CompressedExchangeAlgorithm):
         """``e``, in the flat bucket layout of the parameters (float32 for half-precision parameters)."""
         return self.state_buckets("server_error")
 
+    @property
+    def delta(self) -> list[Tensor]:
+        """Delta_i of ``variance_reduction=True``, in the flat bucket layout of the parameters."""
+        return self.state_buckets("delta")
+
     def _declare_state_buffers(self) -> dict[str, StateInit]:
+        if self.variance_reduction:
+            return {"server_error": "zeros", "delta": "zeros"}
         return {"server_error": "zeros"}
+
+    def _on_setup(self) -> None:
+        super()._on_setup()
+        self._variate.reset()
+
+    def after_optimizer_step(self, optimizer: Optimizer) -> None:
+        if not self.variance_reduction or self.in_warmup():
+            return
+        groups = self._groups.groups_of(self._optimizer_index(optimizer), self._optimizers, self.flat)
+        self._variate.correct_(self.flat.params, self.state_views("delta"), groups)
+
+    def _lr_state_fingerprint(self) -> float:
+        return self._variate.fingerprint()
 
     def _full_precision_step(self) -> bool:
         return self.is_round_after(self.step)
@@ -92,7 +128,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
         views = self.state_views("server_error")
         error = flat_slices(views, indices).float()
         if self._full_precision_step():
-            mean_packed_([self.flat.params[i].data for i in indices], self.comm)  # x_i <- mean_j x_j
+            self._average_parameters(optimizer, indices)
             mean_([grads], self.comm)
             direction = grads.add_(error)
             error.zero_()
@@ -103,3 +139,26 @@ class LIECSGD(CompressedExchangeAlgorithm):
             direction = server_step(self.compressor, mean_compressed, error).add_(local_error)
         write_slices(views, indices, error)
         return direction
+
+    def _average_parameters(self, optimizer: Optimizer, indices: list[int]) -> None:
+        """x_i <- mean_j x_j for ``optimizer``'s parameters; with variance reduction, Delta_i learns the drift."""
+        params = [self.flat.params[i].data for i in indices]
+        if not self.variance_reduction:
+            mean_packed_(params, self.comm)
+            return
+        # In float32 for half-precision parameters, so that sum_i (x_hat - x_i) is 0, not N rounding errors.
+        mean = in_state_precision(params)
+        drifts = [x.clone() for x in mean]  # x_i before averaging
+        mean_packed_(mean, self.comm)
+        for drift, averaged in zip(drifts, mean):
+            drift.neg_().add_(averaged)  # x_hat - x_i
+        groups = self._groups.groups_of(self._optimizer_index(optimizer), self._optimizers, self.flat)
+        self._variate.update_(self.state_views("delta"), dict(zip(indices, drifts)), groups)
+        write_back(params, mean)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "lr_sums": self._variate.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        super()._load_extra_state(state)
+        self._variate.load_state_dict(state.get("lr_sums", []))

@@ -21,7 +21,8 @@ Invariants: sum_i Delta_i = 0 after every round; with period 1 the trajectory is
 every rank to divide by the same sum of learning rates: a step the fp16 grad scaler skips on one rank still
 counts its learning rate and applies its correction (as a step whose direction is zero), and the round's flag
 collective checks that the sums agree. Delta is kept in float32 for half-precision parameters.
-Delta_i is a control variate (like SCAFFOLD's) that costs no extra communication.
+Delta_i is a control variate (like SCAFFOLD's) that costs no extra communication (``control_variate.py``,
+shared with LIEC-SGD's ``variance_reduction`` option).
 
 VRL-SGD-W (``first_period_one_step=True``): the first round comes after one local step, so Delta_i starts at
 g_i - mean_j g_j before the long periods begin. The paper's exact warm-up could not be confirmed; this
@@ -37,7 +38,7 @@ from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.averaging import mean_, mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.param_groups import GroupKey
+from lightning_localsgd.algorithms.control_variate import ControlVariate
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit
@@ -56,7 +57,7 @@ class VRLSGD(PeriodicAlgorithm):
         buffers: BufferSelection = None,
     ) -> None:
         super().__init__(period, warmup_steps, first_period_one_step, bucket_cap_mb, buffers)
-        self._lr_sums: dict[GroupKey, float] = {}
+        self._variate = ControlVariate()
 
     @property
     def delta(self) -> list[torch.Tensor]:
@@ -67,51 +68,34 @@ class VRLSGD(PeriodicAlgorithm):
         return {"delta": "zeros"}
 
     def _on_setup(self) -> None:
-        self._lr_sums = {}
+        self._variate.reset()
 
     def after_optimizer_step(self, optimizer: Optimizer) -> None:
         if self.in_warmup():
             return  # synchronous SGD: Delta is still 0 and the period has not begun
-        deltas = self.state_views("delta")
-        index = self._optimizer_index(optimizer)
-        with torch.no_grad():
-            for members in self._groups.groups_of(index, self._optimizers, self.flat):
-                if not members.indices:
-                    continue
-                lr = members.lr
-                params = [self.flat.params[i].data for i in members.indices]
-                # x_i += lr * Delta_i (in place; a half-precision x rounds once, Delta stays float32)
-                torch._foreach_add_(params, [deltas[i] for i in members.indices], alpha=lr)
-                self._lr_sums[members.key] = self._lr_sums.get(members.key, 0.0) + lr
+        groups = self._groups.groups_of(self._optimizer_index(optimizer), self._optimizers, self.flat)
+        self._variate.correct_(self.flat.params, self.state_views("delta"), groups)
 
     def _lr_state_fingerprint(self) -> float:
-        return sum((1 + a + 7 * b) * value for (a, b), value in sorted(self._lr_sums.items()))
+        return self._variate.fingerprint()
 
     def _round(self) -> None:
         # Averaged in float32 for half-precision parameters, and Delta updated from that float32 mean: the mean
         # rounded back to bf16 would leave sum_i (x_hat - x_i) = N * (rounding error), not 0.
         mean = in_state_precision(self.flat.buckets)
-        before = [b.clone() for b in mean]  # x_i before averaging
+        drifts = [b.clone() for b in mean]  # x_i before averaging
         mean_(mean, self.comm)
         mean_packed_(self.averaged_buffers(), self.comm)
         with torch.no_grad():
-            # before becomes x_hat - x_i, then Delta_i += (x_hat - x_i) / sum(lr) per group.
-            for diff, averaged in zip(before, mean):
-                diff.neg_().add_(averaged)
-            diffs = self.flat.views_of(before)
-            deltas = self.state_views("delta")
-            for members in self._groups.all_groups(self._optimizers, self.flat):
-                lr_sum = self._lr_sums.get(members.key, 0.0)
-                if lr_sum == 0.0 or not members.indices:
-                    continue  # a group with lr 0 did not move: its Delta stays
-                torch._foreach_add_(
-                    [deltas[i] for i in members.indices], [diffs[i] for i in members.indices], alpha=1.0 / lr_sum
-                )
+            for drift, averaged in zip(drifts, mean):
+                drift.neg_().add_(averaged)  # x_hat - x_i
+            groups = self._groups.all_groups(self._optimizers, self.flat)
+            self._variate.update_(self.state_views("delta"), self.flat.views_of(drifts), groups)
             write_back(self.flat.buckets, mean)
-        self._lr_sums = {}
+        self._variate.reset()
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"lr_sums": [[key[0], key[1], value] for key, value in self._lr_sums.items()]}
+        return {"lr_sums": self._variate.state_dict()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._lr_sums = {(int(a), int(b)): float(v) for a, b, v in state["lr_sums"]}
+        self._variate.load_state_dict(state["lr_sums"])

@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--stage-steps", type=int, default=0, help="stl_sgd: first stage's steps (periods x2)")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes of --devices ranks each")
     parser.add_argument("--inter-period", type=int, default=0, help="hierarchical: steps between world rounds")
+    parser.add_argument("--variance-reduction", action="store_true", help="liec_sgd: VRL-SGD's control variate")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -221,6 +222,8 @@ def main() -> None:
         options["gossip_rounds"] = args.gossip_rounds
     if args.overlap:
         options["overlap"] = True
+    if args.variance_reduction:
+        options["variance_reduction"] = True
     if args.inter_period:
         options["inter_period"] = args.inter_period
     if args.stage_steps:
