@@ -55,6 +55,21 @@ PEERS: tuple[Peer, ...] = (
     Peer("ef_sign (scaled sign, error feedback)", "lightning", "ef_sign", {"period": 100}, ours=True),
     Peer("liec_sgd, p = 32", "lightning", "liec_sgd", {"full_sync_period": 32}, ours=True),
     Peer("liec_sgd, p = 100", "lightning", "liec_sgd", {"full_sync_period": 100}, ours=True),
+    # VRL-SGD's control variate on LIEC-SGD's replicas, for the label-sorted data of the CNN workload.
+    Peer(
+        "liec_sgd, p = 32, variance_reduction",
+        "lightning",
+        "liec_sgd",
+        {"full_sync_period": 32, "variance_reduction": True},
+        ours=True,
+    ),
+    Peer(
+        "liec_sgd, p = 100, variance_reduction",
+        "lightning",
+        "liec_sgd",
+        {"full_sync_period": 100, "variance_reduction": True},
+        ours=True,
+    ),
     # One scale per 0.25 MiB block instead of 5 MiB (a model of ~4 MB is otherwise a single block).
     Peer(
         "liec_sgd, p = 32, 0.25 MiB blocks",
