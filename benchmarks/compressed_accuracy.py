@@ -38,6 +38,8 @@ RUNS: dict[str, Callable[[], PeriodicAlgorithm]] = {
     "ef_sign": ErrorFeedbackSGD,
     "liec_sgd, p = 32": partial(LIECSGD, 32),
     "liec_sgd, p = 32, variance_reduction": partial(LIECSGD, 32, variance_reduction=True),
+    "liec_sgd, p = 16, variance_reduction": partial(LIECSGD, 16, variance_reduction=True),
+    "liec_sgd, p = 8, variance_reduction": partial(LIECSGD, 8, variance_reduction=True),
     "liec_sgd, p = 100": partial(LIECSGD, 100),
     "liec_sgd, p = 100, variance_reduction": partial(LIECSGD, 100, variance_reduction=True),
 }

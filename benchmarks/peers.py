@@ -64,6 +64,13 @@ PEERS: tuple[Peer, ...] = (
         ours=True,
     ),
     Peer(
+        "liec_sgd, p = 16, variance_reduction",
+        "lightning",
+        "liec_sgd",
+        {"full_sync_period": 16, "variance_reduction": True},
+        ours=True,
+    ),
+    Peer(
         "liec_sgd, p = 100, variance_reduction",
         "lightning",
         "liec_sgd",
