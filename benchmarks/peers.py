@@ -56,26 +56,15 @@ PEERS: tuple[Peer, ...] = (
     Peer("liec_sgd, p = 32", "lightning", "liec_sgd", {"full_sync_period": 32}, ours=True),
     Peer("liec_sgd, p = 100", "lightning", "liec_sgd", {"full_sync_period": 100}, ours=True),
     # VRL-SGD's control variate on LIEC-SGD's replicas, for the label-sorted data of the CNN workload.
-    Peer(
-        "liec_sgd, p = 32, variance_reduction",
-        "lightning",
-        "liec_sgd",
-        {"full_sync_period": 32, "variance_reduction": True},
-        ours=True,
-    ),
-    Peer(
-        "liec_sgd, p = 16, variance_reduction",
-        "lightning",
-        "liec_sgd",
-        {"full_sync_period": 16, "variance_reduction": True},
-        ours=True,
-    ),
-    Peer(
-        "liec_sgd, p = 100, variance_reduction",
-        "lightning",
-        "liec_sgd",
-        {"full_sync_period": 100, "variance_reduction": True},
-        ours=True,
+    *(
+        Peer(
+            f"liec_sgd, p = {p}, variance_reduction",
+            "lightning",
+            "liec_sgd",
+            {"full_sync_period": p, "variance_reduction": True},
+            ours=True,
+        )
+        for p in (32, 16, 100)
     ),
     # One scale per 0.25 MiB block instead of 5 MiB (a model of ~4 MB is otherwise a single block).
     Peer(
