@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 import lightning_localsgd
+from benchmarks.alternating import AlternatingRounds
 from benchmarks.peers import Peer
 from benchmarks.plain_loop import ring_payload
 from benchmarks.recorder import StepRecorder
@@ -49,11 +50,18 @@ class RecordSteps(Callback):
         self.recorder.step_done()
 
 
+ALTERNATE = "rounds_in_alternate_blocks"  # a peer option of the lab's, not the strategy's: see benchmarks.alternating
+
+
 def build_strategy(peer: Peer) -> Any:
     if peer.strategy == "single":
         return "auto"
     entry = StrategyRegistry[peer.strategy]
-    return entry["strategy"](**{**entry["init_params"], **peer.options})
+    options = {k: v for k, v in peer.options.items() if k != ALTERNATE}
+    strategy = entry["strategy"](**{**entry["init_params"], **options})
+    if peer.options.get(ALTERNATE):
+        strategy.algorithm.schedule = AlternatingRounds(strategy.algorithm.schedule, peer.options[ALTERNATE])
+    return strategy
 
 
 def run_lightning(

@@ -18,6 +18,8 @@ import json
 from typing import Any
 
 from benchmarks import report
+from benchmarks.alternating import block_ratios
+from benchmarks.lightning_run import ALTERNATE
 from benchmarks.netlab import DEFAULT_MTU, NetLab
 from benchmarks.peers import Peer
 from benchmarks.slow_link import REPO, run_peer
@@ -55,6 +57,40 @@ def paired_ratio(runs: list[dict[str, Any]], bounds: list[dict[str, Any]]) -> st
     return f"{median:.1f} % ({100 * ratios[0]:.0f}-{100 * ratios[-1]:.0f})" if len(ratios) > 1 else f"{median:.1f} %"
 
 
+def in_run_ratios(peer: Peer, ranks: list[dict[str, Any]], first_count: int) -> list[float]:
+    """Every rank's on/off block ratios of an alternating run (empty for any other run)."""
+    blocks = peer.options.get(ALTERNATE)
+    if not blocks:
+        return []
+    warmup = peer.options.get("warmup_steps", 0)
+    return [
+        r
+        for rank in ranks
+        for r in block_ratios(rank["step_ends"], first_count, warmup, peer.options["period"], blocks)
+    ]
+
+
+def alternating_table(peers: list[Peer], trials: dict[str, list[dict[str, Any]]], blocks: int) -> list[str]:
+    lines = [
+        f"Rounds on and off within one run (blocks of {blocks} periods; benchmarks.alternating): steps/s with a "
+        "round every period over steps/s of the same run's round-free block seconds later, median (min-max) over "
+        "every pair of blocks of every rank and repeat",
+        "",
+        "| strategy | of its own round-free steps, same run | pairs |",
+        "|---|---:|---:|",
+    ]
+    for peer in peers:
+        ratios = sorted(r for trial in trials[peer.label] for r in trial["block_ratios"])
+        if not ratios:
+            lines.append(f"| {peer.label} | no pair of blocks fitted in the run: more --steps | 0 |")
+            continue
+        median = 100 * ratios[len(ratios) // 2]
+        lines.append(
+            f"| {peer.label} | {median:.1f} % ({100 * ratios[0]:.0f}-{100 * ratios[-1]:.0f}) | {len(ratios)} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--link", default="200mbit")
@@ -65,7 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--repeats", type=int, default=1, help="run the whole list N times, interleaved; medians")
+    parser.add_argument(
+        "--alternate", type=int, default=0, metavar="N",
+        help="also run each overlapping strategy and period with rounds on and off in blocks of N periods, "
+        "and report the round's cost within those runs (benchmarks.alternating)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.alternate and any(2 * args.alternate * p > args.steps for p in args.periods):
+        parser.error("--steps must hold at least one pair of blocks (2 x N x period) for every period")
     workload = WORKLOADS[args.workload]
     run_args = argparse.Namespace(
         workload=args.workload, ranks=2, warmup=workload.warmup, steps=args.steps,
@@ -79,6 +122,17 @@ def main(argv: list[str] | None = None) -> None:
     for s in args.strategies:  # each strategy's bound next to its periods: close in time, so the pairs compare
         peers.append(Peer(f"{s}, no rounds", "lightning", s, {"period": NO_ROUNDS, **never.get(s, {})}, True))
         peers += [Peer(f"{s}, period {p}", "lightning", s, {"period": p}, True) for p in args.periods]
+        if args.alternate:
+            peers += [
+                Peer(
+                    f"{s}, period {p}, rounds in alternate blocks",
+                    "lightning",
+                    s,
+                    {"period": p, ALTERNATE: args.alternate},
+                    True,
+                )
+                for p in args.periods
+            ]
     trials: dict[str, list[dict[str, Any]]] = {peer.label: [] for peer in peers}
     with NetLab(2, args.link, args.mtu) as lab:
         print(lab.notice, flush=True)
@@ -91,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
                 scored = ranks[:1] if peer.kind == "compute_pair" else ranks
                 points = report.curve(workload, run_dir, scored)
                 trials[peer.label].append({"steps_per_s": ranks[0]["steps_per_s"], "hidden": hidden(ranks),
-                                           "final_loss": points[-1]["loss"]})  # fmt: skip
+                                           "final_loss": points[-1]["loss"],
+                                           "block_ratios": in_run_ratios(peer, ranks, run_args.warmup)})  # fmt: skip
                 print(f"-- {peer.label} ({repeat}): {ranks[0]['steps_per_s']:.1f} steps/s {hidden(ranks)}", flush=True)
+    alternating = [peer for peer in peers if ALTERNATE in peer.options]
+    peers = [peer for peer in peers if ALTERNATE not in peer.options]
     rows = [summarise(peer, trials[peer.label]) for peer in peers]
     limit, pair, lightning = (trials[peer.label] for peer in peers[:3])
     no_rounds = {peer.strategy: trials[peer.label] for peer in peers if peer.label.endswith(", no rounds")}
@@ -116,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{paired_ratio(runs, pair)} | {paired_ratio(runs, lightning)} | {of_bound} | "
             f"{r['hidden']} | {r['final_loss']:.3f} |"
         )
+    if alternating:
+        lines += ["", *alternating_table(alternating, trials, args.alternate)]
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(rows))

@@ -50,6 +50,7 @@ class StepRecorder:
         self.snapshots: list[torch.Tensor] = []
         self.points: list[dict[str, float]] = []
         self.window: dict[str, float] = {}
+        self.step_ends: list[float] = []  # the training clock after each step, for per-period statistics
         self.t0 = 0.0
         self.extra: dict[str, object] = {}  # anything else a runner wants in rank<r>.json
 
@@ -64,6 +65,9 @@ class StepRecorder:
         wire = self.wire_bytes() if self.wire_bytes is not None else -1
         return {"modelled_bytes": float(self.modelled_bytes()), "wire_bytes": float(wire)}
 
+    def _prefixed(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_{k}": v for k, v in self._bytes().items()}
+
     def _snapshot(self) -> None:
         begin = time.perf_counter()
         point = {"step": float(self.count), "seconds": begin - self.t0 - self.paused, **self._bytes()}
@@ -73,10 +77,11 @@ class StepRecorder:
 
     def step_done(self) -> None:
         self.count += 1
+        self.step_ends.append(self.clock())
         if self.count == self.warmup:
-            self.window = {"start": self.clock(), **{f"start_{k}": v for k, v in self._bytes().items()}}
+            self.window = {"start": self.clock(), "start_cpu": time.process_time(), **self._prefixed("start")}
         if self.count == self.total:
-            self.window.update({"end": self.clock(), **{f"end_{k}": v for k, v in self._bytes().items()}})
+            self.window.update({"end": self.clock(), "end_cpu": time.process_time(), **self._prefixed("end")})
         if self.count % self.eval_every == 0 or self.count == self.total:
             self._snapshot()
 
@@ -92,6 +97,9 @@ class StepRecorder:
             "steps": steps,
             "window_seconds": seconds,
             "steps_per_s": steps / seconds,
+            # CPU of every thread of this process (the training thread, gloo's, the kernel's work on its behalf)
+            "cpu_seconds_per_step": (w["end_cpu"] - w["start_cpu"]) / steps,
+            "step_ends": self.step_ends[self.warmup - 1 :],
             "modelled_bytes_per_step": (w["end_modelled_bytes"] - w["start_modelled_bytes"]) / steps,
             "wire_bytes_per_step": (w["end_wire_bytes"] - w["start_wire_bytes"]) / steps
             if self.wire_bytes is not None

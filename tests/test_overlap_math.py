@@ -12,7 +12,7 @@ import pytest
 import torch
 from sim_utils import flat_params, loss_of, make_model
 
-from lightning_localsgd.algorithms import CoCoDSGD, OverlapLocalSGD
+from lightning_localsgd.algorithms import CoCoDSGD, DiLoCo, OverlapLocalSGD
 from lightning_localsgd.comm import run_simulated
 
 WORLD, LR = 3, 0.05
@@ -224,16 +224,18 @@ def test_overlap_bad_arguments(kwargs, named):
         OverlapLocalSGD(**kwargs)
 
 
-@pytest.mark.parametrize("make", [lambda: CoCoDSGD(period=2), lambda: OverlapLocalSGD(period=2)])
+@pytest.mark.parametrize(
+    "make", [lambda: CoCoDSGD(period=2), lambda: OverlapLocalSGD(period=2), lambda: DiLoCo(period=2, overlap=True)]
+)
 @pytest.mark.parametrize("policy", ["raise", "skip_round"])
 def test_a_round_meets_no_rank_on_the_critical_path(make, policy):
     """With ``on_nonfinite="raise"`` a round's guard travels with its transfer: no blocking collective at all
-    (the model has no buffers to average), one background flag sum per round. With ``"skip_round"`` the round
-    keeps its blocking flag collective, and it starts only after the previous round's transfer landed (on a real
-    link it would otherwise queue behind it, waiting unaccounted)."""
+    (BatchNorm statistics travel with the transfer too), one background flag sum per round. With ``"skip_round"``
+    the round keeps its blocking flag collective, and it starts only after the previous round's transfer landed (on
+    a real link it would otherwise queue behind it, waiting unaccounted)."""
 
     def worker(rank, comm):
-        model = make_model()
+        model = make_model(batchnorm=True)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         algo = make()
         algo.set_nonfinite_policy(policy)

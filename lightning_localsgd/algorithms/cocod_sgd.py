@@ -14,14 +14,13 @@ their own displacements), so evaluation and checkpoints use their average.
 
 Memory: the round-start snapshot and the transfer buffer, 2 model copies (float32 for half-precision
 parameters). Communication: one model all-reduce per period, overlapped with the period's computation.
-Normalisation statistics (small) are averaged with a blocking collective at each round's end.
+Averaged buffers (normalisation statistics) follow the same rule, sent with the transfer (``late_buffers.py``).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
@@ -72,5 +71,4 @@ class CoCoDSGD(PeriodicAlgorithm):
         for x, start, mean in zip(worked, self._round_start, self._start_mean):
             x.sub_(start).add_(mean)  # x_i^e - x_i^s + mean_j x_j^s
         write_back(self.flat.buckets, worked)
-        mean_packed_(self.averaged_buffers(), self.comm)
         self._start_round()

@@ -19,7 +19,8 @@ Douillard et al., arXiv 2501.18512), built like CoCoD-SGD's rounds. At a round's
     x_i  <- theta + (x_i - s_i)                                          (keep this round's own progress)
 and the next round starts at once. The outer step is one round late and the transfer never blocks; the replicas
 never coincide (each keeps its own progress), so evaluation and checkpoints use their average. With an outer SGD
-of lr 1 and no momentum this is CoCoD-SGD (tested step for step). Memory: two more copies of the model.
+of lr 1 and no momentum this is CoCoD-SGD (tested step for step), normalisation statistics included (they travel
+with the transfer, ``late_buffers.py``). Memory: two more copies of the model.
 
 theta and the outer optimizer's state are the same on every rank (every rank computes the same outer step from the
 same mean), are kept in float32 (or the parameters' wider dtype), and are part of each rank's checkpoint state.
@@ -33,7 +34,6 @@ import torch
 from torch import Tensor
 
 from lightning_localsgd._validation import check_bool
-from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
@@ -148,8 +148,7 @@ class DiLoCo(PeriodicAlgorithm):
             for x, start, theta in zip(worked, starts, self.global_params):
                 x.sub_(start).add_(theta.to(x.device, x.dtype))  # theta + this round's own progress
             write_back(self.flat.buckets, worked)
-            mean_packed_(self.averaged_buffers(), self.comm)
-            self._start_round()
+            self._start_round()  # normalisation statistics travel with it (late_buffers.py)
 
     def _start_round(self) -> None:
         """s_i <- x_i, and its all-reduce started; it lands during the next ``period`` inner steps."""

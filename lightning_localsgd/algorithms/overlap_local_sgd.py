@@ -21,7 +21,8 @@ optimizer steps), v_i keeps its value (gradient units, never mixed with displace
 pulled-back x_i, the limit of z - lr * v_i as lr goes to 0. z and v_i are float32 for half-precision parameters.
 
 Memory: z and v_i, 2 model copies. Communication: one model all-reduce per period, hidden behind the next
-period's computation. Floating-point buffers (small) are averaged with a blocking collective at each round.
+period's computation. Averaged buffers (normalisation statistics) travel with it and are applied one round late,
+keeping each rank's own updates since (``late_buffers.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_unit_interval
-from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.param_groups import GroupKey
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
@@ -110,5 +110,4 @@ class OverlapLocalSGD(PeriodicAlgorithm):
                 else:
                     torch._foreach_copy_(z, x)  # lr = 0: the payload's limit, the pulled-back model
                 write_back(params, x)
-        mean_packed_(self.averaged_buffers(), self.comm)
         self._start_transfers(self.anchor)

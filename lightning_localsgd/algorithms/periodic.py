@@ -46,6 +46,7 @@ from lightning_localsgd.algorithms.guard import (
     all_finite,
     failures_named,
 )
+from lightning_localsgd.algorithms.late_buffers import LateBufferAverage
 from lightning_localsgd.algorithms.managed_set import ManagedSet
 from lightning_localsgd.algorithms.param_groups import ParamGroupMap
 from lightning_localsgd.algorithms.profiling import phase
@@ -100,6 +101,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         self._groups = ParamGroupMap()
         self._local_backup: Optional[tuple[list[Tensor], list[Tensor]]] = None
         self._in_flight: list[PendingAllReduce] = []  # non-blocking transfers started by a round
+        self._late_buffers = LateBufferAverage()  # averaged buffers travelling with those transfers
         self._withholding = False  # this round's replica is non-finite: its transfers send zeros (see _start_transfers)
         # Copies of the model that others keep and update from this rank's replica (EMA / SWA callbacks): each
         # is averaged before it is used, which for these linear averages equals averaging the consensus.
@@ -197,9 +199,17 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
     def _start_transfers(self, tensors: Sequence[Tensor]) -> None:
         """Start averaging ``tensors`` in place in the background; read them only after :meth:`_settle_in_flight`.
 
+        For the algorithms that apply a round one round late. The averaged buffers travel with ``tensors`` instead of
+        meeting the other ranks in a blocking collective: the average that came with the previous transfer (settled
+        by now) is applied first, then this rank's buffers are sent (``late_buffers.py``).
+
         A rank whose replica a deferred check is about to report as non-finite sends zeros instead of its payload:
         no inf/NaN crosses the wire, and every rank stops before reading what arrived (the flags are judged first).
         """
+        assert not self._in_flight, "settle the previous transfer before starting the next"
+        buffers = self.averaged_buffers()
+        self._late_buffers.land_(buffers)
+        tensors = [*tensors, *self._late_buffers.start(buffers)]
         if self._withholding:
             for tensor in tensors:
                 tensor.zero_()
@@ -399,6 +409,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
                     self._redo_after_rollback()
                 self._follow_managed_set()
                 average_replica_(self.flat.buckets, self.averaged_buffers(), self.comm)
+            self._late_buffers.clear()  # every rank holds the average: pending corrections (summing to 0) are moot
             self._average_shadows()
         self.in_sync = True
 

@@ -111,6 +111,7 @@ class RankState:
             "float_buffers": [b.detach().clone() for b in buffers],
             "unshared_buffers": {n: b.detach().clone() for n, b in unshared_buffers(self.module, self.buffers)},
             "comm_stats": self.comm.stats.state_dict(),
+            "late_buffers": self._late_buffers.state_dict(),  # an average of buffers not applied yet
             **{name: [b.detach().clone() for b in bufs] for name, bufs in self._state.items()},
             **self._extra_state(),
         }
@@ -142,6 +143,7 @@ class RankState:
         self.comm.stats.load_state_dict(state["comm_stats"])
         for name in self._state:
             copy_checked(f"{name} bucket", self._state[name], state[name])
+        self._late_buffers.load_state_dict(state.get("late_buffers"))
         self._load_extra_state(state)
 
     def _adopt_saved_managed_set(self: PeriodicAlgorithm, saved: list[str] | None) -> None:

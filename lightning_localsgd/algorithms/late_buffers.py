@@ -1,0 +1,93 @@
+"""Averaged buffers of the algorithms that apply a round one round late: they travel with the round's transfer.
+
+Overlap Local-SGD, CoCoD-SGD and DiLoCo with ``overlap=True`` start a round's all-reduce and read its result at
+the next round, so that no round waits for the other ranks. A blocking average of their averaged buffers
+(normalisation running statistics, by default) at each round would bring that wait back: it is a meeting point
+that waits for the later rank and, on a real link, for a round trip. So those buffers follow CoCoD-SGD's rule:
+
+    at round k, once the transfer started at round k - 1 landed:
+        b_i <- b_i + (mean_j s_j - s_i)        s_i: rank i's buffers when round k - 1 started them
+        s_i <- b_i, and its average starts in the background with round k's transfer
+
+A round leaves the mean of the ranks' buffers unchanged and each rank keeps what its own batches added since
+``s_i``. The corrections sum to zero over the ranks, so every average of the replicas (evaluation, checkpoint
+weights, the model after ``fit``) is what a blocking average at each round would give. Buffers are packed in
+their state precision (float32 for half-precision buffers), one tensor per device and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_localsgd.algorithms.precision import state_dtype
+
+
+def _groups(buffers: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``buffers`` grouped by (device, state dtype), in first-seen order: each group is packed into one tensor."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for b in buffers:
+        groups.setdefault((b.device, state_dtype(b.dtype)), []).append(b)
+    return list(groups.values())
+
+
+def _pack(group: list[Tensor]) -> Tensor:
+    dtype = state_dtype(group[0].dtype)
+    return torch.cat([b.detach().reshape(-1).to(dtype) for b in group])
+
+
+class LateBufferAverage:
+    """One rank's buffers in flight: ``s_i`` (``sent``) and the tensors averaged into ``mean_j s_j`` (``means``)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Tensor] = []
+        self.means: list[Tensor] = []  # being averaged in the background; read only after the transfer settled
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.sent)
+
+    def start(self, buffers: Sequence[Tensor]) -> list[Tensor]:
+        """Take ``s_i`` from ``buffers``; returns the tensors to average with the round's transfer (none without
+        buffers)."""
+        with torch.no_grad():
+            self.sent = [_pack(group) for group in _groups(buffers)]
+        self.means = [s.clone() for s in self.sent]
+        return self.means
+
+    def land_(self, buffers: Sequence[Tensor]) -> None:
+        """``b_i += mean_j s_j - s_i``, once the transfer that carried ``means`` settled; then nothing is pending."""
+        if not self.pending:
+            return
+        groups = _groups(buffers)
+        if [sum(b.numel() for b in g) for g in groups] != [s.numel() for s in self.sent]:
+            raise RuntimeError(
+                "The model's averaged buffers changed between two rounds (added, removed or moved to another "
+                "device or dtype); their pending average cannot be applied. Change buffers before `fit`."
+            )
+        with torch.no_grad():
+            for group, sent, mean in zip(groups, self.sent, self.means):
+                correction = mean - sent
+                offset = 0
+                for b in group:
+                    part = correction[offset : offset + b.numel()].view(b.shape).to(b.device)
+                    b.copy_(b.to(part.dtype) + part)  # rounded once into a half-precision buffer
+                    offset += b.numel()
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop what is pending (after an average of every replica made the corrections moot: they sum to 0)."""
+        self.sent, self.means = [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        """What is pending, for a rank's checkpoint (call after the transfer settled)."""
+        return {"sent": [s.clone() for s in self.sent], "means": [m.clone() for m in self.means]}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`; a checkpoint written before buffers travelled late has nothing pending."""
+        state = state or {}
+        self.sent = [s.clone() for s in state.get("sent", [])]
+        self.means = [m.clone() for m in state.get("means", [])]
