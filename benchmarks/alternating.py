@@ -11,9 +11,10 @@ block right after it, a few seconds later:
   covers);
 - off window: the second half of the off block, far from any transfer in flight.
 
-ratio = (steps/s in the on window) / (steps/s in the off window): the fraction of the strategy's no-round speed
-that a round every ``period`` steps leaves. The model is not the strategy's (a round's result lands a block late
-after each off block), so only the speed of such a run is reported, never its loss.
+ratio = (steps/s in the on window) / (steps/s in the off window), each the slowest rank's (the job's speed): the
+fraction of the strategy's no-round speed that a round every ``period`` steps leaves. The model is not the
+strategy's (a round's result lands a block late after each off block), so only the speed of such a run is
+reported, never its loss.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ class AlternatingRounds(PeriodicSchedule):
         return super().is_round_after(step) and (local_index // self.block) % 2 == 0
 
 
-def block_ratios(
+def block_rates(
     step_ends: Sequence[float], first_count: int, warmup_steps: int, period: int, blocks: int
-) -> list[float]:
-    """Per pair of blocks, on-window steps/s over off-window steps/s.
+) -> list[tuple[float, float]]:
+    """One rank's (on-window steps/s, off-window steps/s) for every pair of blocks inside its clock.
 
     ``step_ends[j]`` is the clock when training step ``first_count + j`` (1-based) ended; local step ``i`` (0-based,
     after ``warmup_steps``) is training step ``warmup_steps + i + 1``.
@@ -54,7 +55,7 @@ def block_ratios(
         first, last = warmup_steps + start - first_count, warmup_steps + stop - first_count
         return step_ends[last] - step_ends[first]
 
-    ratios = []
+    rates = []
     for k in range(len(step_ends) // (2 * block) + 1):
         on = (2 * k * block + lead, (2 * k + 1) * block + lead)
         off = ((2 * k + 1) * block + block // 2, (2 * k + 2) * block)
@@ -62,5 +63,14 @@ def block_ratios(
             continue  # before the throughput window
         if warmup_steps + off[1] - first_count >= len(step_ends):
             break
-        ratios.append(((on[1] - on[0]) / seconds(*on)) / ((off[1] - off[0]) / seconds(*off)))
-    return ratios
+        rates.append(((on[1] - on[0]) / seconds(*on), (off[1] - off[0]) / seconds(*off)))
+    return rates
+
+
+def job_ratios(rates_of_ranks: Sequence[Sequence[tuple[float, float]]]) -> list[float]:
+    """Per pair of blocks, the job's on speed over its off speed; a job runs at its slowest rank's speed.
+
+    Taking each rank's own ratio instead would charge a rank that got ahead in an off block (the ranks do not meet
+    there) with the wait for the others at the next on block, and credit the slow rank with it.
+    """
+    return [min(on for on, _ in pair) / min(off for _, off in pair) for pair in zip(*rates_of_ranks)]

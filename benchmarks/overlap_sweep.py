@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from benchmarks import report
-from benchmarks.alternating import block_ratios
+from benchmarks.alternating import block_rates, job_ratios
 from benchmarks.lightning_run import ALTERNATE
 from benchmarks.netlab import DEFAULT_MTU, NetLab
 from benchmarks.peers import Peer
@@ -58,23 +58,19 @@ def paired_ratio(runs: list[dict[str, Any]], bounds: list[dict[str, Any]]) -> st
 
 
 def in_run_ratios(peer: Peer, ranks: list[dict[str, Any]], first_count: int) -> list[float]:
-    """Every rank's on/off block ratios of an alternating run (empty for any other run)."""
+    """The job's on/off block ratios of an alternating run (empty for any other run)."""
     blocks = peer.options.get(ALTERNATE)
     if not blocks:
         return []
-    warmup = peer.options.get("warmup_steps", 0)
-    return [
-        r
-        for rank in ranks
-        for r in block_ratios(rank["step_ends"], first_count, warmup, peer.options["period"], blocks)
-    ]
+    warmup, period = peer.options.get("warmup_steps", 0), peer.options["period"]
+    return job_ratios([block_rates(rank["step_ends"], first_count, warmup, period, blocks) for rank in ranks])
 
 
 def alternating_table(peers: list[Peer], trials: dict[str, list[dict[str, Any]]], blocks: int) -> list[str]:
     lines = [
         f"Rounds on and off within one run (blocks of {blocks} periods; benchmarks.alternating): steps/s with a "
         "round every period over steps/s of the same run's round-free block seconds later, median (min-max) over "
-        "every pair of blocks of every rank and repeat",
+        "every pair of blocks of every repeat (a pair's speeds are the slowest rank's)",
         "",
         "| strategy | of its own round-free steps, same run | pairs |",
         "|---|---:|---:|",

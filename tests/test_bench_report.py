@@ -55,7 +55,7 @@ def synthetic_clock(schedule, steps: int, first_count: int, round_cost: float, i
 
 @pytest.mark.parametrize("period, warmup_steps", [(64, 0), (32, 0), (16, 5)])
 def test_alternating_blocks_recover_the_cost_of_a_round_from_one_run(period, warmup_steps):
-    from benchmarks.alternating import AlternatingRounds, block_ratios
+    from benchmarks.alternating import AlternatingRounds, block_rates, job_ratios
     from lightning_localsgd.algorithms.schedule import PeriodicSchedule
 
     schedule = AlternatingRounds(PeriodicSchedule(period, warmup_steps), blocks=4)
@@ -63,7 +63,9 @@ def test_alternating_blocks_recover_the_cost_of_a_round_from_one_run(period, war
     every = [p * period - 1 for p in range(1, 17)]
     assert rounds == [r for r in every if (r // (4 * period)) % 2 == 0]  # on, off, on, off blocks of 4 periods
     ends = synthetic_clock(schedule, warmup_steps + 32 + 16 * period * 4, 32, 5.0, period // 2, 0.5)
-    ratios = block_ratios(ends, 32, warmup_steps, period, blocks=4)
+    rates = block_rates(ends, 32, warmup_steps, period, blocks=4)
+    slower = [(on / 2, off / 2) for on, off in rates]  # a second rank at half the speed sets the job's pace
+    ratios = job_ratios([rates, slower])
     steady = period / (period + 5.0 + 0.5 * period // 2)  # what a round every period leaves of the round-free speed
     assert len(ratios) >= 3 and ratios == pytest.approx([steady] * len(ratios))
 
