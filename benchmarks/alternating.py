@@ -11,6 +11,9 @@ block right after it, a few seconds later:
   covers);
 - off window: the second half of the off block, far from any transfer in flight.
 
+Nothing couples the ranks in an off block, so the lab's runner makes them meet (a barrier) right before each on
+block, in a step neither window measures: a rank's lead from the off block is not waited out in the on window.
+
 ratio = (steps/s in the on window) / (steps/s in the off window), each the slowest rank's (the job's speed): the
 fraction of the strategy's no-round speed that a round every ``period`` steps leaves. The model is not the
 strategy's (a round's result lands a block late after each off block), so only the speed of such a run is

@@ -53,6 +53,21 @@ class RecordSteps(Callback):
 ALTERNATE = "rounds_in_alternate_blocks"  # a peer option of the lab's, not the strategy's: see benchmarks.alternating
 
 
+class AlignBlocks(Callback):
+    """Alternating runs: the ranks meet before each on block, outside both measured windows. Nothing couples them in
+    an off block, so one rank gets ahead there; without this it would wait out that lead inside the next on window.
+    Runs after :class:`RecordSteps`, so the wait falls into the first step of the on block, which neither window
+    measures."""
+
+    def __init__(self, block: int, warmup_steps: int) -> None:
+        self.block, self.warmup_steps = block, warmup_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        local = trainer.global_step - self.warmup_steps
+        if local > 0 and local % (2 * self.block) == 0:
+            torch.distributed.barrier()
+
+
 def build_strategy(peer: Peer) -> Any:
     if peer.strategy == "single":
         return "auto"
@@ -77,13 +92,17 @@ def run_lightning(
         recorder.modelled_bytes = lambda: ours.comm_stats.bytes_sent
     elif peer.strategy != "single":  # Lightning DDP: one gradient all-reduce per step
         recorder.modelled_bytes = lambda: payload * recorder.count
+    callbacks: list[Callback] = [RecordSteps(recorder)]
+    if peer.options.get(ALTERNATE):
+        block = peer.options[ALTERNATE] * peer.options["period"]
+        callbacks.append(AlignBlocks(block, peer.options.get("warmup_steps", 0)))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         num_nodes=world_size,  # one process per "node": each rank is started by hand, in its own namespace
         strategy=strategy,
         max_steps=recorder.total,
-        callbacks=[RecordSteps(recorder)],
+        callbacks=callbacks,
         use_distributed_sampler=False,  # the workload's own per-rank data, exactly as the plain loops get it
         limit_val_batches=0,
         num_sanity_val_steps=0,
