@@ -9,9 +9,11 @@ that waits for the later rank and, on a real link, for a round trip. So those bu
         b_i <- b_i + (mean_j s_j - s_i)        s_i: rank i's buffers when round k - 1 started them
         s_i <- b_i, and its average starts in the background with round k's transfer
 
-A round leaves the mean of the ranks' buffers unchanged and each rank keeps what its own batches added since
-``s_i``. The corrections sum to zero over the ranks, so every average of the replicas (evaluation, checkpoint
-weights, the model after ``fit``) is what a blocking average at each round would give. Buffers are packed in
+A round leaves the mean of the ranks' buffers unchanged (the corrections sum to zero) and each rank keeps what its
+own batches added since ``s_i``. Normalisation layers update their running statistics linearly (an exponential or
+cumulative average of batch statistics, which do not depend on the running ones), so the mean over the ranks
+follows the same sequence as with a blocking average at each round: every average of the replicas (evaluation,
+checkpoint weights, the model after ``fit``) is unchanged. Buffers are packed in
 their state precision (float32 for half-precision buffers), one tensor per device and dtype.
 """
 
