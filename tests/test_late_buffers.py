@@ -15,6 +15,7 @@ from torch import nn
 from lightning_localsgd.algorithms import CoCoDSGD, DiLoCo, OverlapLocalSGD
 from lightning_localsgd.algorithms.late_buffers import LateBufferAverage
 from lightning_localsgd.comm import run_simulated
+from lightning_localsgd.errors import NonFiniteError
 
 WORLD, LR = 3, 0.05
 LATE = {
@@ -140,3 +141,30 @@ def test_a_buffer_set_that_changed_between_rounds_is_refused_not_misapplied():
     late.start([torch.zeros(3)])
     with pytest.raises(RuntimeError, match="buffers changed between two rounds"):
         late.land_([torch.zeros(4)])
+
+
+@pytest.mark.parametrize("name", sorted(LATE))
+def test_a_nonfinite_running_statistic_stops_every_rank_before_any_rank_applies_it(name):
+    def worker(rank, comm):
+        model = make_model(batchnorm=True)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        algo = LATE[name]()
+        algo.setup(model, comm, [opt])
+        try:
+            for step in range(12):
+                opt.zero_grad()
+                loss_of(model, rank, step).backward()
+                opt.step()
+                if rank == 1 and step == 4:
+                    model[1].running_mean[0] = float("nan")  # a poisoned statistic, parameters still finite
+                algo.end_step()
+        except NonFiniteError as error:
+            return str(error), step, statistics(model)
+        return None, step, statistics(model)
+
+    results = run_simulated(2, worker)
+    for rank, (error, step, stats) in enumerate(results):
+        assert error is not None and "rank 1" in error, error
+        assert step < 12
+        if rank == 0:
+            assert torch.isfinite(stats).all()  # nothing the bad round sent reached the finite rank
