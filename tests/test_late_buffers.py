@@ -31,11 +31,18 @@ def statistics(model: nn.Module) -> torch.Tensor:
     return torch.cat([bn.running_mean, bn.running_var]).clone()
 
 
-def train(rank, comm, algo, steps, on_step=None):
+def train(rank, comm, algo, steps, on_step=None, resume_from=None):
+    """A fresh worker trained through steps ``0 .. steps - 1`` (from ``resume_from = (step, algorithm state,
+    optimizer state)`` on, if given); ``on_step(step, rounded, statistics before end_step, after)``."""
     model = make_model(batchnorm=True)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     algo.setup(model, comm, [opt])
-    for step in range(steps):
+    first = 0
+    if resume_from is not None:
+        first, algo_state, opt_state = resume_from
+        algo.load_state_dict(algo_state)
+        opt.load_state_dict(opt_state)
+    for step in range(first, steps):
         opt.zero_grad()
         loss_of(model, rank, step).backward()  # the forward moves this rank's running statistics
         algo.before_optimizer_step(opt)
@@ -102,20 +109,7 @@ def test_a_checkpoint_with_a_buffer_average_pending_resumes_exactly(name):
         full = statistics(model)
         _, opt2, algo2 = train(rank, comm, LATE[name](), 7)
         assert algo2._late_buffers.pending
-        state = algo2.state_dict(), opt2.state_dict()
-        model3 = make_model(batchnorm=True)
-        opt3 = torch.optim.SGD(model3.parameters(), lr=LR, momentum=0.9)
-        algo3 = LATE[name]()
-        algo3.setup(model3, comm, [opt3])
-        algo3.load_state_dict(state[0])
-        opt3.load_state_dict(state[1])
-        for step in range(7, 12):
-            opt3.zero_grad()
-            loss_of(model3, rank, step).backward()
-            algo3.before_optimizer_step(opt3)
-            opt3.step()
-            algo3.after_optimizer_step(opt3)
-            algo3.end_step()
+        model3, _, _ = train(rank, comm, LATE[name](), 12, resume_from=(7, algo2.state_dict(), opt2.state_dict()))
         return full, statistics(model3), torch.cat([p.detach().reshape(-1) for p in model3.parameters()]), model
 
     for full, resumed, params, model in run_simulated(2, worker):
