@@ -26,19 +26,16 @@ import torch
 from torch import Tensor
 
 from lightning_localsgd.algorithms.precision import state_dtype
+from lightning_localsgd.comm.flat import _grouped_by_layout, _pack
 
 
 def _groups(buffers: Sequence[Tensor]) -> list[list[Tensor]]:
-    """``buffers`` grouped by (device, state dtype), in first-seen order: each group is packed into one tensor."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for b in buffers:
-        groups.setdefault((b.device, state_dtype(b.dtype)), []).append(b)
-    return list(groups.values())
+    """``buffers`` grouped by (device, dtype) as every packed collective groups them: one packed tensor each."""
+    return [[buffers[i] for i in group] for group in _grouped_by_layout(buffers)]
 
 
-def _pack(group: list[Tensor]) -> Tensor:
-    dtype = state_dtype(group[0].dtype)
-    return torch.cat([b.detach().reshape(-1).to(dtype) for b in group])
+def _pack_in_state_precision(group: list[Tensor]) -> Tensor:
+    return _pack(group).to(state_dtype(group[0].dtype))
 
 
 class LateBufferAverage:
@@ -56,7 +53,7 @@ class LateBufferAverage:
         """Take ``s_i`` from ``buffers``; returns the tensors to average with the round's transfer (none without
         buffers)."""
         with torch.no_grad():
-            self.sent = [_pack(group) for group in _groups(buffers)]
+            self.sent = [_pack_in_state_precision(group) for group in _groups(buffers)]
         self.means = [s.clone() for s in self.sent]
         return self.means
 
