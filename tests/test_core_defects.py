@@ -31,20 +31,34 @@ class WithMask(nn.Module):
         return self.body(x)
 
 
+def batchnorm_statistics(model: WithMask) -> torch.Tensor:
+    bn = model.body[1]
+    return torch.cat([bn.running_mean, bn.running_var]).clone()
+
+
 def test_only_normalisation_statistics_are_averaged_by_default_and_a_mask_of_inf_does_not_stop_training():
     def worker(rank, comm):
         model = WithMask()
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         algo = LocalSGD(period=2, first_period_one_step=False)
         algo.setup(model, comm, [opt])
-        for step in range(4):
+        for step in range(4):  # rounds after steps 1 and 3
             model.queue.fill_(float(rank))  # per-rank data the rounds must leave alone
-            local_step(algo, model.body, opt, rank, step)
-        return model.queue.clone(), model.body[1].running_mean.clone(), model.mask.clone()
+            opt.zero_grad()
+            loss_of(model.body, rank, step).backward()
+            algo.before_optimizer_step(opt)
+            opt.step()
+            algo.after_optimizer_step(opt)
+            before_round = batchnorm_statistics(model)
+            algo.end_step()
+        return model.queue.clone(), batchnorm_statistics(model), model.mask.clone(), before_round
 
     results = run_simulated(2, worker)
     assert [r[0][0].item() for r in results] == [0.0, 1.0]
-    assert torch.equal(results[0][1], results[1][1])  # BatchNorm statistics averaged at the round
+    own = [r[3] for r in results]
+    assert (own[0] - own[1]).abs().max() > 1e-3  # each rank's batches moved its statistics its own way
+    for _, statistics, _, _ in results:  # the round gives every rank the mean, not one rank's copy
+        torch.testing.assert_close(statistics, (own[0] + own[1]) / 2, rtol=1e-6, atol=1e-7)
     assert torch.isinf(results[0][2]).sum() == 3
 
 
@@ -236,6 +250,8 @@ def test_set_up_copies_frozen_parameters_and_every_buffer_from_rank_0():
 
 
 def test_a_layer_unfrozen_mid_run_is_averaged_from_the_next_round_and_delta_of_the_others_is_kept():
+    first = sum(p.numel() for p in list(make_model().parameters())[:2])  # the body: managed all along
+
     def worker(rank, comm):
         model = make_model()
         head = list(model.parameters())[-2:]
@@ -250,20 +266,32 @@ def test_a_layer_unfrozen_mid_run_is_averaged_from_the_next_round_and_delta_of_t
         for p in head:
             p.requires_grad_(True)
         opt.add_param_group({"params": head, "lr": LR})
-        for step in range(3, 6):
-            local_step(algo, model, opt, rank, step)  # round after step 5 re-buckets, then averages everything
+        for step in range(3, 5):
+            local_step(algo, model, opt, rank, step)
+        opt.zero_grad()  # step 5 by hand, to see the replica before its round (which re-buckets, then averages)
+        loss_of(model, rank, 5).backward()
+        algo.before_optimizer_step(opt)
+        opt.step()
+        algo.after_optimizer_step(opt)
+        body_before_round = flat_params(model)[:first].clone()
+        assert algo.end_step()
         synced = flat_params(model).clone()
         local_step(algo, model, opt, rank, 6)
         kept = algo.state_views("delta")
-        return synced, len(algo.flat.params), delta_before, kept
+        return synced, len(algo.flat.params), delta_before, kept, body_before_round
 
     results = run_simulated(2, worker)
     assert torch.equal(results[0][0], results[1][0])
     assert results[0][1] == 4
-    # Delta of the parameters managed all along went on from its value (not reset) and still sums to zero
+    assert results[0][2].abs().max() > 1e-3
+    # Delta of the parameters managed all along went on from its value (not reset): the spec's update
+    # Delta_i += (x_hat - x_i) / (k lr), with x_i before averaging; and still sums to zero.
+    x_hat = results[0][0][:first]
+    for _, _, delta_before, kept, body_before_round in results:
+        expected = delta_before + (x_hat - body_before_round) / (3 * LR)
+        torch.testing.assert_close(torch.cat([v.reshape(-1) for v in kept[:2]]), expected, rtol=1e-4, atol=1e-5)
     total = sum(torch.cat([v.reshape(-1) for v in r[3]]) for r in results)
     assert total.abs().max() < 1e-5
-    assert results[0][2].abs().max() > 1e-3
 
 
 def test_a_layer_frozen_mid_period_is_averaged_once_then_left_alone():
@@ -276,12 +304,15 @@ def test_a_layer_frozen_mid_period_is_averaged_once_then_left_alone():
             local_step(algo, model, opt, rank, step)
         first = model[0]
         first.requires_grad_(False)
+        at_freeze = first.weight.detach().clone()
         for step in range(2, 4):
             local_step(algo, model, opt, rank, step)
-        return first.weight.detach().clone(), len(algo.flat.params)
+        return first.weight.detach().clone(), len(algo.flat.params), at_freeze
 
-    (w0, n0), (w1, _) = run_simulated(2, worker)
-    assert torch.equal(w0, w1) and n0 == 2
+    (w0, n0, f0), (w1, _, f1) = run_simulated(2, worker)
+    assert n0 == 2 and (f0 - f1).abs().max() > 1e-4  # the replicas had drifted apart when it was frozen
+    assert torch.equal(w0, w1)
+    torch.testing.assert_close(w0, (f0 + f1) / 2, rtol=1e-6, atol=1e-7)  # their mean, not one rank's copy
 
 
 def test_ranks_unfreezing_different_layers_stop_with_a_clear_error():
