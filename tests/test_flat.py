@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_localsgd.algorithms import VRLSGD, OverlapLocalSGD
 from lightning_localsgd.comm import FlatParameters, average_float_buffers, average_gradients, run_simulated
+from lightning_localsgd.comm.flat import mean_packed_
 
 
 def test_parameters_become_views_of_buckets_and_averaging_a_bucket_averages_them():
@@ -63,13 +66,33 @@ def test_only_floating_point_buffers_are_averaged():
     def worker(rank, comm):
         bn = nn.BatchNorm1d(3)
         bn.running_mean.fill_(float(rank))
+        bn.running_var.fill_(2.0 + 4 * rank)
         bn.num_batches_tracked.fill_(rank + 10)
         average_float_buffers(bn, comm)
-        return bn.running_mean.clone(), int(bn.num_batches_tracked)
+        return bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
 
-    (m0, n0), (m1, n1) = run_simulated(2, worker)
-    assert torch.equal(m0, torch.full((3,), 0.5)) and torch.equal(m1, m0)
-    assert (n0, n1) == (10, 11)
+    results = run_simulated(2, worker)
+    for mean, var, _ in results:
+        assert torch.equal(mean, torch.full((3,), 0.5)) and torch.equal(var, torch.full((3,), 4.0))
+    assert [n for _, _, n in results] == [10, 11]
+
+
+def test_a_packed_mean_gives_each_tensor_its_own_mean_with_one_collective_per_dtype():
+    # Interleaved dtypes and sizes: each tensor must get back its own slice of the packed mean.
+    shapes = [((3,), torch.float32), ((2, 2), torch.float64), ((1,), torch.float32), ((5,), torch.float64)]
+
+    def values(rank: int) -> list[torch.Tensor]:
+        return [torch.arange(math.prod(s), dtype=d).reshape(s) * (rank + 1) + 10 * i for i, (s, d) in enumerate(shapes)]
+
+    def worker(rank, comm):
+        tensors = values(rank)
+        mean_packed_(tensors, comm)
+        return tensors, comm.stats.collectives
+
+    for tensors, collectives in run_simulated(3, worker):
+        assert collectives == 2
+        for got, a, b, c in zip(tensors, values(0), values(1), values(2)):
+            assert got.dtype == a.dtype and torch.equal(got, (a + b + c) / 3)
 
 
 def test_channels_last_parameters_stay_channels_last_with_their_values_and_state_views_match_them():
