@@ -123,10 +123,13 @@ def test_half_precision_buffers_are_corrected_in_float32_and_rounded_once():
     wide = torch.tensor([3.0], dtype=torch.float64)
     means = late.start([half, wide])
     assert [m.dtype for m in means] == [torch.float32, torch.float64]  # one packed tensor per state dtype
-    means[0].copy_(torch.tensor([1.001, 2.5]))  # as if the other ranks' statistics had arrived
+    # As if the other ranks' statistics had arrived. The first correction, 2**-8 + 2**-20, lifts 1.0 past the
+    # midpoint to the next bfloat16 (1 + 2**-7) when added in float32 and rounded once; rounded to bfloat16 first
+    # (2**-8), it would land exactly on the midpoint and round (to even) back to 1.0.
+    means[0].copy_(torch.tensor([1 + 2**-8 + 2**-20, 2.5]))
     means[1].fill_(4.0)
     late.land_([half, wide])
-    assert half.tolist() == torch.tensor([1.001, 2.5]).to(torch.bfloat16).tolist() and wide.item() == 4.0
+    assert half.tolist() == [1 + 2**-7, 2.5] and wide.item() == 4.0
     assert not late.pending
 
 
