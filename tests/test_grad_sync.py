@@ -200,13 +200,18 @@ def test_under_gradient_accumulation_only_the_armed_backward_launches():
         averager.finish()
         for step in (0, 1):
             loss_on(reference, rank, step).backward()
+        accumulated = grads(reference)  # this rank's sum over both micro-batches
         average_gradients(list(reference.parameters()), comm)
-        return quiet, launched, grads(model), grads(reference)
+        return quiet, launched, grads(model), grads(reference), accumulated
 
-    for quiet, launched, ours, reference in run_simulated(WORLD, worker, timeout=30):
+    results = run_simulated(WORLD, worker, timeout=30)
+    for quiet, launched, ours, reference, _ in results:
         assert quiet == (0, 0)
         assert launched >= 3
         assert_grads_equal(ours, reference)
+        for i, g in enumerate(ours):  # the mean over ranks of each rank's accumulated gradient, both micro-batches
+            mean = sum(r[4][i] for r in results) / WORLD
+            torch.testing.assert_close(g, mean, rtol=0, atol=1e-7)
 
 
 def test_discard_keeps_local_gradients_and_the_next_exchange_stays_paired():
