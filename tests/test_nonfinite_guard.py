@@ -88,9 +88,10 @@ def test_raise_names_the_rank_and_step_and_leaves_the_other_replicas_untouched(n
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_skip_round_rolls_every_rank_back_to_the_last_good_round(name):
-    # Skipping is the same as never having trained on the poisoned period's batches (data steps 4..7).
-    skipped = run_simulated(2, make_worker(name, "skip_round", range(12), poison_at=5))
-    reference = run_simulated(2, make_worker(name, "raise", [0, 1, 2, 3, 8, 9, 10, 11]))
+    # Skipping is the same as never having trained on the poisoned period's batches (data steps 8..11). The third
+    # period, so that the state gone back to is not the initial one (VRL-SGD's Delta is non-zero by then).
+    skipped = run_simulated(2, make_worker(name, "skip_round", range(16), poison_at=9))
+    reference = run_simulated(2, make_worker(name, "raise", [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]))
     for got, want in zip(skipped, reference):
         assert got["rolled_back"] == 1
         torch.testing.assert_close(got["params"], want["params"])
