@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 from torch.optim import Optimizer
 
+from lightning_localsgd.algorithms.gossip import GossipAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.strategies.checkpointing import restore_rng_states, to_device, without_replica_if_in_sync
 
@@ -39,11 +40,17 @@ def step_and_follow(
     return output, True
 
 
+def exchanges_every_step(algorithm: PeriodicAlgorithm) -> bool:
+    """Whether the replicas exchange something at every local step (gossip, compressed gradients), rounds or not."""
+    return algorithm.exchanges_every_step or isinstance(algorithm, GossipAlgorithm)
+
+
 def comm_metrics(algorithm: PeriodicAlgorithm) -> dict[str, float]:
-    """What a logger gets: ``comm/rounds``, ``comm/mb_sent``, ``comm/seconds``, ... and the algorithm's own values."""
+    """What a logger gets: ``comm/rounds``, ``comm/mb_sent``, ``comm/seconds``, ... and the algorithm's own values
+    (the per-step exchange counters only for algorithms that exchange at every step: for the others they stay 0)."""
     if not algorithm.is_set_up:
         return {}
-    return {**algorithm.comm.stats.as_metrics(), **algorithm.metrics()}
+    return {**algorithm.comm.stats.as_metrics(exchanges=exchanges_every_step(algorithm)), **algorithm.metrics()}
 
 
 def rank_payload(

@@ -125,12 +125,16 @@ def test_communication_metrics_reach_the_logger(fit_run):
     with open(out / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = [(int(r["step"]), float(r["comm/rounds"]), float(r["comm/mb_sent"])) for r in rows if r["comm/rounds"]]
-    # every 2 steps (log_every_n_steps=2) and once more at the end of training
-    assert [step for step, _, _ in logged][:5] == [2, 4, 6, 8, 10]
-    assert [rounds for step, rounds, _ in logged if step in (2, 4, 8)] == [0.0, 1.0, 2.0]
+    # Every 2 batches (log_every_n_steps=2) with Lightning's numbering for values logged in a batch (0-based: the
+    # row of step 1 holds the values after batch 2), then once more at the end of training (step 12).
+    assert [step for step, _, _ in logged][:5] == [1, 3, 5, 7, 9]
+    assert [rounds for step, rounds, _ in logged if step in (1, 3, 7)] == [0.0, 1.0, 2.0]  # after batches 2, 4, 8
+    assert logged[-1][0] == 12
     assert logged[-1][1] == ranks[0]["comm"]["rounds"] == 3
     assert logged[-1][2] == pytest.approx(ranks[0]["comm"]["bytes_sent"] / 1e6)
     assert "comm/seconds" in rows[-1]
+    # Per-step exchange counters belong to gossip and compressed exchanges; none of these strategies has them.
+    assert not any(name.startswith("comm/exchange") for name in rows[0])
 
 
 def test_model_after_fit_is_the_average_on_every_rank(fit_run):

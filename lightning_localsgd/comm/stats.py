@@ -34,17 +34,21 @@ class CommStats:
     exchanges: int = 0
     exchange_bytes_sent: int = 0
 
-    def as_metrics(self, prefix: str = "comm/") -> dict[str, float]:
-        return {
+    def as_metrics(self, prefix: str = "comm/", exchanges: bool = True) -> dict[str, float]:
+        """The counters as metrics (bytes in MB). ``exchanges=False`` leaves out ``exchanges`` and
+        ``exchange_mb_sent``, which stay 0 for algorithms that exchange nothing between rounds."""
+        metrics = {
             f"{prefix}rounds": float(self.rounds),
             f"{prefix}collectives": float(self.collectives),
             f"{prefix}mb_sent": self.bytes_sent / 1e6,
             f"{prefix}seconds": self.seconds,
             f"{prefix}background_seconds": self.background_seconds,
             f"{prefix}wait_seconds": self.wait_seconds,
-            f"{prefix}exchanges": float(self.exchanges),
-            f"{prefix}exchange_mb_sent": self.exchange_bytes_sent / 1e6,
         }
+        if exchanges:
+            metrics[f"{prefix}exchanges"] = float(self.exchanges)
+            metrics[f"{prefix}exchange_mb_sent"] = self.exchange_bytes_sent / 1e6
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

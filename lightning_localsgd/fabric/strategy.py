@@ -41,12 +41,12 @@ from lightning_localsgd.strategies.checkpointing import (
     remove_stale_shards,
     write_shards,
 )
+from lightning_localsgd.strategies.rendezvous import connect_world
 from lightning_localsgd.strategies.safety import (
     as_timeout,
     check_supported_device,
     check_supported_model,
     check_supported_optimizers,
-    elastic_attempt_store,
     grad_scaler_of,
 )
 
@@ -70,6 +70,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         algorithm: a fresh algorithm instance.
         on_nonfinite: ``"raise"`` or ``"skip_round"``, as for the Trainer's strategies.
         collective_timeout: seconds a collective of the algorithm may wait for a peer before the run stops.
+        init_timeout: seconds every rank has to start and check in at start-up; then an error says which are missing.
         Remaining arguments: as Fabric's :class:`~lightning.fabric.strategies.DDPStrategy`.
     """
 
@@ -78,6 +79,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         algorithm: PeriodicAlgorithm,
         on_nonfinite: str = "raise",
         collective_timeout: float = 600.0,
+        init_timeout: float = 300.0,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -102,6 +104,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         self.algorithm.label = f"{type(self).__name__} ({type(algorithm).__name__})"
         self.collective_timeout = timedelta(seconds=check_positive_float("collective_timeout", collective_timeout))
         self.algorithm.timeout = self.collective_timeout
+        self.init_timeout = timedelta(seconds=check_positive_float("init_timeout", init_timeout))
         self._backward_sync_control = _NothingToSkip()
         self._module: Optional[nn.Module] = None
         self._optimizers: list[Optimizer] = []
@@ -130,15 +133,25 @@ class FabricLocalUpdateStrategy(DDPStrategy):
 
     @override
     def _setup_distributed(self) -> None:
-        # As Fabric's, plus a store namespaced per torchrun restart attempt (see elastic_attempt_store).
+        # As Fabric's, on a store every rank checked in on within `init_timeout` (see strategies/rendezvous.py).
         self._set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
-        assert self.cluster_environment is not None
+        env = self.cluster_environment
+        assert env is not None
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
-        if not dist.is_initialized() and (store := elastic_attempt_store(self._timeout)) is not None:
-            kwargs["store"] = store
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        if not dist.is_initialized():
+            kwargs["store"] = connect_world(
+                env.main_address,
+                env.main_port,
+                self.global_rank,
+                self.world_size,
+                self.num_processes,
+                self.init_timeout,
+                self._timeout,
+                type(self).__name__,
+            )
+        _init_dist_connection(env, self._process_group_backend, **kwargs)
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:  # type: ignore[override]

@@ -44,6 +44,7 @@ class NamedFabricStrategy(FabricLocalUpdateStrategy):
             spec.algorithm,
             on_nonfinite=spec.algorithm.on_nonfinite,
             collective_timeout=spec.collective_timeout.total_seconds(),
+            init_timeout=spec.init_timeout.total_seconds(),
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,

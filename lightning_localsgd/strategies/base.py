@@ -51,6 +51,9 @@ from lightning_localsgd.strategies.checkpointing import (
     remove_stale_shards,
     write_shards,
 )
+from lightning_localsgd.strategies.comm_logging import log_final_metrics, log_step_metrics
+from lightning_localsgd.strategies.rendezvous import connect_world
+from lightning_localsgd.strategies.round_budget import RoundBudgetCheck
 from lightning_localsgd.strategies.round_callback import RoundCallback
 from lightning_localsgd.strategies.safety import (
     SyncedStepLogCheck,
@@ -59,7 +62,6 @@ from lightning_localsgd.strategies.safety import (
     check_supported_model,
     check_supported_optimizers,
     defer_signals,
-    elastic_attempt_store,
     grad_scaler_of,
     prepare_training_data,
     restore_patched_hooks,
@@ -79,8 +81,9 @@ class LocalUpdateStrategy(DDPStrategy):
 
     Args:
         algorithm: the per-rank algorithm instance (not yet set up).
-        log_comm_metrics: log ``comm/rounds``, ``comm/mb_sent``, ``comm/seconds`` and ``comm/collectives``
-            to the trainer's loggers every ``log_every_n_steps`` steps and at the end of training.
+        log_comm_metrics: log ``comm/rounds``, ``comm/mb_sent``, ``comm/seconds``, ``comm/collectives``, ... every
+            step into ``trainer.callback_metrics`` (so ``ModelCheckpoint``/``EarlyStopping`` can monitor them), to
+            the trainer's loggers every ``log_every_n_steps`` steps, and once more at the end of training.
         on_nonfinite: what a synchronisation point does when some rank's parameters (or, in warm-up, gradients)
             hold inf/NaN: ``"raise"`` stops every rank with an error naming the rank and step before anything is
             averaged; ``"skip_round"`` rolls every rank back to the last good round and goes on (keeps one
@@ -89,8 +92,13 @@ class LocalUpdateStrategy(DDPStrategy):
             checkpoint agreement) may wait for a peer before the run stops with an error naming the strategy and
             round: a dead or stuck peer becomes an error, never a hang. Allow for one round's transfer on the
             slowest link.
-        timeout: as in ``DDPStrategy``: process-group start-up and Lightning's own collectives (seconds or a
-            ``timedelta``; Lightning's default, 30 minutes, tolerates ranks that start far apart).
+        init_timeout: seconds every rank of the world has to start and check in at start-up; then the run stops
+            with an error saying how many ranks arrived and how to start the missing ones (e.g. a ``num_nodes=2``
+            run started on one node only), instead of waiting for ``timeout``.
+        comm_progress_bar: show ``comm/rounds`` and ``comm/mb_sent`` in the progress bar (with
+            ``log_comm_metrics``).
+        timeout: as in ``DDPStrategy``: Lightning's own collectives, and the process group's once every rank has
+            arrived (seconds or a ``timedelta``; Lightning's default, 30 minutes).
         Remaining arguments: as :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
 
@@ -102,6 +110,8 @@ class LocalUpdateStrategy(DDPStrategy):
         log_comm_metrics: bool = True,
         on_nonfinite: str = "raise",
         collective_timeout: float = 600.0,
+        init_timeout: float = 300.0,
+        comm_progress_bar: bool = True,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[Any]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -128,6 +138,8 @@ class LocalUpdateStrategy(DDPStrategy):
         self.collective_timeout = timedelta(seconds=check_positive_float("collective_timeout", collective_timeout))
         self.algorithm.timeout = self.collective_timeout
         self.log_comm_metrics = check_bool("log_comm_metrics", log_comm_metrics)
+        self.comm_progress_bar = check_bool("comm_progress_bar", comm_progress_bar)
+        self.init_timeout = timedelta(seconds=check_positive_float("init_timeout", init_timeout))
         self._active = False  # the algorithm drives the model (between setup and teardown of a fit)
         self._stepped_this_batch = False
         self._pending_rank_state: Optional[Any] = None
@@ -169,16 +181,27 @@ class LocalUpdateStrategy(DDPStrategy):
 
     @override
     def setup_distributed(self) -> None:
-        # As DDPStrategy's, plus a store namespaced per torchrun restart attempt (see elastic_attempt_store).
+        # As DDPStrategy's, on a store every rank has checked in on within `init_timeout` (see rendezvous.py),
+        # namespaced per torchrun restart attempt (see elastic_attempt_store).
         reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
-        assert self.cluster_environment is not None
+        env = self.cluster_environment
+        assert env is not None
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
-        if not dist.is_initialized() and (store := elastic_attempt_store(self._timeout)) is not None:
-            kwargs["store"] = store
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        if not dist.is_initialized():
+            kwargs["store"] = connect_world(
+                env.main_address,
+                env.main_port,
+                self.global_rank,
+                self.world_size,
+                self.num_processes,
+                self.init_timeout,
+                self._timeout,
+                type(self).__name__,
+            )
+        _init_dist_connection(env, self._process_group_backend, **kwargs)
 
     @override
     def setup_environment(self) -> None:
@@ -210,6 +233,7 @@ class LocalUpdateStrategy(DDPStrategy):
         prepare_training_data(trainer, self.algorithm.comm, type(self).__name__)
         warn_about_per_step_collectives(trainer, type(self).__name__)
         self._synced_step_logs = SyncedStepLogCheck(type(self).__name__)
+        self._round_budget = RoundBudgetCheck(self.algorithm, type(self).__name__)
         self._active = True
 
     @override
@@ -270,22 +294,19 @@ class LocalUpdateStrategy(DDPStrategy):
     def on_train_batch_end_first(self, trainer: pl.Trainer) -> None:
         """Called by :class:`RoundCallback` before any other ``on_train_batch_end``."""
         self._synced_step_logs(trainer)  # once per fit, after the first batch: per-step `sync_dist` logging
-        if not self._stepped_this_batch:
-            return  # a micro-batch under gradient accumulation, or a skipped step
-        self._stepped_this_batch = False
+        if self._stepped_this_batch:  # else a micro-batch under gradient accumulation, or a skipped step
+            self._stepped_this_batch = False
+            self._end_step(trainer)
+        if self.log_comm_metrics and trainer.lightning_module is not None:
+            log_step_metrics(trainer.lightning_module, comm_metrics(self.algorithm), self.comm_progress_bar)
+
+    def _end_step(self, trainer: pl.Trainer) -> None:
         self.algorithm.end_step()
         # Requests (signals) raised anywhere were agreed at a synchronisation point: every rank acts at this step.
         if self.algorithm.take_agreed_request("requeue") and self._requeue is not None:
             self._requeue(signal.SIGUSR1, None)  # Lightning's: checkpoint (consistent here), `scontrol requeue`
         if self.algorithm.take_agreed_request("stop"):
             trainer._signal_connector.received_sigterm = True  # Lightning stops every rank after this batch
-        if self.log_comm_metrics and self.algorithm.step % max(trainer.log_every_n_steps, 1) == 0:
-            self._log_comm_metrics(trainer)
-
-    def _log_comm_metrics(self, trainer: pl.Trainer) -> None:
-        metrics = comm_metrics(self.algorithm)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ consensus for evaluation and at the end
     @override
@@ -308,8 +329,11 @@ class LocalUpdateStrategy(DDPStrategy):
         if self._active:
             self.algorithm.finalize()
             trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-            if self.log_comm_metrics and trainer is not None:
-                self._log_comm_metrics(trainer)
+            if trainer is None:
+                return
+            if self.log_comm_metrics:
+                log_final_metrics(trainer, comm_metrics(self.algorithm))
+            self._round_budget.at_end(trainer)
 
     # ------------------------------------------------------------------ checkpoints
     @override

@@ -37,6 +37,8 @@ class RoundCallback(Callback):
         done = fit_loop.epoch_loop.batch_progress.current.processed
         if not 0 < done < fit_loop.max_batches:
             self._strategy._resume_rng = None
+        # The step budget is known too: warn now if no round will average the replicas.
+        self._strategy._round_budget.at_start(trainer)
 
     @override
     def on_train_batch_start(
