@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -42,3 +45,33 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
     return value
+
+
+def keyword_names(cls: type, stop: type) -> list[str]:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s, then its parents' as far as ``**kwargs`` reaches
+    them (stopping after ``stop``); ``algorithm`` counts only for ``stop`` itself (subclasses build their own)."""
+    names: list[str] = []
+    for owner in cls.__mro__:
+        init = owner.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+        if owner is stop or not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    if cls is not stop and "algorithm" in names:
+        names.remove("algorithm")
+    return list(dict.fromkeys(names))
+
+
+def unexpected_keywords_error(cls: type, unexpected: Iterable[str], accepted: list[str]) -> TypeError:
+    """Python's error for an unknown keyword, but naming the class the user called and the closest valid names."""
+    unexpected = list(unexpected)
+    hints = []
+    for name in unexpected:
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hints.append(f"`{name}` (did you mean `{close[0]}`?)" if close else f"`{name}`")
+    plural = "s" if len(unexpected) > 1 else ""
+    return TypeError(
+        f"{cls.__name__}() got unexpected keyword argument{plural} {', '.join(hints)}. It takes: {', '.join(accepted)}."
+    )

@@ -279,7 +279,9 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         restores = isinstance(state, dict) and bool(state)
         if restores and self._active:
             self.algorithm.exit_consensus()
-        remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        # `weights_only` reaches strategies from Lightning 2.6 on; before, it is never given and the parent takes none.
+        extra = {} if weights_only is None else {"weights_only": weights_only}
+        remainder = super().load_checkpoint(path, state, strict=strict, **extra)
         if not restores:
             return remainder
         section = remainder.pop(CHECKPOINT_KEY, None)

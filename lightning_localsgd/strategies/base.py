@@ -39,7 +39,12 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_localsgd._validation import check_bool, check_positive_float
+from lightning_localsgd._validation import (
+    check_bool,
+    check_positive_float,
+    keyword_names,
+    unexpected_keywords_error,
+)
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
@@ -52,6 +57,7 @@ from lightning_localsgd.strategies.checkpointing import (
     write_shards,
 )
 from lightning_localsgd.strategies.comm_logging import log_final_metrics, log_step_metrics
+from lightning_localsgd.strategies.lightning_compat import complete_batch_end_restart
 from lightning_localsgd.strategies.rendezvous import connect_world
 from lightning_localsgd.strategies.round_budget import RoundBudgetCheck
 from lightning_localsgd.strategies.round_callback import RoundCallback
@@ -120,7 +126,10 @@ class LocalUpdateStrategy(DDPStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Union[float, timedelta, None] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **unexpected: Any,
     ) -> None:
+        if unexpected:  # else Python's own error names this `__init__`, not the class the user called
+            raise unexpected_keywords_error(type(self), unexpected, keyword_names(type(self), LocalUpdateStrategy))
         timeout = as_timeout(timeout)
         algorithm.set_nonfinite_policy(on_nonfinite)
         super().__init__(
@@ -360,7 +369,9 @@ class LocalUpdateStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        # `weights_only` reaches strategies from Lightning 2.6 on; before, it is never given and the parent takes none.
+        extra = {} if weights_only is None else {"weights_only": weights_only}
+        checkpoint = super().load_checkpoint(checkpoint_path, **extra)
         section = checkpoint.pop(CHECKPOINT_KEY, None)
         self._pending_rank_state = None
         trainer = getattr(self.lightning_module, "_trainer", None)
@@ -374,6 +385,9 @@ class LocalUpdateStrategy(DDPStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         super().load_optimizer_state_dict(checkpoint)
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None:  # the first strategy hook after Lightning restored its loops, before they run
+            complete_batch_end_restart(trainer)
         state, self._pending_rank_state = self._pending_rank_state, None
         if state is None or not self._active:
             return
