@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import lightning as L
@@ -116,6 +117,71 @@ def test_bad_arguments_raise_before_any_process_starts():
     # Trainer construction happens before the launcher starts rank 1: the error stops everything there.
     with pytest.raises(ValueError, match="`period`"):
         L.Trainer(accelerator="cpu", devices=2, strategy=VRLSGDStrategy(period=-3))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [*ALL_STRATEGIES, *lightning_localsgd.fabric.ALL_FABRIC_STRATEGIES],
+    ids=lambda cls: f"{cls.__module__.split('.')[1]}.{cls.__name__}",
+)
+def test_a_misspelt_keyword_names_the_class_called_and_the_closest_argument(cls):
+    with pytest.raises(TypeError) as caught:
+        cls(colective_timeout=60)
+    message = str(caught.value)
+    assert message.startswith(
+        f"{cls.__name__}() got unexpected keyword argument `colective_timeout` (did you mean `collective_timeout`?)."
+    )
+    assert "LocalUpdateStrategy" not in message and "__init__" not in message
+
+
+def test_the_keyword_error_lists_what_the_class_takes_and_suggests_only_close_names():
+    with pytest.raises(TypeError) as caught:
+        VRLSGDStrategy(perod=5, colour="red")
+    message = str(caught.value)
+    assert "`perod` (did you mean `period`?), `colour`." in message
+    takes = message.split("It takes: ")[1].rstrip(".").split(", ")
+    # VRLSGDStrategy's own arguments first, then those its **kwargs reach (the base's, Lightning's DDP ones)
+    assert takes[:5] == ["period", "warmup_steps", "first_period_one_step", "bucket_cap_mb", "buffers"]
+    assert {"on_nonfinite", "collective_timeout", "timeout", "process_group_backend", "start_method"} <= set(takes)
+    assert "algorithm" not in takes and "self" not in takes  # the class builds its algorithm itself
+    with pytest.raises(TypeError, match=r"^LocalUpdateStrategy\(\) got .*`algoritm` \(did you mean `algorithm`\?\)"):
+        lightning_localsgd.LocalUpdateStrategy(lightning_localsgd.LocalSGD(4), algoritm=None)
+
+
+def test_a_misspelt_keyword_in_a_cli_config_is_still_refused_by_the_parser(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning_localsgd.VRLSGDStrategy\n    init_args:\n      perod: 7\n"
+    )
+    with pytest.raises(SystemExit):
+        LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(config)])
+
+
+def test_a_misspelt_strategy_name_gets_lightnings_error_and_the_docs_list_ours():
+    # Lightning checks strategy names itself with no hook for a suggestion (docs/entry_points.md says so and
+    # lists this package's names, which must all be registered with both the Trainer and Fabric).
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    with pytest.raises(ValueError, match="invalid strategy name: `strategy='vrl_sdg'`"):
+        L.Trainer(accelerator="cpu", devices=2, strategy="vrl_sdg")
+    ours = {
+        "local_sgd",
+        "vrl_sgd",
+        "overlap_local_sgd",
+        "cocod_sgd",
+        "liec_sgd",
+        "ef_sign",
+        "dpsgd",
+        "detag",
+        "diloco",
+        "stl_sgd",
+        "hierarchical_local_sgd",
+    }
+    docs = (Path(__file__).parent.parent / "docs" / "entry_points.md").read_text()
+    listed = docs.split("<!-- strategy names -->")[1].split("<!-- end -->")[0]
+    assert set(re.findall(r"`([a-z_]+)`", listed)) == ours
+    assert ours <= set(StrategyRegistry.available_strategies())
+    assert ours <= set(STRATEGY_REGISTRY.available_strategies())
 
 
 @pytest.mark.parametrize("config", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
