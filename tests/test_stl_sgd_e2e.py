@@ -35,3 +35,15 @@ def test_an_lr_scheduler_that_would_overwrite_the_stage_learning_rate_is_refused
     proc = run_ranks(script, tmp_path, "--strategy", "stl_sgd", "--two-groups")
     assert proc.returncode != 0
     assert "LR scheduler(s) ['StepLR']" in proc.stderr and "lr_decay=1.0" in proc.stderr
+
+
+def test_a_second_fit_continues_at_the_current_stage_learning_rate(tmp_path):
+    # T1 = 4, k1 = 2, periods x2, SGD's lr 0.05 halved by the round ending each stage: stage 1 ends after step 4,
+    # stage 2 (8 steps, period 4) after step 12. The first fit stops after step 7, inside stage 2; the second
+    # fit's fresh optimizers must go on at stage 2's 0.025, not configure_optimizers' 0.05.
+    ranks = run_case(tmp_path, *ARGS[:-4], "--max-steps", "7", "--fit-again", "14")
+    documented = [0.05] * 3 + [0.025] * 8 + [0.0125] * 3  # lr after each of the steps 1..14 (recorded at batch end)
+    for rank in ranks:
+        assert [s["global_step"] for s in rank["steps"]] == list(range(1, 15))
+        assert [s["lrs"][0] for s in rank["steps"]] == documented
+    torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], rtol=0, atol=0)

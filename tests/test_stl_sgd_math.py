@@ -26,6 +26,17 @@ def round_steps(schedule: StagewiseSchedule, steps: int) -> list[int]:
     return rounds
 
 
+def test_non_integer_periods_round_to_nearest_from_the_first_period_with_ties_to_even():
+    # k_s = round(k_1 * growth**s), from k_1 at every stage (never from the previous stage's rounded period):
+    # k_1 = 3, x sqrt(2): 3, 4.24 -> 4, 6, 8.49 -> 8, 12, 16.97 -> 17, 24. Compounding the rounded periods would give
+    # 3, 4, 6 (5.66), 8 (8.49), 11 (11.31) instead.
+    assert [StagewiseSchedule(8, 3, math.sqrt(2)).period_of(s) for s in range(7)] == [3, 4, 6, 8, 12, 17, 24]
+    # An exact half goes to the even neighbour (Python's round): 1 x 2.5 = 2.5 -> 2, 6.25 -> 6, 15.625 -> 16.
+    assert [StagewiseSchedule(8, 1, 2.5).period_of(s) for s in range(4)] == [1, 2, 6, 16]
+    # 2 x 1.25**s: 2, 2.5 -> 2, 3.125 -> 3, 3.906 -> 4
+    assert [StagewiseSchedule(8, 2, 1.25).period_of(s) for s in range(4)] == [2, 2, 3, 4]
+
+
 def test_stages_double_their_length_and_their_period_and_end_at_rounds():
     # T1 = 4, k1 = 2, x2: stage 1 rounds after 2, 4; stage 2 (8 steps, k 4) after 8, 12; stage 3 (16, k 8) 20, 28
     assert round_steps(StagewiseSchedule(4, 2, 2.0), 28) == [2, 4, 8, 12, 20, 28]

@@ -92,6 +92,8 @@ class StagewiseSchedule(PeriodicSchedule):
         self.reset()
 
     def period_of(self, stage: int) -> int:
+        """``round(first_period * period_growth**stage)``: from the first period each time, so rounding never
+        compounds; the nearest integer, an exact half to the even neighbour (Python's ``round``)."""
         return max(1, round(self.first_period * self.period_growth**stage))
 
     def rounds_in(self, stage: int) -> int:

@@ -17,6 +17,7 @@ Claimed rounds for strongly convex / PL objectives: O(N log T) on identical data
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -39,7 +40,8 @@ class STLSGD(PeriodicAlgorithm):
         first_stage_steps: T_1, local steps of the first stage.
         first_period: k_1, the first stage's period.
         period_growth: ``"identical"`` (x2 per stage), ``"non_identical"`` (x sqrt(2), the default: safe on any
-            data) or a number of at least 1.
+            data) or a number of at least 1. Stage s's period is ``round(first_period * period_growth**s)`` (nearest
+            integer, halves to even), computed from ``first_period`` each stage.
         lr_decay: factor applied to every learning rate of the user's optimizers at each stage boundary (0.5; 1
             leaves the learning rates, and an LR scheduler, alone).
         proximal: gamma of the non-convex variant's proximal term, or None (default) for none.
@@ -80,6 +82,20 @@ class STLSGD(PeriodicAlgorithm):
 
     def _begin_local_phase(self) -> None:
         self._keep_stage_start()
+
+    def register_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
+        """Optimizers built anew by a second ``fit`` start at ``configure_optimizers``' learning rates: bring them to
+        the current stage's, ``lr * lr_decay**stage``, as a run that never stopped has them. Optimizers already
+        registered keep theirs; a checkpoint's optimizer state, loaded after set-up, brings its own."""
+        known = {id(optimizer) for optimizer in self._optimizers}
+        fresh = [optimizer for optimizer in optimizers if id(optimizer) not in known]
+        super().register_optimizers(optimizers)
+        if self.lr_decay == 1.0 or self.stage == 0:
+            return
+        factor = self.lr_decay**self.stage
+        for optimizer in fresh:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
 
     def _begin_stage(self) -> None:
         """After the round that ended a stage (the replicas hold their average): the next stage's x_s and lr."""

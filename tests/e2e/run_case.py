@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes of --devices ranks each")
     parser.add_argument("--inter-period", type=int, default=0, help="hierarchical: steps between world rounds")
     parser.add_argument("--variance-reduction", action="store_true", help="liec_sgd: VRL-SGD's control variate")
+    parser.add_argument("--fit-again", type=int, default=0, help="then a second fit on the same Trainer to this step")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -250,6 +251,9 @@ def main() -> None:
     )
     model = Recorder(args.optimizer, manual=args.manual, dropout=args.dropout, epoch_batches=args.epoch_batches)
     trainer.fit(model, ckpt_path=args.resume)
+    if args.fit_again:  # a second fit on the same Trainer continues the run (configure_optimizers is called anew)
+        trainer.fit_loop.epoch_loop.max_steps = args.fit_again
+        trainer.fit(model)
     model.records["final"] = flat(model)
     model.records["final_buffers"] = float_buffers(model)
     model.records["comm"] = strategy.comm_stats.state_dict()
