@@ -3,7 +3,7 @@ PYTHON ?= python3
 # torch only when missing, and then the CPU build pinned here; a user's own torch is never replaced.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint bench bench-smoke
+.PHONY: install demo test test-lightning-min lint bench bench-smoke
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
@@ -15,6 +15,23 @@ demo: install
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
+
+# The lowest Lightning that pyproject declares, installed beside the main one (never over it) and put first on
+# PYTHONPATH for a short part of the suite: resume (Trainer, Fabric, plain PyTorch, SLURM requeue, torchrun restart),
+# configuration, checkpoints. Its dependencies are the main install's. About 3 minutes on 2 cores.
+LIGHTNING_MIN ?= 2.4.0
+LIGHTNING_MIN_DIR ?= .lightning-min
+WITH_LIGHTNING_MIN = PYTHONPATH="$(CURDIR)/$(LIGHTNING_MIN_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+	LOCALSGD_EXPECT_LIGHTNING=$(LIGHTNING_MIN)
+test-lightning-min: install
+	test -f $(LIGHTNING_MIN_DIR)/lightning-$(LIGHTNING_MIN).dist-info/METADATA || { rm -rf $(LIGHTNING_MIN_DIR) && \
+		$(PYTHON) -m pip install -q --no-deps --target $(LIGHTNING_MIN_DIR) "lightning==$(LIGHTNING_MIN)"; }
+	$(WITH_LIGHTNING_MIN) $(PYTHON) -c "import lightning as L, sys; print('lightning', L.__version__, L.__file__); \
+		sys.exit(L.__version__ != '$(LIGHTNING_MIN)')"
+	$(WITH_LIGHTNING_MIN) $(PYTHON) -m pytest -q tests/test_lightning_compat.py tests/test_strategy_config.py \
+		tests/test_round_checkpoint.py tests/test_checkpoint_shards.py
+	$(WITH_LIGHTNING_MIN) $(PYTHON) -m pytest -q tests/test_lightning_e2e.py tests/test_entry_points_e2e.py \
+		tests/test_faults_e2e.py -k "resume or requeue or torchrun"
 
 lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

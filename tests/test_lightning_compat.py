@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import lightning as L
 import pytest
 import torch
 from dist_utils import run_processes, run_ranks, run_script
+from packaging.version import Version
 
 from lightning_localsgd.strategies import lightning_compat
 
@@ -53,6 +55,16 @@ def test_the_ranks_lightnings_launcher_starts_import_the_expected_lightning(tmp_
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report == {"version": EXPECTED, "file": lightning.__file__}
+
+
+def test_the_min_lightning_job_tests_the_floor_pyproject_declares_from_an_ignored_folder():
+    root = Path(__file__).parent.parent
+    floor = re.search(r'"lightning>=([0-9.]+)"', (root / "pyproject.toml").read_text()).group(1)
+    makefile = (root / "Makefile").read_text()
+    tested = re.search(r"^LIGHTNING_MIN \?= ([0-9.]+)$", makefile, re.M).group(1)
+    assert Version(tested) == Version(floor)
+    folder = re.search(r"^LIGHTNING_MIN_DIR \?= (\S+)$", makefile, re.M).group(1)
+    assert f"{folder}/" in (root / ".gitignore").read_text().splitlines()
 
 
 # ---------------------------------------------------------------------- a checkpoint saved in on_train_batch_end

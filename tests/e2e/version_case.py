@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 import lightning_localsgd  # noqa: F401 - registers the strategy names
@@ -36,6 +37,7 @@ def main() -> None:
     trainer.fit(BoringModel())
     report = {"version": L.__version__, "file": L.__file__}
     (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()  # as torch asks of every script; exiting with gloo's threads alive may abort
 
 
 if __name__ == "__main__":
