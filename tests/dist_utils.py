@@ -136,13 +136,15 @@ def run_ranks(
     nodes: int = 1,
     warnings: str = "default",
     timeout: float = 300.0,
+    cyclic: bool = False,
 ) -> subprocess.CompletedProcess:
     """``run_script`` with the ranks started as torchrun would: ``world`` processes, each told its rank by the
     environment (Lightning then launches nothing itself), forked from a server that has Lightning imported.
 
     ``nodes``: the ranks pose as that many nodes of ``world / nodes`` ranks each (node-major, as launchers number
-    them). The returned process's ``returncode`` is the first non-zero rank's (0 when all succeeded; -9 for a rank
-    killed at the timeout), ``stdout`` holds every rank's output one after another and ``stderr`` the same.
+    them; ``cyclic=True``: round-robin over the nodes, as SLURM's ``--distribution=cyclic``). The returned process's
+    ``returncode`` is the first non-zero rank's (0 when all succeeded; -9 for a rank killed at the timeout),
+    ``stdout`` holds every rank's output one after another and ``stderr`` the same.
     """
     out.mkdir(parents=True, exist_ok=True)
     ctx = _context()
@@ -156,7 +158,7 @@ def run_ranks(
     logs = [out / f"rank{r}.log" for r in range(world)]
     procs = []
     for r in range(world):
-        node, local_rank = divmod(r, world // nodes)
+        node, local_rank = (r % nodes, r // nodes) if cyclic else divmod(r, world // nodes)
         rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(node)}
         argv = ["--out", str(out), *args]
         proc = ctx.Process(target=_script_rank, args=(str(script), argv, str(out), rank_env, str(logs[r]), warnings))

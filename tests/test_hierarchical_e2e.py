@@ -46,3 +46,12 @@ def test_nodes_agree_every_intra_period_the_world_every_inter_period_and_resume_
         for got, want in zip(resumed[rank]["steps"], ranks[rank]["steps"][4:], strict=True):
             torch.testing.assert_close(got["params"], want["params"], rtol=0, atol=0)
     torch.testing.assert_close(ranks[0]["final"], ranks[3]["final"], rtol=0, atol=0)
+
+
+def test_ranks_numbered_round_robin_over_nodes_are_refused_by_every_rank_with_what_to_do(tmp_path):
+    # 4 ranks as 2 nodes x 2 numbered cyclically (rank r on node r % 2): per-node groups built from the numbering
+    # ({0, 1} and {2, 3}) would each span both machines.
+    proc = run_ranks(SCRIPT, tmp_path, *ARGS, "--max-steps", "4", world=4, nodes=2, cyclic=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("not numbered node by node") == 4, proc.stderr[-3000:]  # every rank, none left hanging
+    assert "rank 1 on node 1, rank 2 on node 0" in proc.stderr and "--distribution=block" in proc.stderr

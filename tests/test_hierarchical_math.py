@@ -64,3 +64,16 @@ def test_bad_periods_are_refused():
         HierarchicalLocalSGD(4, 10)
     with pytest.raises(ValueError, match="`intra_period`"):
         HierarchicalLocalSGD(0, 8)
+
+
+def test_node_major_numbering_is_accepted_and_any_other_refused_naming_the_misplaced_ranks():
+    from lightning_localsgd.comm.layout import check_node_major
+
+    check_node_major([0, 0, 0, 1, 1, 1], 3, "X")  # 2 nodes x 3, node by node
+    with pytest.raises(ValueError, match=r"rank 1 on node 1, rank 2 on node 0; expected rank r on node r // 2"):
+        check_node_major([0, 1, 0, 1], 2, "X")  # round-robin
+    # nodes 0/1 and 2/3 swapped: all 8 misplaced, the first 4 named
+    with pytest.raises(
+        ValueError, match=r"rank 0 on node 1, rank 1 on node 1, rank 2 on node 0, rank 3 on node 0 and 4 more"
+    ):
+        check_node_major([1, 1, 0, 0, 3, 3, 2, 2], 2, "X")

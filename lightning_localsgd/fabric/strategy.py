@@ -167,7 +167,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         if self._communicator is None:
             group = dist.new_group(timeout=self.collective_timeout)
             self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
-            layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank)
+            layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank, node_rank=self.node_rank)
             self.algorithm.create_groups(layout, self.collective_timeout)
         scaler = grad_scaler_of(self.precision)
         self.algorithm.gradients_may_overflow = scaler is not None

@@ -184,7 +184,7 @@ class LocalUpdateStrategy(DDPStrategy):
         if self._communicator is None:
             group = dist.new_group(timeout=self.collective_timeout)
             self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
-            layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank)
+            layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank, node_rank=self.node_rank)
             self.algorithm.create_groups(layout, self.collective_timeout)
         self.algorithm.setup(self.model, self._communicator)
 
