@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 from dist_utils import free_port, run_ranks
 
+from lightning_localsgd import VRLSGDStrategy
 from lightning_localsgd.algorithms import DPSGD, LIECSGD, STLSGD, VRLSGD, DiLoCo, LocalSGD
 from lightning_localsgd.algorithms.hierarchical import HierarchicalLocalSGD
 from lightning_localsgd.driving import exchanges_every_step
+from lightning_localsgd.fabric import VRLSGDStrategy as FabricVRLSGDStrategy
 from lightning_localsgd.strategies.rendezvous import RanksMissingError, _Describe, _ranges, check_in
 from lightning_localsgd.strategies.round_budget import first_world_round
 
@@ -110,6 +112,21 @@ def test_check_in_counts_the_ranks_and_names_the_missing_ones_with_their_nodes(w
 
 def test_check_in_lets_a_complete_world_through():
     assert check_in_threads(4, [0, 1, 2, 3], ranks_per_node=2, seconds=20.0) == {0: "", 1: "", 2: "", 3: ""}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"init_timeout": 0}, "init_timeout"),
+        ({"init_timeout": "60"}, "init_timeout"),
+        ({"comm_progress_bar": 1}, "comm_progress_bar"),
+    ],
+)
+def test_bad_start_up_and_progress_bar_arguments_are_refused_by_name(kwargs, named):
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        VRLSGDStrategy(period=4, **kwargs)
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        FabricVRLSGDStrategy(period=4, **kwargs)
 
 
 def test_ranges_compress_runs_of_ranks():

@@ -107,8 +107,11 @@ class RoundBudgetCheck:
 
     def _consequences(self, world: int, local: int) -> str:
         name, value = world_period(self.algorithm)
+        who = f"the {world} ranks train"
+        if name == "inter_period":  # node averages keep the ranks of a node together, never the nodes
+            who = "the nodes (each averaging its own ranks) train"
         return (
-            f"the {world} ranks train {local} local steps each on their own data, as independent models. The model "
+            f"{who} {local} local steps each on their own data, as independent models. The model "
             "after `fit` (as at every validation and checkpoint) is then the plain average of those independent "
             "replicas, taken once, which for a neural network can be worse than any one of them. To train one model "
             f"together: lower `{name}` (now {value}) well below {local}, or train for longer (`max_steps`, "
