@@ -7,10 +7,19 @@ collective whatever it holds (scales, signs, values, indices).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
-_BIT_WEIGHTS = [1 << bit for bit in range(8)]
+# Packing eight 0/1 bytes read as one little-endian int64 word w = sum_k b_k 2^(8k): w * MAGIC has the byte
+# sum_k b_k 2^k in its top 8 bits (MAGIC = sum_k 2^(56 - 7k) puts b_k at bit 56 + k; every other product lands
+# on a distinct bit below 56 or overflows past 63, so nothing carries into the result). One multiply and one
+# shift per 8 elements, instead of a multiply-and-sum over an (n/8, 8) view.
+_MAGIC = 0x0102040810204080
+# Unpacking: row ``b`` of the table holds byte b's 8 bits, least significant first; one gather per byte.
+_BITS_OF_BYTE = ((torch.arange(256).reshape(-1, 1) >> torch.arange(8)) & 1).bool()
+_tables: dict[torch.device, Tensor] = {}
 
 
 def packed_bits_bytes(numel: int) -> int:
@@ -20,22 +29,27 @@ def packed_bits_bytes(numel: int) -> int:
 
 def pack_bits(bits: Tensor) -> Tensor:
     """A 1-D ``uint8`` tensor of ``ceil(n / 8)`` bytes holding the ``n`` booleans of ``bits`` (any shape)."""
-    flat = bits.reshape(-1).to(torch.uint8)
+    flat = bits.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else (flat != 0).view(torch.uint8)
     padding = (-flat.numel()) % 8
     if padding:
         flat = torch.cat([flat, flat.new_zeros(padding)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
-    # Each group of 8 bits sums to at most 255: the byte, with no overflow in uint8.
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    elif flat.storage_offset() % 8:  # int64 words must start on a word boundary of the storage
+        flat = flat.clone()
+    if sys.byteorder != "little":  # the word trick reads bytes little-endian; x86, Arm and CUDA all are
+        weights = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8, device=flat.device)
+        return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return ((flat.view(torch.int64) * _MAGIC) >> 56).to(torch.uint8)  # int64 products wrap: only bits 56-63 count
 
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:
     """The first ``numel`` booleans packed by :func:`pack_bits`."""
     if packed.numel() != packed_bits_bytes(numel):
         raise ValueError(f"{numel} bits take {packed_bits_bytes(numel)} bytes, got {packed.numel()}.")
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:numel].bool()
+    table = _tables.get(packed.device)
+    if table is None:
+        table = _tables[packed.device] = _BITS_OF_BYTE.to(packed.device)
+    return table.index_select(0, packed.reshape(-1).long()).reshape(-1)[:numel]
 
 
 def as_bytes(tensor: Tensor) -> Tensor:
