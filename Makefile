@@ -49,6 +49,6 @@ bench: install
 	$(PYTHON) -m benchmarks.scaling --workload mlp
 	$(PYTHON) -m benchmarks.overlap_sweep --link 200mbit --periods 32 64 128 256
 
-# Seconds, loopback, a few steps of one peer of each kind: for CI.
+# About a minute on 2 cores (loopback, a few steps of one peer of each kind): for CI.
 bench-smoke: install
 	$(BENCH) --smoke

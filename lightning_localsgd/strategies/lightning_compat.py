@@ -9,12 +9,14 @@ more than the uninterrupted run did (which breaks exact resumes).
 
 from __future__ import annotations
 
+import re
+
 import lightning
 import lightning.pytorch as pl
-from packaging.version import Version
 
 # Lightning 2.5.0 added the restart stages (`restarted_on_train_batch_end`) to its loops.
-LIGHTNING_COMPLETES_BATCH_END_RESTARTS = Version(lightning.__version__).release >= (2, 5)
+_MAJOR_MINOR = tuple(int(part) for part in re.findall(r"\d+", lightning.__version__)[:2])
+LIGHTNING_COMPLETES_BATCH_END_RESTARTS = _MAJOR_MINOR >= (2, 5)
 
 
 def saved_in_train_batch_end(trainer: pl.Trainer) -> bool:
