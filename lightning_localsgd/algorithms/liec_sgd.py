@@ -31,8 +31,10 @@ compressed step are the all-gathered payloads, about 1/32 of a float32 all-reduc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -45,8 +47,42 @@ from lightning_localsgd.algorithms.gradient_exchange import flat_slices, write_s
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
-from lightning_localsgd.compression import Compressor, ScaledSign
+from lightning_localsgd.compression import COMPRESSORS, Compressor, ScaledSign
 from lightning_localsgd.compression.compressors import DEFAULT_BLOCK_SIZE_MB
+
+
+def check_deterministic(compressor: Compressor) -> None:
+    """Refuse a random compressor: every rank computes the server's ``C(u)`` itself, so with per-rank random draws
+    the ranks' server errors would part ways with nothing to bring them back."""
+    if getattr(compressor, "deterministic", True):
+        return
+    allowed = ", ".join(c.__name__ for c in COMPRESSORS.values() if c.deterministic)
+    raise ValueError(
+        f"LIEC-SGD: `compressor` must be deterministic, got {compressor!r}, which draws random numbers on each rank: "
+        f"every rank computes the server's compression itself, so the ranks' server errors would diverge. Use one of "
+        f"{allowed} (or None for ScaledSign)."
+    )
+
+
+def bits_checksum(tensors: Sequence[Tensor]) -> float:
+    """An integer below 2**52 (exact in the float64 flag collective) that changes when any bit of ``tensors`` does.
+
+    Integer sums of the raw bits, weighted by position: exact and order-free, so the same on every rank whatever
+    its thread count or device, where a float sum would differ in its last bits and cry wolf. The bits are split
+    into 16-bit halves so that no int64 sum can overflow.
+    """
+    total = 0
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        bits = flat.view(torch.int32 if flat.element_size() % 4 == 0 else torch.int16).to(torch.int64)
+        weights = torch.arange(bits.numel(), device=bits.device) % 4093 + 1  # swapped elements change the sum
+        low, high = bits & 0xFFFF, bits >> 16
+        sums = torch.stack([(low * weights).sum(), (high * weights).sum(), bits.sum()]).tolist()
+        for value in sums:
+            total = (total * 1_000_003 + value) % 2**52
+    return float(total)
 
 
 def server_step(compressor: Compressor, mean_compressed: Tensor, error: Tensor) -> Tensor:
@@ -84,6 +120,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
     ) -> None:
         check_int("full_sync_period", full_sync_period, 1)  # named as the user spells it
         compressor = compressor if compressor is not None else ScaledSign(block_size_mb)
+        check_deterministic(compressor)
         super().__init__(compressor, full_sync_period, warmup_steps, bucket_cap_mb, buffers)
         self.block_size_mb = block_size_mb
         self.variance_reduction = check_bool("variance_reduction", variance_reduction)
@@ -120,6 +157,13 @@ class LIECSGD(CompressedExchangeAlgorithm):
 
     def _lr_state_fingerprint(self) -> float:
         return self._variate.fingerprint()
+
+    def _fingerprint(self) -> tuple[float, ...]:
+        """The core's values, and at a full-precision step the server error's checksum: every rank computes ``e``
+        itself, so it must be bit-identical everywhere; a rank whose ``e`` parted ways is named before it is used.
+        Other steps send 0: one pass over ``e`` every ``full_sync_period`` steps, not every step."""
+        checksum = bits_checksum(self.server_error) if self._full_precision_step() else 0.0
+        return (*super()._fingerprint(), checksum)
 
     def _full_precision_step(self) -> bool:
         return self.is_round_after(self.step)

@@ -59,21 +59,31 @@ class DeferredCheck:
     finite: bool  # this rank's own flag
 
 
-FINGERPRINT_NAMES = ("learning rates", "trainable parameters")
+FINGERPRINT_NAMES = ("learning rates", "trainable parameters", "server error")  # slot 2: LIEC-SGD only
 
 
 def disagreement_error(label: str, where: str, fingerprints: list[tuple[float, ...]]) -> RanksDisagreeError:
-    slot = next(s for s in range(len(FINGERPRINT_NAMES)) if len({f[s] for f in fingerprints}) > 1)
+    width = min(len(FINGERPRINT_NAMES), *(len(f) for f in fingerprints))
+    slot = next(s for s in range(width) if len({f[s] for f in fingerprints}) > 1)
     what = FINGERPRINT_NAMES[slot]
+    groups: dict[float, list[int]] = {}
+    for rank, f in enumerate(fingerprints):
+        groups.setdefault(f[slot], []).append(rank)
+    # The ranks that differ from rank 0's value, named, so the odd one out is found without reading checksums.
+    odd = [rank for rank, f in enumerate(fingerprints) if f[slot] != fingerprints[0][slot]]
     advice = {
         "learning rates": "a scheduler stepped on some ranks only, or `ReduceLROnPlateau` monitors a metric logged "
         "without `sync_dist=True` (each rank then decides alone). Log the monitored metric with `sync_dist=True`",
         "trainable parameters": "a layer was frozen or unfrozen on some ranks only. Change `requires_grad` on every "
         "rank at the same step (e.g. in a callback hook that every rank runs)",
+        "server error": "every rank computes LIEC-SGD's server step itself and must get the same bits; a rank whose "
+        "server error differs ran different code or libraries, a non-deterministic compressor or kernel, or "
+        "loaded another checkpoint. Run the same versions everywhere and resume every rank from the same checkpoint",
     }[what]
     return RanksDisagreeError(
-        f"{label}: the ranks disagree on their {what} at {where}: {advice}. Nothing was averaged. Fingerprints by "
-        f"rank: {[f[slot] for f in fingerprints]}."
+        f"{label}: the ranks disagree on their {what} at {where}: ranks {odd} differ from rank 0 (ranks with equal "
+        f"values: {list(groups.values())}): {advice}. Nothing was averaged. Fingerprints by rank: "
+        f"{[f[slot] for f in fingerprints]}."
     )
 
 

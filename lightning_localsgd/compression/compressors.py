@@ -52,6 +52,9 @@ class Compressor(ABC):
     """Encode a vector into a packed ``uint8`` payload and decode it back (see the module docstring)."""
 
     name: str = ""
+    # Whether the same input gives the same payload on every rank. LIEC-SGD needs it: every rank computes the
+    # "server" compression itself, and only a deterministic compressor keeps those results identical.
+    deterministic: bool = True
 
     @abstractmethod
     def payload_bytes(self, numel: int) -> int:
@@ -108,9 +111,21 @@ class _Blocks:
         """The ``order``-norm of every block."""
         return torch.stack([torch.linalg.vector_norm(block, order) for block in flat.split(self.block_numel)])
 
-    def lengths(self, device: torch.device) -> Tensor:
+    def mean_abs(self, flat: Tensor) -> Tensor:
+        """``||block||_1 / numel(block)`` of every block, as float32, the same bits whatever the thread count.
+
+        Summed in float64: a float32 sum (``vector_norm(block, 1)``) changes with the number of intra-op threads
+        and loses about 1e-2 relative on blocks of millions of elements, and LIEC-SGD's ranks each compute the
+        server's scale themselves, so such differences would drift the ranks apart. Measured: the float64 sum of
+        ``abs()`` is bit-identical under 1, 2 and 4 threads (``vector_norm(..., dtype=float64)`` is not).
+        """
+        wide = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
+        sums = torch.stack([block.abs().sum(dtype=wide) for block in flat.split(self.block_numel)])
+        return (sums / self.lengths(flat.device, wide)).to(torch.float32)
+
+    def lengths(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         sizes = [float(min(self.block_numel, self.numel - b * self.block_numel)) for b in range(self.count)]
-        return torch.tensor(sizes, device=device)
+        return torch.tensor(sizes, device=device, dtype=dtype)
 
     def scale_(self, flat: Tensor, per_block: Tensor) -> Tensor:
         """``flat`` with each block multiplied in place by its value of ``per_block``."""
@@ -141,7 +156,7 @@ class ScaledSign(Compressor):
         blocks = _Blocks(flat.numel(), self._block_numel)
         if blocks.count == 0:
             return torch.zeros(0, dtype=torch.uint8, device=flat.device)
-        scales = blocks.norms(flat, 1) / blocks.lengths(flat.device)
+        scales = blocks.mean_abs(flat)
         return torch.cat([as_bytes(scales), pack_bits(flat < 0)])
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
@@ -199,6 +214,7 @@ class QSGD(Compressor):
     """
 
     name = "qsgd"
+    deterministic = False  # each rank draws its own random rounding
 
     def __init__(self, levels: int = 127, block_size_mb: float = DEFAULT_BLOCK_SIZE_MB, seed: int = 0) -> None:
         self.levels = check_int("levels", levels, 1)
