@@ -54,6 +54,27 @@ def test_scaled_sign_is_the_mean_magnitude_times_the_sign_per_block():
     assert payload[12].item() == 0b00010010  # elements 1 and 4 are negative
 
 
+def reference_scaled_sign(v: torch.Tensor, block: int) -> torch.Tensor:
+    """(||b||_1 / numel(b)) * sign(b) per block b, in plain torch; a zero gets +scale (one bit cannot say 0)."""
+    out = torch.empty(v.numel(), dtype=torch.float32)
+    flat = v.reshape(-1).float()
+    for start in range(0, flat.numel(), block):
+        part = flat[start : start + block]
+        scale = (part.double().abs().sum() / part.numel()).float()
+        out[start : start + block] = torch.where(part < 0, -scale, scale)
+    return out
+
+
+@pytest.mark.parametrize("block", [1, 2, 16, 100])
+@pytest.mark.parametrize("numel", SIZES)
+def test_scaled_sign_matches_a_plain_torch_reference_at_odd_sizes_and_blocks(numel, block):
+    v = torch.randn(numel, generator=torch.Generator().manual_seed(numel + block)) * 10
+    v[::5] = 0.0  # zeros too
+    payload, decoded = ScaledSign(4 * block / 2**20).compress(v)
+    assert torch.equal(decoded, reference_scaled_sign(v, block))
+    assert payload.numel() == 4 * math.ceil(numel / block) + math.ceil(numel / 8)
+
+
 def test_one_scaled_sign_block_is_about_one_thirty_second_of_float32():
     numel = 1_000_000
     assert ScaledSign().payload_bytes(numel) / (4 * numel) == pytest.approx(1 / 32, rel=1e-3)
@@ -151,6 +172,8 @@ def test_error_feedback_keeps_exactly_what_the_compression_lost(compressor):
         payload = compress_with_feedback(compressor, v, error)
         decoded = compressor.decode(payload, 40)
         assert torch.allclose(decoded + error, v + before, atol=1e-6)
+        if isinstance(compressor, ScaledSign):  # and what was sent is C(v + e), from the test's own C
+            assert torch.allclose(decoded, reference_scaled_sign(v + before, 2), atol=1e-6)
         sent_total += decoded
         input_total += v
     # Delayed, never dropped: what was sent plus what is still owed is everything that came in.
