@@ -27,7 +27,7 @@ class ManagedSet:
     def _managed_set_changed(self: PeriodicAlgorithm) -> bool:
         return [id(p) for p in self._trainable()] != [id(p) for p in self.flat.params]
 
-    def _fingerprint(self: PeriodicAlgorithm) -> tuple[float, float]:
+    def _fingerprint(self: PeriodicAlgorithm) -> tuple[float, ...]:
         """Values every rank must share at a synchronisation point: learning rates and the trainable set."""
         lrs = [float(g["lr"]) for opt in self._optimizers for g in opt.param_groups if "lr" in g]
         lr_print = sum((k + 1) * lr for k, lr in enumerate(lrs)) + self._lr_state_fingerprint()
