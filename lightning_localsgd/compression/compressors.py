@@ -134,6 +134,18 @@ class _Blocks:
         return flat
 
 
+_SIGN_TABLES: dict[torch.device, Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> Tensor:
+    """Row ``b``: the 8 signs byte ``b`` encodes, least significant bit first (+1 for a clear bit, -1 for a set one)."""
+    table = _SIGN_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).reshape(-1, 1) >> torch.arange(8)) & 1
+        table = _SIGN_TABLES[device] = (1.0 - 2.0 * bits.to(torch.float32)).to(device)
+    return table
+
+
 class ScaledSign(Compressor):
     """``C(v) = (||v||_1 / numel(v)) * sign(v)`` per block of ``block_size_mb`` MiB of float32.
 
@@ -165,9 +177,20 @@ class ScaledSign(Compressor):
         if blocks.count == 0:
             return torch.zeros(0, dtype=torch.float32, device=payload.device)
         scales = from_bytes(payload[: 4 * blocks.count], torch.float32)
-        negative = unpack_bits(payload[4 * blocks.count :], numel)
-        signs = negative.to(torch.float32).mul_(-2.0).add_(1.0)
-        return blocks.scale_(signs, scales)
+        packed = payload[4 * blocks.count :]
+        if blocks.block_numel % 8:  # a block boundary inside a byte: decode the bits, then scale block by block
+            signs = unpack_bits(packed, numel).to(torch.float32).mul_(-2.0).add_(1.0)
+            return blocks.scale_(signs, scales)
+        # Each block owns whole bytes: one gather per block from a 256 x 8 table of +-scale writes the decoded
+        # values directly (bit-identical to sign * scale), with no intermediate bit or sign vector.
+        table = _sign_table(payload.device)
+        codes = packed.long()
+        out = torch.empty((packed.numel(), 8), dtype=torch.float32, device=payload.device)
+        rows = blocks.block_numel // 8
+        for b in range(blocks.count):
+            chunk = slice(b * rows, (b + 1) * rows)
+            torch.index_select(table * scales[b], 0, codes[chunk], out=out[chunk])
+        return out.reshape(-1)[:numel]
 
 
 class TopK(Compressor):
