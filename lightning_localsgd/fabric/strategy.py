@@ -23,7 +23,6 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
-from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import _PATH
 from torch import nn
@@ -41,7 +40,7 @@ from lightning_localsgd.strategies.checkpointing import (
     remove_stale_shards,
     write_shards,
 )
-from lightning_localsgd.strategies.rendezvous import connect_world
+from lightning_localsgd.strategies.rendezvous import init_process_group
 from lightning_localsgd.strategies.safety import (
     as_timeout,
     check_supported_device,
@@ -136,22 +135,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         # As Fabric's, on a store every rank checked in on within `init_timeout` (see strategies/rendezvous.py).
         self._set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
-        env = self.cluster_environment
-        assert env is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
-        if not dist.is_initialized():
-            kwargs["store"] = connect_world(
-                env.main_address,
-                env.main_port,
-                self.global_rank,
-                self.world_size,
-                self.num_processes,
-                self.init_timeout,
-                self._timeout,
-                type(self).__name__,
-            )
-        _init_dist_connection(env, self._process_group_backend, **kwargs)
+        init_process_group(self)
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:  # type: ignore[override]

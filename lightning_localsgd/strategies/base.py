@@ -25,7 +25,6 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
@@ -58,7 +57,7 @@ from lightning_localsgd.strategies.checkpointing import (
 )
 from lightning_localsgd.strategies.comm_logging import log_final_metrics, log_step_metrics
 from lightning_localsgd.strategies.lightning_compat import complete_batch_end_restart
-from lightning_localsgd.strategies.rendezvous import connect_world
+from lightning_localsgd.strategies.rendezvous import init_process_group
 from lightning_localsgd.strategies.round_budget import RoundBudgetCheck
 from lightning_localsgd.strategies.round_callback import RoundCallback
 from lightning_localsgd.strategies.safety import (
@@ -195,22 +194,7 @@ class LocalUpdateStrategy(DDPStrategy):
         reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
-        env = self.cluster_environment
-        assert env is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
-        if not dist.is_initialized():
-            kwargs["store"] = connect_world(
-                env.main_address,
-                env.main_port,
-                self.global_rank,
-                self.world_size,
-                self.num_processes,
-                self.init_timeout,
-                self._timeout,
-                type(self).__name__,
-            )
-        _init_dist_connection(env, self._process_group_backend, **kwargs)
+        init_process_group(self)
 
     @override
     def setup_environment(self) -> None:

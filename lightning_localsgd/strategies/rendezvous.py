@@ -13,9 +13,10 @@ import os
 import shlex
 import sys
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _init_dist_connection
 
 from lightning_localsgd.strategies.safety import elastic_attempt_store
 
@@ -25,6 +26,27 @@ LISTED_RANKS_AT_MOST = 1024  # beyond that the error gives counts only (one stor
 
 class RanksMissingError(RuntimeError):
     """Some ranks of the world did not start (or could not reach the main process) within ``init_timeout``."""
+
+
+def init_process_group(strategy: Any) -> None:
+    """As Lightning's ``_init_dist_connection`` for a DDP strategy (Trainer's or Fabric's, world ranks already set),
+    on a store every rank has checked in on within ``strategy.init_timeout`` (see :func:`connect_world`)."""
+    env = strategy.cluster_environment
+    assert env is not None
+    kwargs: dict[str, Any] = {"timeout": strategy._timeout}
+    kwargs["device_id"] = strategy.root_device if strategy.root_device.type != "cpu" else None
+    if not dist.is_initialized():
+        kwargs["store"] = connect_world(
+            env.main_address,
+            env.main_port,
+            strategy.global_rank,
+            strategy.world_size,
+            strategy.num_processes,
+            strategy.init_timeout,
+            strategy._timeout,
+            type(strategy).__name__,
+        )
+    _init_dist_connection(env, strategy._process_group_backend, **kwargs)
 
 
 def connect_world(
