@@ -56,7 +56,10 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         mean_packed_(self.averaged_buffers(), self.comm)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"compressor": self.compressor.state_dict()}
+        # The parameters stepped since the last full-precision step (LIEC-SGD; always empty for EF-SGD): one left out
+        # of the next full-precision step for want of a gradient is still averaged there, also after a resume.
+        return {"compressor": self.compressor.state_dict(), "stepped_since_full": self._stepped_state()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.compressor.load_state_dict(state.get("compressor", {}))
+        self._load_stepped_state(state.get("stepped_since_full"))

@@ -54,15 +54,15 @@ class ControlVariate:
     def update_(self, deltas: Sequence[Tensor], drifts: Drifts, groups: Iterable[GroupMembers]) -> None:
         """``Delta_i += (x_hat - x_i) / sum(lr)`` for ``groups``, whose sums then start over.
 
-        A group whose rates summed to 0 did not move: its Delta stays.
+        A group whose rates summed to 0 did not move: its Delta stays. With ``drifts`` a mapping, parameters it
+        leaves out (averaged without a gradient anywhere, LIEC-SGD) keep their Delta.
         """
         for members in groups:
             lr_sum = self.lr_sums.pop(members.key, 0.0)
-            if lr_sum == 0.0 or not members.indices:
+            indices = [i for i in members.indices if i in drifts] if isinstance(drifts, Mapping) else members.indices
+            if lr_sum == 0.0 or not indices:
                 continue
-            torch._foreach_add_(
-                [deltas[i] for i in members.indices], [drifts[i] for i in members.indices], alpha=1.0 / lr_sum
-            )
+            torch._foreach_add_([deltas[i] for i in indices], [drifts[i] for i in indices], alpha=1.0 / lr_sum)
 
     def fingerprint(self) -> float:
         """One number that differs when two ranks' sums differ (for the round's flag collective)."""

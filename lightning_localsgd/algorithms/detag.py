@@ -133,7 +133,8 @@ class DeTAG(GossipAlgorithm):
         for round_index in range(self.gossip_rounds):
             mixed = self._gossip_round(current, round_index)
             if self.eta:
-                following = mixed.mul(1 + self.eta).sub_(previous, alpha=self.eta)
+                # (1 + eta) W z(r) - eta z(r-1), as W z(r) + eta (W z(r) - z(r-1)): exact where nothing changes
+                following = mixed.add(mixed - previous, alpha=self.eta)
                 following[params_numel : replica.numel()] = mixed[params_numel : replica.numel()]  # buffers: plain
             else:
                 following = mixed

@@ -19,6 +19,9 @@ The guard, without a whole-world collective on the critical path of a step:
   every rank must act on at the same step (SIGTERM, SLURM requeue). That is the one world collective, a few dozen
   bytes, at a cadence the user sets; signals are acted on at the next such check.
 * ``on_nonfinite="skip_round"`` needs a world-wide rollback point, which gossip never has: it is refused.
+* A parameter without a gradient on this rank, with nothing about it arriving either (DeTAG: a tracked direction of
+  exactly zero), keeps ``grad=None``, so the optimizer leaves it alone; mixing is computed as
+  ``x_i + sum_j W_ij (x_j - x_i)``, exact where the neighbours agree, so a parameter no rank trains stays bit for bit.
 * Under fp16 AMP a rank whose gradients overflowed still gossips its (finite) replica, keeps the overflowed
   gradients out of the algorithm's state, and lets its grad scaler skip its own step: replicas differ anyway, so
   no other rank needs to skip with it.
@@ -39,7 +42,13 @@ from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_choice, check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.gradient_exchange import flat_gradients, flat_slices, write_gradients, write_slices
+from lightning_localsgd.algorithms.gradient_exchange import (
+    flat_gradients,
+    flat_slices,
+    reached_nothing,
+    write_gradients,
+    write_slices,
+)
 from lightning_localsgd.algorithms.guard import (
     EXCHANGE,
     SYNC_POINT_KINDS,
@@ -145,7 +154,9 @@ class GossipAlgorithm(PeriodicAlgorithm):
             with torch.no_grad(), phase("gossip"):
                 direction = self._gossip_step(optimizer, indices, gradient)
                 if direction is not None and grads_finite:
-                    write_gradients(params, direction, scale)
+                    # A parameter without a gradient here whose direction is exactly zero (no rank within reach ever
+                    # had a gradient for it) keeps `grad=None`: the optimizer skips it, as it would without gossip.
+                    write_gradients(params, direction, scale, skip=reached_nothing(params, direction))
             self.comm.stats.exchanges += 1  # one per optimizer step, wherever its gossip happens
             self.comm.stats.exchange_bytes_sent += self.comm.stats.bytes_sent - sent_before
 
@@ -229,9 +240,11 @@ class GossipAlgorithm(PeriodicAlgorithm):
                     f"{_describe(their_at)}. Their data or control flow differ: give every rank the same number of "
                     "batches and take optimizer steps on all ranks alike. Nothing was mixed."
                 )
-        mixed = vector * self.topology.self_weight(rank)
+        # x_i + sum_j W_ij (x_j - x_i): W's rows sum to 1, so this is sum_j W_ij x_j, and it is exact where the
+        # neighbours hold what this rank holds: a parameter no rank trains (identical everywhere) stays bit for bit.
+        mixed = vector.clone()
         for peer, weight in peers.items():  # ascending peer order: deterministic sums
-            mixed.add_(received[peer][_HEADER:], alpha=weight)
+            mixed.add_(received[peer][_HEADER:] - vector, alpha=weight)
         return mixed
 
     # ------------------------------------------------------------------ consensus distance

@@ -8,20 +8,44 @@ at the same point; a bad step is dropped on every rank or stops the run, so an i
 or an error buffer. An algorithm with ``exchanges_every_step = True`` then gets its step's gradients as one float32
 vector per optimizer (unscaled under a grad scaler) in :meth:`GradientExchange._exchange_gradients` and returns the
 direction the optimizer steps on.
+
+Parameters without a gradient are treated as DDP treats them. If any rank lacks a gradient for a parameter it
+exchanges, it says so in the flag collective, and the ranks then agree on per-parameter "had a gradient" flags (one
+more small all-reduce, :func:`~lightning_localsgd.comm.grad_sync.agreed_gradient_flags`; a step where every rank has
+every gradient costs nothing more). A parameter that no rank gave a gradient is left out of the exchange: its
+``.grad`` stays ``None``, so the optimizer skips it (no weight decay, no momentum), and its error-feedback state is
+not touched. One that some rank gave a gradient is exchanged on every rank, the missing gradients counting as zero,
+so every rank steps on it alike. At a full-precision step (LIEC-SGD), a parameter left out whose replicas may differ
+(it was stepped since the last full-precision round) has its replicas averaged all the same.
+
+The managed set followed at an exchange is the trainable set, *plus* the managed parameters an optimizer holds
+whose ``requires_grad`` is off for now: ``LightningModule.toggle_optimizer`` turns the other optimizers' parameters
+off for one optimizer's step (a GAN), and those keep their place and their error-feedback state instead of being
+re-bucketed twice a step. A layer really frozen while an optimizer still holds it leaves the managed set at the next
+round, which follows ``requires_grad`` alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_localsgd.algorithms.guard import EXCHANGE, WARMUP, all_finite, failures_named, nonfinite_error
+from lightning_localsgd.algorithms.guard import (
+    EXCHANGE,
+    GRADIENTS_MISSING,
+    WARMUP,
+    all_finite,
+    failures_named,
+    nonfinite_error,
+)
 from lightning_localsgd.algorithms.profiling import phase
 from lightning_localsgd.comm import GradientAverager, average_gradients
+from lightning_localsgd.comm.flat import mean_packed_
+from lightning_localsgd.comm.grad_sync import agreed_gradient_flags
 
 # Gradient buckets are smaller than parameter buckets: a round wants few large collectives, a synchronous step
 # wants the first bucket on its way while backward still runs (DDP starts with 1 MB too). Measured in the lab,
@@ -39,17 +63,42 @@ def flat_gradients(params: Sequence[nn.Parameter], scale: float = 1.0, dtype: to
     return flat.div_(scale) if scale != 1.0 else flat
 
 
-def write_gradients(params: Sequence[nn.Parameter], flat: Tensor, scale: float = 1.0) -> None:
-    """Every parameter's ``.grad`` set from ``flat`` (times ``scale``), in the parameter's dtype and layout."""
+def write_gradients(
+    params: Sequence[nn.Parameter], flat: Tensor, scale: float = 1.0, skip: Optional[Sequence[bool]] = None
+) -> None:
+    """Every parameter's ``.grad`` set from ``flat`` (times ``scale``), in the parameter's dtype and layout; a
+    parameter whose ``skip`` entry is True keeps its ``.grad`` as it is (its slice of ``flat`` is passed over)."""
     offset = 0
-    for p in params:
+    for i, p in enumerate(params):
         part = flat[offset : offset + p.numel()].view(p.shape)
         offset += p.numel()
+        if skip is not None and skip[i]:
+            continue
         if scale != 1.0:
             part = part * scale
         if p.grad is None:
             p.grad = torch.empty_like(p)  # the parameter's memory format, as autograd would give
         p.grad.copy_(part)
+
+
+def reached_nothing(params: Sequence[nn.Parameter], direction: Tensor) -> list[bool]:
+    """Per parameter: whether this rank has no gradient for it and its slice of ``direction`` is exactly zero, i.e.
+    nothing about it reached this rank (a gossip step's tracked direction: no rank within reach had a gradient).
+    One host sync, and only for the parameters without a gradient."""
+    result = [False] * len(params)
+    offsets, offset = [], 0
+    for p in params:
+        offsets.append(offset)
+        offset += p.numel()
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    if not missing:
+        return result
+    counts = torch.stack(
+        [torch.count_nonzero(direction[offsets[i] : offsets[i] + params[i].numel()]) for i in missing]
+    ).tolist()
+    for i, count in zip(missing, counts):
+        result[i] = count == 0
+    return result
 
 
 def flat_slices(views: Sequence[Tensor], indices: Sequence[int]) -> Tensor:
@@ -73,7 +122,12 @@ class GradientExchange:
     exchanges_every_step: bool = False
 
     def _init_gradient_exchange(self) -> None:
-        self._grad_averagers: dict[int, GradientAverager] = {}  # per optimizer index, during warm-up only
+        # Per optimizer index, during warm-up only: the averager and the parameters it was built over.
+        self._grad_averagers: dict[int, GradientAverager] = {}
+        self._grad_averager_keys: dict[int, tuple[int, ...]] = {}
+        # Parameters (by id) stepped by a compressed exchange since the last full-precision step, for algorithms whose
+        # replicas differ between rounds (LIEC-SGD): one left out of a full-precision step is still averaged there.
+        self._stepped_since_full: set[int] = set()
         # The grad scaler's current scale under fp16 AMP (gradients are still scaled when the exchange runs):
         # compressors and error buffers work on unscaled gradients, so errors stay in gradient units.
         self.grad_scale: Optional[Callable[[], float]] = None
@@ -108,8 +162,11 @@ class GradientExchange:
             full = self._full_precision_step()
             if full:  # it averages the parameters too
                 finite = finite and self._contribution_is_finite()
+            if any(p.grad is None for p in self._exchange_candidates(optimizer)):
+                self.requests_pending.add(GRADIENTS_MISSING)  # every rank then agrees on per-parameter flags
             bad = self._agree(finite, self.step, EXCHANGE, where)
-            self._follow_managed_set()
+            some_missing = self.take_agreed_request(GRADIENTS_MISSING)
+            self._follow_exchange_set(optimizer)
             params = self._managed_params_of(optimizer)
             if bad:
                 if self.grad_scale is not None:
@@ -128,15 +185,73 @@ class GradientExchange:
                 return
             if not params:
                 return
-            index_of = self.flat.index_of
-            indices = [index_of[id(p)] for p in params]
             sent_before = self.comm.stats.bytes_sent
-            with torch.no_grad():
-                direction = self._exchange_gradients(optimizer, indices, flat_gradients(params, scale))
-                write_gradients(params, direction, scale)
+            managed = params
+            if some_missing:
+                params = self._drop_untouched(params)
+            self._track_stepped(managed, params, full)
+            if params:
+                index_of = self.flat.index_of
+                indices = [index_of[id(p)] for p in params]
+                with torch.no_grad():
+                    direction = self._exchange_gradients(optimizer, indices, flat_gradients(params, scale))
+                    write_gradients(params, direction, scale)
             if not full:  # a full-precision step's bytes count with the rounds'
                 self.comm.stats.exchanges += 1
                 self.comm.stats.exchange_bytes_sent += self.comm.stats.bytes_sent - sent_before
+
+    def _drop_untouched(self: PeriodicAlgorithm, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters some rank has a gradient for (the ranks agree on the flags: one small all-reduce); the
+        others get ``.grad = None`` on every rank, so the optimizer skips them, and stay out of the exchange."""
+        touched = agreed_gradient_flags(params, self.comm)
+        for p, flag in zip(params, touched):
+            if not flag:
+                p.grad = None
+        return [p for p, flag in zip(params, touched) if flag]
+
+    def _track_stepped(
+        self: PeriodicAlgorithm, managed: list[nn.Parameter], exchanged: list[nn.Parameter], full: bool
+    ) -> None:
+        """Where replicas differ between rounds (LIEC-SGD's immediate errors): remember which parameters compressed
+        steps moved; at a full-precision step, average those the exchange leaves out (no gradient anywhere), so the
+        step still brings every replica of them together. Parameters never stepped are identical everywhere and are
+        left alone, bit for bit."""
+        if self.rounds_synchronise:
+            return
+        if not full:
+            self._stepped_since_full.update(id(p) for p in exchanged)
+            return
+        exchanged_ids = {id(p) for p in exchanged}
+        stale = [p for p in managed if id(p) in self._stepped_since_full and id(p) not in exchanged_ids]
+        if stale:
+            with torch.no_grad():
+                mean_packed_([p.data for p in stale], self.comm)
+        self._stepped_since_full.difference_update(id(p) for p in managed)
+
+    # ------------------------------------------------------------------ the managed set at an exchange
+    def _exchange_set(self: PeriodicAlgorithm, optimizer: Optimizer) -> list[nn.Parameter]:
+        """The managed set an exchange follows: the trainable parameters, and the managed ones an optimizer holds
+        whose ``requires_grad`` is off for now (``toggle_optimizer``), in the module's order."""
+        managed = self.flat.index_of
+        held = {id(p) for opt in (*self._optimizers, optimizer) for group in opt.param_groups for p in group["params"]}
+        return list(
+            dict.fromkeys(
+                p for p in self.module.parameters() if p.requires_grad or (id(p) in managed and id(p) in held)
+            )
+        )
+
+    def _exchange_set_changed(self: PeriodicAlgorithm, optimizer: Optimizer) -> bool:
+        return [id(p) for p in self._exchange_set(optimizer)] != [id(p) for p in self.flat.params]
+
+    def _follow_exchange_set(self: PeriodicAlgorithm, optimizer: Optimizer) -> None:
+        """Re-bucket at an exchange only if the set changed beyond toggling (after `_agree`: every rank alike)."""
+        if self._local_backup is None and self._exchange_set_changed(optimizer):
+            self._rebucket(self._exchange_set(optimizer), average_leaving=not self.in_sync)
+
+    def _exchange_candidates(self: PeriodicAlgorithm, optimizer: Optimizer) -> list[nn.Parameter]:
+        """``optimizer``'s parameters that its exchange will handle once the set is followed."""
+        managed = self.flat.index_of
+        return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad or id(p) in managed]
 
     def _full_precision_step(self) -> bool:
         """Whether this step's exchange is a full-precision round (LIEC-SGD's every p-th step), not a compressed one."""
@@ -150,12 +265,12 @@ class GradientExchange:
             finite = self.gradients_may_overflow or all_finite(grads)  # local gradients, before they are replaced
             averager.launch_pending()  # every bucket on its way before the flag collective, in the same order
             bad = self._agree(finite, self.step, WARMUP, where)
-            if bad or self._managed_set_changed():
+            if bad or self._exchange_set_changed(optimizer):
                 averager.discard()
             else:
                 averager.finish()
                 return
-            self._follow_managed_set()
+            self._follow_exchange_set(optimizer)
             params = self._managed_params_of(optimizer)
             if bad:
                 if self.on_nonfinite == "raise":
@@ -168,14 +283,31 @@ class GradientExchange:
             average_gradients(params, self.comm)  # the trainable set changed: this step, over the new set
 
     def _gradient_averager(self: PeriodicAlgorithm, optimizer: Optimizer) -> GradientAverager:
+        """The warm-up averager of ``optimizer``, over its managed parameters that require a gradient (a managed one
+        whose ``requires_grad`` went off keeps its place; the averager is rebuilt around it)."""
         index = self._optimizer_index(optimizer)
+        params = [p for p in self._managed_params_of(optimizer) if p.requires_grad]
+        key = tuple(id(p) for p in params)
         averager = self._grad_averagers.get(index)
+        if averager is not None and self._grad_averager_keys.get(index) != key and not averager.armed:
+            averager.close()
+            averager = None
         if averager is None:
-            params = self._managed_params_of(optimizer)
             averager = self._grad_averagers[index] = GradientAverager(params, self.comm, GRADIENT_BUCKET_CAP_MB)
+            self._grad_averager_keys[index] = key
         return averager
 
     def _close_gradient_averagers(self) -> None:
         for averager in self._grad_averagers.values():
             averager.close()
         self._grad_averagers = {}
+        self._grad_averager_keys = {}
+
+    def _stepped_state(self: PeriodicAlgorithm) -> list[str]:
+        """The parameters stepped since the last full-precision step, by name (for a checkpoint)."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return sorted(names[i] for i in self._stepped_since_full if i in names)
+
+    def _load_stepped_state(self: PeriodicAlgorithm, saved: Any) -> None:
+        by_name = dict(self.module.named_parameters())
+        self._stepped_since_full = {id(by_name[n]) for n in (saved or []) if n in by_name}

@@ -3,8 +3,9 @@
 One tiny collective per synchronisation point (a round, a warm-up step, a consensus) carries, for every
 rank, "my contribution holds inf/NaN" and where it stands, plus one slot per request that all ranks must
 act on at the same step ("requeue": checkpoint and requeue, "stop": SIGTERM; raised by a signal on some
-ranks, at different moments). A non-finite contribution is found
-*before* it is averaged into every replica, so the other ranks' models and all algorithm state stay clean.
+ranks, at different moments; "gradients_missing": a rank lacks a parameter's gradient at a gradient exchange).
+A non-finite contribution is found *before* it is averaged into every replica, so the other ranks' models and
+all algorithm state stay clean.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from lightning_localsgd.comm.simulated import SimulatedAbortError, SimulatedTime
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError, PeerFailureError
 
 ON_NONFINITE_CHOICES = ("raise", "skip_round")
-REQUESTS = ("requeue", "stop")
+# "gradients_missing" is the gradient exchange's own: some rank lacks a gradient for a parameter it exchanges, so
+# every rank then agrees on the per-parameter flags (gradient_exchange.py); a step without it costs nothing more.
+GRADIENTS_MISSING = "gradients_missing"
+REQUESTS = ("requeue", "stop", GRADIENTS_MISSING)
 # Kinds of synchronisation point; a rank's position is its step and the kind of point it is at.
 SYNC_POINT_KINDS = ("round", "warm-up step", "consensus", "final average", "gradient exchange")
 ROUND, WARMUP, CONSENSUS, FINAL, EXCHANGE = range(len(SYNC_POINT_KINDS))

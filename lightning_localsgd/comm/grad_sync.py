@@ -17,8 +17,9 @@ A training step (every rank alike)::
 or ``averager.discard()`` instead of ``finish()`` to drop the exchange (each rank keeps its own gradients).
 
 Semantics are :func:`average_gradients`'s: a missing gradient counts as zero, and one extra element per
-parameter carries "this rank had a gradient", so a parameter that no rank touched keeps ``grad=None`` while one
-that some rank touched gets the same gradient on every rank.
+parameter carries "this rank had a gradient" (:func:`gradient_flags`), so a parameter that no rank touched keeps
+``grad=None`` while one that some rank touched gets the same gradient on every rank. The per-step exchanges of
+compressed gradients agree on the same flags with :func:`agreed_gradient_flags` before they compress.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ from torch import Tensor, nn
 from lightning_localsgd._validation import check_positive_float
 from lightning_localsgd.comm.communicator import Communicator, PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
+
+
+def gradient_flags(params: Sequence[nn.Parameter], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """This rank's "had a gradient" flags, one element per parameter: 1 where ``p.grad`` exists, else 0. Summed or
+    averaged over the ranks, a flag is 0 exactly where no rank had a gradient."""
+    return torch.tensor([1.0 if p.grad is not None else 0.0 for p in params], dtype=dtype, device=device)
+
+
+def agreed_gradient_flags(params: Sequence[nn.Parameter], comm: Communicator) -> list[bool]:
+    """For each parameter, whether any rank holds a gradient for it: one small all-reduce of
+    :func:`gradient_flags`, the same answer on every rank. Every rank calls it with the same parameters."""
+    if not params:
+        return []
+    flags = gradient_flags(params, torch.float32, params[0].device)
+    comm.all_reduce_sum_([flags])
+    return [flag > 0 for flag in flags.tolist()]
 
 
 class _Bucket:
@@ -247,13 +264,11 @@ class GradientAverager:
 
     @staticmethod
     def _pack(bucket: _Bucket) -> None:
-        flags = []
         with torch.no_grad():
             for p, view in zip(bucket.params, bucket.views):
                 grad = p.grad
                 if grad is None:
                     view.zero_()
-                    flags.append(0.0)
                     continue
                 if grad.layout != torch.strided:
                     raise RuntimeError(
@@ -261,8 +276,7 @@ class GradientAverager:
                         "averages dense gradients only (use `sparse=False` in nn.Embedding / EmbeddingBag)."
                     )
                 view.copy_(grad.reshape(-1))
-                flags.append(1.0)
-            bucket.flags.copy_(torch.tensor(flags, dtype=bucket.buffer.dtype))
+            bucket.flags.copy_(gradient_flags(bucket.params, bucket.buffer.dtype, torch.device("cpu")))
 
     @staticmethod
     def _unpack(bucket: _Bucket) -> None:
