@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from sim_utils import SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model, train_workers
+from sim_utils import SMALL_BUCKET_MB, flat_params, local_step, loss_of, make_layered_model, train_workers
 
 from lightning_localsgd.algorithms import STLSGD, LocalSGD
 from lightning_localsgd.algorithms.schedule import StagewiseSchedule
@@ -78,6 +78,41 @@ def test_each_stage_boundary_halves_every_learning_rate_of_the_users_optimizer_o
         assert history[11]["lrs"] == [LR / 4, LR / 2]  # stage 3 after the round at step 12
         assert history[12]["lrs"] == [LR / 4, LR / 2]
     assert torch.equal(ranks[0][11]["params"], ranks[1][11]["params"])  # a stage ends at a round
+
+
+def test_optimizers_of_a_second_fit_continue_at_the_stage_learning_rate_and_a_kept_one_is_not_decayed_twice():
+    # T1 = 4, k1 = 2, x2, lr_decay 0.5: stage 1 ends with the round after step 4, stage 2 after step 12. Documented
+    # learning rate of each step 1..14 (the rate the step used): 0.05 for steps 1-4, 0.025 for 5-12, 0.0125 after.
+    documented = [LR] * 4 + [LR / 2] * 8 + [LR / 4] * 2
+
+    def worker(rank, comm):
+        model = make_layered_model(torch.float64)
+        kept = torch.optim.SGD(model.parameters(), lr=LR)
+        algorithm = STLSGD(4, 2, 2.0)
+        algorithm.setup(model, comm, [kept])
+        used = []
+        for step in range(7):  # the first fit stops inside stage 2
+            used.append(kept.param_groups[0]["lr"])
+            local_step(algorithm, model, kept, rank, step)
+        # A second fit: the same module set up again (the Trainer registers no optimizer there), then its optimizers.
+        algorithm.setup(model, comm)
+        fresh = torch.optim.SGD(
+            [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:], "lr": 2 * LR}], lr=LR
+        )
+        algorithm.register_optimizers([kept])  # a module that keeps its optimizer returns the same object
+        kept_lr = kept.param_groups[0]["lr"]
+        algorithm.register_optimizers([fresh])  # configure_optimizers building it anew, at stage 0's rates
+        fresh_lrs = [group["lr"] for group in fresh.param_groups]
+        for step in range(7, 14):
+            used.append(fresh.param_groups[0]["lr"])
+            local_step(algorithm, model, fresh, rank, step)
+        return used, kept_lr, fresh_lrs, [group["lr"] for group in fresh.param_groups]
+
+    for used, kept_lr, fresh_lrs, final_lrs in run_simulated(2, worker):
+        assert used == documented
+        assert kept_lr == LR / 2  # already at stage 2's rate: not halved again
+        assert fresh_lrs == [LR / 2, LR]  # every group brought to stage 2, each from its own rate
+        assert final_lrs == [LR / 4, LR / 2]
 
 
 def test_the_proximal_variant_adds_the_pull_towards_the_stage_start_to_the_gradient():

@@ -6,10 +6,12 @@ Paper: "STL-SGD: Speeding Up Local SGD with Stagewise Communication Period" (She
 Stage s = 1, 2, ... runs Local SGD from x_s (the averaged model at the stage's start) for T_s steps with learning
 rate lr_s and period k_s, where (the paper's constants; configurable)
     T_{s+1} = 2 T_s,   k_{s+1} = 2 k_s (identical data) or sqrt(2) k_s (non-identical data),   lr_{s+1} = lr_s / 2.
-Stages end at rounds (T_s is rounded up to whole periods), so every rank changes stage after the same round. The
-learning rates are those of the user's own optimizers, multiplied by ``lr_decay`` at every stage boundary.
-The non-convex variant adds the proximal term (1 / (2 gamma)) ||x - x_s||^2 to each stage's objective: its gradient
-(x - x_s) / gamma is added to every gradient before the optimizer steps.
+A period is a whole number of steps: stage s's (0-based) is round(k_1 * growth**s), the nearest integer with halves
+to even (Python's round), computed from k_1 each stage so that rounding never compounds (k_1 = 4, x sqrt(2): 4, 6,
+8, 11, 16, 23, 32). Stages end at rounds (T_s is rounded up to whole periods), so every rank changes stage after the
+same round. The learning rates are those of the user's own optimizers, multiplied by ``lr_decay`` at every stage
+boundary. The non-convex variant adds the proximal term (1 / (2 gamma)) ||x - x_s||^2 to each stage's objective:
+its gradient (x - x_s) / gamma is added to every gradient before the optimizer steps.
 
 Claimed rounds for strongly convex / PL objectives: O(N log T) on identical data, O(sqrt(N T)) on non-identical data.
 """
@@ -31,6 +33,8 @@ from lightning_localsgd.algorithms.schedule import StagewiseSchedule
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 
 PERIOD_GROWTH = {"identical": 2.0, "non_identical": math.sqrt(2.0)}
+# The param-group entry naming the stage a group's "lr" belongs to (0 where absent: configure_optimizers' rates).
+STAGE_KEY = "stl_sgd_stage"
 
 
 class STLSGD(PeriodicAlgorithm):
@@ -84,18 +88,20 @@ class STLSGD(PeriodicAlgorithm):
         self._keep_stage_start()
 
     def register_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
-        """Optimizers built anew by a second ``fit`` start at ``configure_optimizers``' learning rates: bring them to
-        the current stage's, ``lr * lr_decay**stage``, as a run that never stopped has them. Optimizers already
-        registered keep theirs; a checkpoint's optimizer state, loaded after set-up, brings its own."""
-        known = {id(optimizer) for optimizer in self._optimizers}
-        fresh = [optimizer for optimizer in optimizers if id(optimizer) not in known]
+        """Bring every param group's learning rate to the current stage's, ``lr * lr_decay**stage``, as a run that
+        never stopped has it: optimizers built anew by a second ``fit`` start at ``configure_optimizers``' rates,
+        which are stage 0's. Each group records the stage its ``lr`` belongs to (:data:`STAGE_KEY`, saved with the
+        optimizer's state), so an optimizer registered again (a module that keeps its optimizer between fits) or
+        loaded from a checkpoint is not decayed twice."""
         super().register_optimizers(optimizers)
-        if self.lr_decay == 1.0 or self.stage == 0:
+        if self.lr_decay == 1.0:
             return
-        factor = self.lr_decay**self.stage
-        for optimizer in fresh:
+        for optimizer in optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * factor
+                behind = self.stage - int(group.get(STAGE_KEY, 0))
+                if behind:
+                    group["lr"] = group["lr"] * self.lr_decay**behind
+                group[STAGE_KEY] = self.stage
 
     def _begin_stage(self) -> None:
         """After the round that ended a stage (the replicas hold their average): the next stage's x_s and lr."""
@@ -104,6 +110,7 @@ class STLSGD(PeriodicAlgorithm):
             for optimizer in self._optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = group["lr"] * self.lr_decay
+                    group[STAGE_KEY] = self.stage
 
     def _keep_stage_start(self) -> None:
         if self.proximal is not None:

@@ -14,9 +14,11 @@ from lightning_localsgd.strategies.base import LocalUpdateStrategy
 
 
 class STLSGDStrategy(LocalUpdateStrategy):
-    """STL-SGD (Shen et al., arXiv 2006.06377): stage s lasts ``first_stage_steps * 2**(s-1)`` steps with period
-    ``first_period * growth**(s-1)``, and every stage boundary (a round) multiplies the learning rates of your own
-    optimizers by ``lr_decay``; ``configure_optimizers`` stays as it is.
+    """STL-SGD (Shen et al., arXiv 2006.06377): stage s = 1, 2, ... lasts ``first_stage_steps * 2**(s-1)`` steps
+    (rounded up to whole periods) with period ``round(first_period * growth**(s-1))`` (the nearest integer, an exact
+    half to the even one, from ``first_period`` each stage: 4, 6, 8, 11, 16, ... for 4 and x sqrt(2)), and every stage
+    boundary (a round) multiplies the learning rates of your own optimizers by ``lr_decay``; ``configure_optimizers``
+    stays as it is. A second ``fit`` on the same Trainer continues the stages and their learning rate.
 
     An LR scheduler of your own would overwrite the stage's learning rate at its next step, so with
     ``lr_decay != 1`` the strategy refuses to start when the LightningModule returns one; pass ``lr_decay=1.0`` to
@@ -25,7 +27,8 @@ class STLSGDStrategy(LocalUpdateStrategy):
     Args:
         first_stage_steps: T_1, local steps of the first stage (each next stage is twice as long).
         first_period: k_1, the first stage's period.
-        period_growth: ``"non_identical"`` (x sqrt(2) per stage, default), ``"identical"`` (x2) or a number >= 1.
+        period_growth: ``"non_identical"`` (x sqrt(2) per stage, default), ``"identical"`` (x2) or a number >= 1;
+            non-integer periods are rounded as above.
         lr_decay: learning-rate factor at each stage boundary (0.5).
         proximal: gamma of the non-convex variant's proximal term (1 / (2 gamma)) ||x - x_s||^2, or None.
         warmup_steps, bucket_cap_mb, buffers: as for :class:`LocalSGDStrategy`.
