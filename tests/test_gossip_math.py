@@ -73,6 +73,35 @@ def test_bad_topologies_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def circulant(n: int, offsets: set[int]) -> torch.Tensor:
+    """W with rank i mixing itself and ranks i + d mod n (d in offsets) in equal shares (ALGORITHMS.md section 7)."""
+    peers = {d % n for d in offsets} - {0}
+    w = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in {i} | {(i + d) % n for d in peers}:
+            w[i, j] = 1 / (len(peers) + 1)
+    return w
+
+
+def torus_matrix(rows: int, cols: int) -> torch.Tensor:
+    """The rows x cols torus: 1/5 to itself and to each of the 4 grid moves (two moves landing on one rank add up)."""
+    n = rows * cols
+    w = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        for dr, dc in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+            w[i, ((r + dr) % rows) * cols + (c + dc) % cols] += 1 / 5
+    return w
+
+
+# The gossip matrices of the topologies under test, written here rather than taken from the package.
+EXPECTED_W = {
+    ("ring", 4): circulant(4, {1, -1}),  # 1/3 to itself and each neighbour
+    ("torus", 8): torus_matrix(2, 4),  # 2 x 4: the two row moves both land on the other row (2/5)
+    ("exponential", 8): circulant(8, {1, -1, 2, -2, 4, -4}),  # 5 peers at +-1, +-2, 4: 1/6 each
+}
+
+
 def spread_model(rank: int, dtype: torch.dtype) -> nn.Module:
     """The layered model, with a different replica on every rank (as after some local steps)."""
     model = make_layered_model(dtype)
@@ -125,7 +154,7 @@ def test_a_gossip_step_is_multiplication_by_w(name, world, dtype):
     # lr 0: the step is the mix alone, x <- W x, over every bucket of the several-bucket layout.
     make = lambda: DPSGD(name, bucket_cap_mb=SMALL_BUCKET_MB)  # noqa: E731
     runs = gossip_run(make, world, 2, dtype=dtype, lr=0.0)
-    w = make_topology(name, world).weights
+    w = EXPECTED_W[name, world]
     for step in range(2):
         expected = (w @ stacked(runs, "before", step).double()).to(dtype)
         tolerance = 1e-12 if dtype == torch.float64 else 1e-6
@@ -135,7 +164,7 @@ def test_a_gossip_step_is_multiplication_by_w(name, world, dtype):
 
 def test_combine_then_adapt_follows_the_papers_rule_exactly():
     runs = gossip_run(lambda: DPSGD("ring", gossip_order="combine_then_adapt"), 4, 3)
-    w = ring(4).weights
+    w = EXPECTED_W["ring", 4]
     for step in range(3):
         expected = w @ stacked(runs, "before", step) - LR * stacked(runs, "grad", step)
         torch.testing.assert_close(stacked(runs, "after", step), expected, atol=1e-12, rtol=0)
@@ -143,7 +172,7 @@ def test_combine_then_adapt_follows_the_papers_rule_exactly():
 
 def test_adapt_then_combine_mixes_the_stepped_replicas():
     runs = gossip_run(lambda: DPSGD("ring"), 4, 3)
-    w = ring(4).weights
+    w = EXPECTED_W["ring", 4]
     for step in range(3):
         expected = w @ (stacked(runs, "before", step) - LR * stacked(runs, "grad", step))
         torch.testing.assert_close(stacked(runs, "after", step), expected, atol=1e-12, rtol=0)
@@ -189,6 +218,15 @@ def ring_lambda2(n: int) -> float:
     return max(abs(1 / 3 + 2 / 3 * math.cos(2 * math.pi * k / n)) for k in range(1, n))
 
 
+def ring_polynomial(n: int, k: int, rounds: int, eta: float) -> float:
+    """p_R of the ring's k-th eigenvalue 1/3 + 2/3 cos(2 pi k / n): what R accelerated rounds do along that mode."""
+    eigenvalue = 1 / 3 + 2 / 3 * math.cos(2 * math.pi * k / n)
+    previous, current = 1.0, 1.0
+    for _ in range(rounds):
+        previous, current = current, (1 + eta) * eigenvalue * current - eta * previous
+    return current
+
+
 def accelerated_reference(w: torch.Tensor, z: torch.Tensor, rounds: int, eta: float) -> torch.Tensor:
     previous, current = z, z
     for _ in range(rounds):
@@ -198,7 +236,7 @@ def accelerated_reference(w: torch.Tensor, z: torch.Tensor, rounds: int, eta: fl
 
 def test_detag_follows_its_update_rule_and_the_tracker_keeps_the_mean_gradient():
     world, rounds, steps = 4, 2, 4
-    topology = ring(world)
+    w = EXPECTED_W["ring", world]
     eta = spec_eta(ring_lambda2(world))  # 0.02944
     record = lambda algorithm: {"tracker": torch.cat([t.reshape(-1) for t in algorithm.tracker]).clone()}  # noqa: E731
     runs = gossip_run(lambda: DeTAG("ring", gossip_rounds=rounds), world, steps, record=record)
@@ -209,8 +247,8 @@ def test_detag_follows_its_update_rule_and_the_tracker_keeps_the_mean_gradient()
         grads = stacked(runs, "grad", step)
         y = y + grads - last
         last = grads
-        x_mixed = accelerated_reference(topology.weights, stacked(runs, "before", step), rounds, eta)
-        y = accelerated_reference(topology.weights, y, rounds, eta)
+        x_mixed = accelerated_reference(w, stacked(runs, "before", step), rounds, eta)
+        y = accelerated_reference(w, y, rounds, eta)
         torch.testing.assert_close(stacked(runs, "tracker", step), y, atol=1e-12, rtol=0)
         torch.testing.assert_close(stacked(runs, "after", step), x_mixed - LR * y, atol=1e-12, rtol=0)
         # gradient tracking: the mean of the trackers is the mean of the newest gradients
@@ -220,17 +258,13 @@ def test_detag_follows_its_update_rule_and_the_tracker_keeps_the_mean_gradient()
 def test_accelerated_gossip_contracts_disagreement_on_a_ring_as_the_theory_says():
     # The worst disagreement mode of a 16-rank ring, mixed by R = 3 accelerated rounds (gradients off: lr 0).
     world, rounds = 16, 3
-    topology = ring(world)
     eta = spec_eta(ring_lambda2(world))
-    values, vectors = torch.linalg.eigh(topology.weights)
-    # Along an eigenvector with eigenvalue l, R accelerated rounds multiply by p_R(l): p_-1 = p_0 = 1,
-    # p_{r+1} = (1 + eta) l p_r - eta p_{r-1} (the recursion of the spec's z(r+1) = (1 + eta) W z(r) - eta z(r-1)).
-    previous, current = torch.ones_like(values), torch.ones_like(values)
-    for _ in range(rounds):
-        previous, current = current, (1 + eta) * values * current - eta * previous
-    factors = current.abs()
-    factors[-1] = 0  # the consensus direction
-    mode = vectors[:, int(factors.argmax())]
+    # The ring's eigenvectors are Fourier modes: cos(2 pi k i / n) has eigenvalue 1/3 + 2/3 cos(2 pi k / n). Along
+    # one, R accelerated rounds multiply by p_R(l): p_-1 = p_0 = 1, p_{r+1} = (1 + eta) l p_r - eta p_{r-1} (the
+    # recursion of the spec's z(r+1) = (1 + eta) W z(r) - eta z(r-1)).
+    factors = {k: abs(ring_polynomial(world, k, rounds, eta)) for k in range(1, world)}
+    worst = max(factors, key=factors.get)
+    mode = torch.tensor([math.cos(2 * math.pi * worst * i / world) for i in range(world)], dtype=torch.float64)
 
     def worker(rank, comm):
         model = nn.Linear(1, 1, bias=False).double()
@@ -248,16 +282,16 @@ def test_accelerated_gossip_contracts_disagreement_on_a_ring_as_the_theory_says(
 
     after = torch.tensor(run_simulated(world, worker), dtype=torch.float64)
     measured = float(after.norm() / mode.norm())
-    assert measured == pytest.approx(float(factors.max()), rel=1e-9)
-    assert measured == pytest.approx(gossip_contraction(topology, rounds, eta), rel=1e-9)  # the package's estimate
+    assert measured == pytest.approx(factors[worst], rel=1e-9)
+    assert gossip_contraction(ring(world), rounds, eta) == pytest.approx(factors[worst], rel=1e-9)  # its estimate
     assert measured < ring_lambda2(world) ** rounds  # faster than 3 plain gossip rounds (0.69 against 0.86)
 
 
 def test_one_accelerated_round_on_a_16_rank_ring_would_expand_and_is_corrected_to_plain_gossip():
-    topology = ring(16)
     eta = spec_eta(ring_lambda2(16))
-    assert gossip_contraction(topology, 1, eta) > 1.02  # the ring's -1/3 eigenvalue: 1.029
-    assert gossip_contraction(topology, 2, eta) < 1
+    # k = 8: eigenvalue 1/3 + 2/3 cos(pi) = -1/3, and one round gives (1 + eta)(-1/3) - eta = -1.029 (the spec's)
+    assert max(abs(ring_polynomial(16, k, 1, eta)) for k in range(1, 16)) == pytest.approx(1.029, abs=5e-4)
+    assert max(abs(ring_polynomial(16, k, 2, eta)) for k in range(1, 16)) < 1
 
     def worker(rank, comm):
         algorithm = DeTAG("ring", gossip_rounds=1)
