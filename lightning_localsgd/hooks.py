@@ -12,8 +12,14 @@ so it works on gloo and NCCL alike, whatever the bucket sizes (torch's PowerSGD 
 
 A 4-byte header carries "my bucket is finite": if any rank's gradients hold inf/NaN, no error buffer changes
 and the bucket becomes NaN on every rank, as a plain all-reduce would leave it, so a ``GradScaler`` skips the
-step everywhere. Errors are kept per parameter, and a bucket is compressed in the module's parameter order
-(given ``module=``), not in the order DDP laid it out. Compression blocks are still per bucket, and DDP regroups
+step everywhere. Then one bit per parameter of the bucket says "this rank had a gradient for it" (DDP with
+``find_unused_parameters=True`` gives the hook zeros for a parameter this rank did not use): a parameter that no
+rank had a gradient for keeps its error as it was (DDP leaves its ``.grad`` alone, so it never moves, and a zero
+compressed by a sign compressor would otherwise leave an error of ``-scale`` to be paid into it once it is used).
+One that some rank used counts as zero on the others, as under DDP.
+
+Errors are kept per parameter, and a bucket is compressed in the module's parameter order (given ``module=``), not
+in the order DDP laid it out. Compression blocks are still per bucket, and DDP regroups
 its buckets at the first step after a (re)start, so a resumed run matches an uninterrupted one exactly where the
 buckets hold the same parameters (one bucket, or a model whose gradients arrive in reverse parameter order).
 Under a ``GradScaler`` the hook sees scaled gradients; the error then carries the scale along, which changes only
@@ -32,9 +38,9 @@ from torch import Tensor, nn
 
 from lightning_localsgd.compression import Compressor, make_compressor
 from lightning_localsgd.compression.error_feedback import compress_with_feedback, decode_mean
-from lightning_localsgd.compression.packing import as_bytes, from_bytes
+from lightning_localsgd.compression.packing import as_bytes, from_bytes, pack_bits, packed_bits_bytes, unpack_bits
 
-_HEADER_BYTES = 4  # one float32: 1.0 when this rank's bucket is finite
+_FINITE_BYTES = 4  # one float32: 1.0 when this rank's bucket is finite; then one bit per parameter (had a gradient)
 
 
 class CompressedHookState:
@@ -135,10 +141,12 @@ class CompressedHookState:
         ]
         return torch.cat(parts)
 
-    def _keep_errors(self, params: list[Tensor], error: Tensor) -> None:
+    def _keep_errors(self, params: list[Tensor], error: Tensor, used: list[bool]) -> None:
+        """The new errors of the parameters some rank had a gradient for; the others keep theirs."""
         offset = 0
-        for p in params:
-            self.errors[id(p)] = error[offset : offset + p.numel()].clone()
+        for p, kept in zip(params, used):
+            if kept:
+                self.errors[id(p)] = error[offset : offset + p.numel()].clone()
             offset += p.numel()
 
 
@@ -162,7 +170,10 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
     error = state._errors_for(params, buffer)
     payload = compress_with_feedback(state.compressor, vector, error)
     finite = torch.isfinite(buffer).all().to(torch.float32).reshape(1)
-    message = torch.cat([as_bytes(finite), payload])
+    # At hook time a parameter this rank used has a `.grad` (autograd's, or DDP's bucket view); an unused one has not.
+    had_gradient = torch.tensor([p.grad is not None for p in params], dtype=torch.bool, device=buffer.device)
+    message = torch.cat([as_bytes(finite), pack_bits(had_gradient), payload])
+    header = _FINITE_BYTES + packed_bits_bytes(len(params))
     gathered = [torch.empty_like(message) for _ in range(world)]
     work = dist.all_gather(gathered, message, group=group, async_op=True)
     assert work is not None
@@ -170,11 +181,12 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
     state.bytes_sent += (world - 1) * message.numel()
 
     def finish(_: Any) -> Tensor:
-        flags = [float(from_bytes(m[:_HEADER_BYTES], torch.float32)) for m in gathered]
+        flags = [float(from_bytes(m[:_FINITE_BYTES], torch.float32)) for m in gathered]
         if all(flag == 1.0 for flag in flags):
             if state.error_feedback:
-                state._keep_errors(params, error)
-            mean = decode_mean(state.compressor, [m[_HEADER_BYTES:] for m in gathered], numel)
+                used = torch.stack([unpack_bits(m[_FINITE_BYTES:header], len(params)) for m in gathered]).any(0)
+                state._keep_errors(params, error, used.tolist())
+            mean = decode_mean(state.compressor, [m[header:] for m in gathered], numel)
             offset = 0
             for grad in grads:
                 grad.copy_(mean[offset : offset + grad.numel()].view_as(grad))

@@ -3,6 +3,7 @@
 import copy
 import pickle
 
+import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_processes
@@ -160,3 +161,55 @@ def test_a_nan_on_one_rank_reaches_no_error_buffer_and_the_state_pickles_and_res
         assert r["nan_everywhere"] and r["errors_kept"] and r["skipped"] >= 1
         assert r["pickled_group"] is None and r["pickled_errors"]
         assert r["resumed_gap"] == 0.0
+
+
+class WithUnused(nn.Module):
+    """Linear(10, 8), tanh, Linear(8, 3); ``unused`` (between them) is never used, ``rank0_only`` only on rank 0."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(10, 8)
+        self.unused = nn.Parameter(torch.randn(5) + 2)
+        self.rank0_only = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(8, 3)
+        self.rank = rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(torch.tanh(self.body(x)))
+        return out + self.rank0_only if self.rank == 0 else out
+
+
+def unused_run(rank: int, gradient_as_bucket_view: bool) -> dict:
+    model = WithUnused(rank)
+    ddp = DDP(model, find_unused_parameters=True, gradient_as_bucket_view=gradient_as_bucket_view)
+    state = CompressedHookState("sign", module=model)
+    ddp.register_comm_hook(state, ef_sign_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9, weight_decay=1e-2)
+    start = model.unused.detach().clone()
+    grad_none = []
+    for step in range(4):
+        opt.zero_grad()
+        x, y = batch(rank, step)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        grad_none.append(model.unused.grad is None)
+        opt.step()
+    return {
+        "unused_kept": torch.equal(model.unused.detach(), start),
+        "grad_none": grad_none,
+        "errors": sorted(state._names()[key] for key in state.errors),
+        "rank0_only_error": state.errors[id(model.rank0_only)].clone(),
+        "params": params_of(model),
+    }
+
+
+@pytest.mark.parametrize("gradient_as_bucket_view", [False, True])
+def test_a_parameter_no_rank_uses_keeps_no_error_and_one_used_on_some_ranks_counts_as_zero(gradient_as_bucket_view):
+    """DDP (``find_unused_parameters=True``) leaves a parameter no rank used alone; the hook must not book an error
+    for it either (a zero compressed by the sign compressor reads as +scale, which would be owed to it later)."""
+    ranks = run_processes(2, unused_run, gradient_as_bucket_view)
+    for r in ranks:
+        assert r["unused_kept"] and r["grad_none"] == [True] * 4
+        assert "unused" not in r["errors"] and "rank0_only" in r["errors"]
+        assert r["rank0_only_error"].abs().max() > 0  # rank 1 compressed its zeros plus its error, as DDP counts them
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])  # one decoded mean: the replicas agree
