@@ -122,6 +122,7 @@ def test_sum_of_learning_rates_when_lr_changes_inside_a_period():
         algo.setup(model, comm, [opt])
         before_round = None
         lr_sum = 0.0
+        checked = 0
         for step in range(steps):
             opt.param_groups[0]["lr"] = 0.1 / (1 + step)  # a decaying schedule
             opt.zero_grad()
@@ -129,16 +130,19 @@ def test_sum_of_learning_rates_when_lr_changes_inside_a_period():
             opt.step()
             algo.after_optimizer_step(opt)
             lr_sum += opt.param_groups[0]["lr"]
-            if algo.is_round_after(algo.step):
+            round_now = (step + 1) % period == 0  # the spec's schedule, not the algorithm's own
+            if round_now:
                 before_round = flat_params(model).clone()
                 delta_before = torch.cat([d.clone() for d in algo.delta])
-            if algo.end_step():
+            assert algo.end_step() == round_now
+            if round_now:
                 expected = delta_before + (flat_params(model) - before_round) / lr_sum
                 torch.testing.assert_close(torch.cat(algo.delta), expected)
                 lr_sum = 0.0
-        return True
+                checked += 1
+        return checked
 
-    assert all(run_simulated(2, worker))
+    assert run_simulated(2, worker) == [steps // period] * 2
 
 
 def test_first_period_one_step_variant_starts_delta_at_gradient_difference():
