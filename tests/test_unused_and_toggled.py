@@ -215,6 +215,14 @@ def untoggle(state):
         p.requires_grad = flag
 
 
+def two_part_loss(model: TwoPart, rank: int, step: int, generator_step: bool) -> torch.Tensor:
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(100 * rank + step)) + rank
+    fake = torch.tanh(model.gen(x))
+    if generator_step:
+        return -model.disc(fake).mean()
+    return (model.disc(fake.detach()) - x[:, :1].sin()).pow(2).mean()
+
+
 def train_two_part(name, toggled, world=2):
     def worker(rank, comm):
         model = TwoPart()
@@ -225,17 +233,10 @@ def train_two_part(name, toggled, world=2):
         flat = algorithm.flat
         same_layout = []
         for step in range(STEPS):
-            g = torch.Generator().manual_seed(100 * rank + step)
-            x = torch.randn(8, 5, generator=g) + rank
             for opt in (opt_g, opt_d):
                 state = toggle([opt_g, opt_d], opt) if toggled else None
                 opt.zero_grad()
-                fake = torch.tanh(model.gen(x))
-                if opt is opt_g:
-                    loss = -model.disc(fake).mean()
-                else:
-                    loss = (model.disc(fake.detach()) - x[:, :1].sin()).pow(2).mean()
-                loss.backward()
+                two_part_loss(model, rank, step, generator_step=opt is opt_g).backward()
                 algorithm.before_optimizer_step(opt)
                 opt.step()
                 algorithm.after_optimizer_step(opt)
@@ -286,3 +287,86 @@ def test_a_layer_really_frozen_while_its_optimizer_holds_it_leaves_at_the_next_r
     # Frozen before step 1: its exchange keeps the layer (no gradient anywhere: left alone); the round after step 2
     # (period 3) lets it go.
     assert run_simulated(2, worker) == [[4, 4, 2, 2, 2]] * 2
+
+
+def scaled_sign(v: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """The spec's C(v) = (||b||_1 / numel(b)) * sign(b) per block b, in plain torch (a zero gets +scale)."""
+    out = torch.empty_like(v)
+    for start in range(0, v.numel(), block):
+        part = v[start : start + block]
+        scale = (part.double().abs().sum() / part.numel()).float()
+        out[start : start + block] = torch.where(part < 0, -scale, scale)
+    return out
+
+
+def reference_two_part(name: str, world: int = 2):
+    """EF-SGD (period 3) or LIEC-SGD (p = 3) on the two-part model from ALGORITHMS.md, in plain torch: the ranks in
+    lockstep, one error per optimizer's parameters, blocks of 16 from the start of each optimizer's vector. Returns
+    each rank's parameters and error(s) in the module's order, as ``train_two_part`` does."""
+    models = [TwoPart() for _ in range(world)]
+    opts = [
+        (
+            torch.optim.SGD(m.gen.parameters(), lr=LR, momentum=0.9),
+            torch.optim.SGD(m.disc.parameters(), lr=LR, momentum=0.9),
+        )
+        for m in models
+    ]
+    parts = [lambda m: list(m.gen.parameters()), lambda m: list(m.disc.parameters())]
+    sizes = [sum(p.numel() for p in part(models[0])) for part in parts]
+    # EF: e_i per rank and part; LIEC: one server error per part (every rank's the same), local errors not kept.
+    errors = [[torch.zeros(n) for n in sizes] for _ in range(world)]
+    server = [torch.zeros(n) for n in sizes]
+    for step in range(STEPS):
+        full = name == "liec_sgd" and (step + 1) % 3 == 0
+        for which, part in enumerate(parts):
+            grads = []
+            for rank, model in enumerate(models):
+                opts[rank][which].zero_grad()
+                two_part_loss(model, rank, step, generator_step=which == 0).backward()
+                grads.append(torch.cat([p.grad.reshape(-1) for p in part(model)]))
+            if name == "ef_sign":
+                sent = []
+                for rank in range(world):
+                    compensated = grads[rank] + errors[rank][which]
+                    sent.append(scaled_sign(compensated))
+                    errors[rank][which] = compensated - sent[rank]
+                directions = [sum(sent) / world] * world
+            elif full:  # x_i <- mean_j x_j; the step is on mean_j g_j + e; e <- 0
+                with torch.no_grad():
+                    for tensors in zip(*(part(m) for m in models)):
+                        mean = sum(t.detach().clone() for t in tensors) / world
+                        for t in tensors:
+                            t.copy_(mean)
+                directions = [sum(grads) / world + server[which]] * world
+                server[which] = torch.zeros(sizes[which])
+            else:  # u = mean_j C(g_j) + e; c_hat = C(u); e <- u - c_hat; dir_i = c_hat + g_i - C(g_i)
+                compressed = [scaled_sign(g) for g in grads]
+                u = sum(compressed) / world + server[which]
+                c_hat = scaled_sign(u)
+                server[which] = u - c_hat
+                directions = [c_hat + (g - c) for g, c in zip(grads, compressed)]
+            for rank, model in enumerate(models):
+                offset = 0
+                for p in part(model):
+                    p.grad = directions[rank][offset : offset + p.numel()].view_as(p).clone()
+                    offset += p.numel()
+                opts[rank][which].step()
+    results = []
+    for rank, model in enumerate(models):
+        params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        results.append((params, torch.cat(errors[rank]) if name == "ef_sign" else torch.cat(server)))
+    return results
+
+
+@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd"])
+def test_toggling_keeps_the_error_buffers_the_spec_gives_them(name):
+    """The toggled run's errors and parameters against the update rules in plain torch (the toggling does not
+    change the mathematics: each optimizer's exchange sees the same gradients either way). An exchange that reset
+    the other part's error at each toggle would leave it at its value of one step instead of its running sum."""
+    got = train_two_part(name, toggled=True)
+    want = reference_two_part(name)
+    for (params, errors, same_layout), (params_ref, error_ref) in zip(got, want):
+        assert all(same_layout)
+        torch.testing.assert_close(errors[0], error_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(params, params_ref, rtol=0, atol=1e-6)
+        assert error_ref[:30].abs().max() > 0 and error_ref[30:].abs().max() > 0  # both parts carry an error
