@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plain_references import local_sgd_trajectories
 from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model, train_workers
 from torch import nn
 
-from lightning_localsgd.algorithms import DiLoCo, LocalSGD
+from lightning_localsgd.algorithms import DiLoCo
 from lightning_localsgd.comm import run_simulated
 
 LR = 0.05
@@ -26,10 +27,10 @@ def test_with_outer_sgd_of_lr_1_and_no_momentum_diloco_is_local_sgd_step_for_ste
         lambda: DiLoCo(period, "SGD", {"lr": 1.0}, bucket_cap_mb=SMALL_BUCKET_MB),
         dtype=dtype,
     )
-    local = run(lambda: LocalSGD(period, first_period_one_step=False, bucket_cap_mb=SMALL_BUCKET_MB), dtype=dtype)
+    local = local_sgd_trajectories(3, 9, period, dtype)  # plain torch: per-rank SGD, replicas averaged every H
     tolerance = 1e-6 if dtype == torch.float32 else 1e-12  # theta - (theta - mean) is the mean up to rounding
-    for (ours, _), (theirs, _) in zip(diloco, local):
-        for a, b in zip(ours, theirs):
+    for (ours, _), theirs in zip(diloco, local, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, atol=tolerance, rtol=0)
     assert (diloco[0][0][1] - diloco[1][0][1]).abs().max() > 1e-4  # mid-period the replicas differ
 
@@ -118,16 +119,15 @@ def test_a_layer_unfrozen_mid_fit_is_refused_with_a_message():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_overlapped_outer_step_with_outer_sgd_of_lr_1_is_cocod_sgd_step_for_step(dtype):
-    from lightning_localsgd.algorithms import CoCoDSGD
-
     period = 3
     make = lambda: DiLoCo(period, "SGD", {"lr": 1.0}, overlap=True, bucket_cap_mb=SMALL_BUCKET_MB)  # noqa: E731
     diloco = run(make, dtype=dtype)
-    cocod = run(lambda: CoCoDSGD(period, bucket_cap_mb=SMALL_BUCKET_MB), dtype=dtype)
+    cocod = local_sgd_trajectories(3, 9, period, dtype, overlapped=True)  # plain torch, the spec's CoCoD-SGD
     tolerance = 1e-6 if dtype == torch.float32 else 1e-12
-    for (ours, _), (theirs, _) in zip(diloco, cocod):
-        for a, b in zip(ours, theirs):
+    for (ours, _), theirs in zip(diloco, cocod, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, atol=tolerance, rtol=0)
+    assert (cocod[0][-1] - cocod[1][-1]).abs().max() > 1e-4  # replicas never coincide: not Local SGD's trajectory
 
 
 def test_the_overlapped_outer_step_applies_the_previous_rounds_progress_one_round_late():

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from plain_references import local_sgd_trajectories
 from sim_utils import SMALL_BUCKET_MB, flat_params, local_step, loss_of, make_layered_model, train_workers
 
-from lightning_localsgd.algorithms import STLSGD, LocalSGD
+from lightning_localsgd.algorithms import STLSGD
 from lightning_localsgd.algorithms.schedule import StagewiseSchedule
 from lightning_localsgd.comm import run_simulated
 
@@ -63,10 +64,12 @@ def run(make, world=2, steps=12, cut=None, two_groups=False):
 
 def test_with_one_endless_stage_stl_sgd_is_local_sgd_step_for_step():
     stl = run(lambda: STLSGD(10**6, 3, 1.0, lr_decay=1.0, bucket_cap_mb=SMALL_BUCKET_MB))
-    local = run(lambda: LocalSGD(3, first_period_one_step=False, bucket_cap_mb=SMALL_BUCKET_MB))
-    for a, b in zip(stl, local):
-        for x, y in zip(a, b):
-            assert torch.equal(x["params"], y["params"]) and x["round"] == y["round"]
+    local = local_sgd_trajectories(2, 12, 3)  # plain torch: per-rank SGD, replicas averaged after steps 3, 6, ...
+    for a, b in zip(stl, local, strict=True):
+        for step, (x, y) in enumerate(zip(a, b, strict=True)):
+            torch.testing.assert_close(x["params"], y, atol=1e-12, rtol=0)
+            assert x["round"] == ((step + 1) % 3 == 0)
+            assert x["lrs"] == [LR]
 
 
 def test_each_stage_boundary_halves_every_learning_rate_of_the_users_optimizer_on_every_rank():
