@@ -17,13 +17,18 @@ def run_case(out: Path, *args: str) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize(("strategy", "optimizer"), [("ef_sign", "sgd"), ("detag", "adam"), ("liec_sgd", "sgd")])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # SGD with momentum and weight decay; Adam with weight decay
+@pytest.mark.parametrize("strategy", ["ef_sign", "liec_sgd", "dpsgd", "detag"])
 def test_a_parameter_no_rank_uses_stays_untouched_and_the_others_train_as_without_it(tmp_path, strategy, optimizer):
     with_extra = run_case(tmp_path / "extra", "--strategy", strategy, "--optimizer", optimizer, "--extra")
-    reference = run_case(tmp_path / "reference", "--strategy", strategy, "--optimizer", optimizer)
-    for mine, ref in zip(with_extra, reference):
+    # Against the run without the parameter (the same steps, bit for bit) under SGD only, to keep the test short;
+    # the simulated tests compare both optimizers.
+    if optimizer == "sgd":
+        reference = run_case(tmp_path / "reference", "--strategy", strategy, "--optimizer", optimizer)
+        for mine, ref in zip(with_extra, reference):
+            assert all(torch.equal(a, b) for a, b in zip(mine["used"], ref["used"]))
+    for mine in with_extra:
         assert len(mine["used"]) == 8
-        assert all(torch.equal(a, b) for a, b in zip(mine["used"], ref["used"]))
         assert all(torch.equal(e, mine["extra"][0]) for e in mine["extra"])
         assert mine["grad_none"] == [True] * 8  # weight decay and momentum never saw it
         for key, value in mine["state"].items():

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 import lightning_localsgd  # noqa: F401 - registers the strategy names
 
 STEPS = 8
-STATE = {"ef_sign": ("error",), "liec_sgd": ("server_error",), "detag": ("tracker", "last_gradient")}
+STATE = {"ef_sign": ("error",), "liec_sgd": ("server_error",), "detag": ("tracker", "last_gradient"), "dpsgd": ()}
 
 
 class RankData(Dataset):
@@ -148,7 +148,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     out = Path(args.out)
-    period = {"liec_sgd": "full_sync_period", "detag": "check_every"}.get(args.strategy, "period")
+    period = {"liec_sgd": "full_sync_period", "detag": "check_every", "dpsgd": "check_every"}.get(
+        args.strategy, "period"
+    )
     strategy = StrategyRegistry[args.strategy]["strategy"](**{period: 3})
     strategy.strategy_name = args.strategy
     trainer = L.Trainer(
