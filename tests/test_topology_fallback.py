@@ -36,6 +36,9 @@ def test_a_torus_that_would_mix_worse_than_the_ring_falls_back_to_the_ring_with_
     assert topology.name == "ring"
     assert topology.lambda2 == pytest.approx(ring_lambda2, abs=1e-12)
     assert sorted(topology.neighbours(0)) == sorted({1, n - 1})
+    # The degenerate grid talks to 2 neighbours too (1 x n: i +- 1; 2 x 2: the other column and the other row), so
+    # the ring costs no more bytes per round.
+    assert sorted(torus(n, rows=rows).neighbours(0)) == ([1, 2] if rows == 2 else sorted({1, n - 1}))
 
 
 @pytest.mark.parametrize(("n", "rows", "cols"), [(2, 1, 2), (6, 2, 3), (8, 2, 4), (9, 3, 3), (12, 3, 4), (16, 4, 4)])

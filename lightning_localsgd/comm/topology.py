@@ -8,11 +8,11 @@ eigenvalue of ``W``: disagreement shrinks by about ``lambda2`` per round.
 
 * :func:`ring`: ``W_ii = W_{i,i+1} = W_{i,i-1} = 1/3`` (two neighbours; ``lambda2 = (1 + 2 cos(2 pi / n)) / 3``, close
   to 1 for large ``n``). With 2 ranks both neighbours are the same rank (weight 2/3).
-* :func:`torus`: a 2-D torus of ``rows x cols`` ranks, four neighbours at ``1/5`` each. It mixes better than the
-  ring only where both sides are long enough: with a prime ``n`` (the grid is ``1 x n``) or a side of 2 (``2 x 2``)
-  the moves along the short side land on the rank itself or repeat a neighbour, and ``lambda2`` is larger than the
-  ring's (``n = 5``: 0.724 against 0.539; ``n = 4``: 0.6 against 1/3). Built by name it then falls back to the ring,
-  with a warning.
+* :func:`torus`: a 2-D torus of ``rows x cols`` ranks, four neighbours at ``1/5`` each. A side of 1 or 2 makes moves
+  land on the rank itself or twice on one neighbour. From ``2 x 3`` up it mixes better than the ring of the same
+  size; with a prime ``n`` (the grid is ``1 x n``) or ``n = 4`` (``2 x 2``) it keeps only two neighbours, as the
+  ring does, and ``lambda2`` is larger than the ring's (``n = 5``: 0.724 against 0.539; ``n = 4``: 0.6 against
+  1/3). Built by name it then falls back to the ring, with a warning.
 * :func:`exponential`: neighbours at distances ``+-1, +-2, +-4, ...`` (a circulant graph, ``O(log n)`` neighbours,
   ``lambda2`` far from 1 at every size), uniform weights.
 * :func:`fully_connected`: ``W = 1/n``: one gossip round is an exact average (the check that D-PSGD on it is
@@ -140,11 +140,13 @@ def torus_shape(n: int) -> tuple[int, int]:
 
 
 def torus(n: int, rows: int | None = None) -> Topology:
-    """A 2-D torus of ``rows x (n / rows)`` ranks, each rank with its 4 neighbours at 1/5.
+    """A 2-D torus of ``rows x (n / rows)`` ranks, each rank with its 4 neighbours at 1/5 (a side of 1 or 2 makes
+    moves land on the rank itself or twice on one neighbour, and their weights add up).
 
     With ``rows=None``, the most square grid; where that grid mixes no better than :func:`ring` (``lambda2`` not
-    smaller: a prime ``n`` of at least 3, or ``n = 4``), the ring instead, with a warning, since the torus would
-    send twice the ring's bytes per round for slower agreement. An explicit ``rows`` is built as asked.
+    smaller: a prime ``n`` of at least 3, or ``n = 4``), the ring instead, with a warning. Such a grid has the
+    ring's two neighbours, so it sends the same bytes per round, only with weights that agree more slowly. An
+    explicit ``rows`` is built as asked.
     """
     _check_size(n)
     if rows is None:
@@ -153,8 +155,8 @@ def torus(n: int, rows: int | None = None) -> Topology:
         if n > 1 and grid.lambda2 >= fallback.lambda2:
             warnings.warn(
                 f"A {grid.name.split()[-1]} torus of {n} ranks mixes no better than a ring (lambda2 "
-                f"{grid.lambda2:.3f} against {fallback.lambda2:.3f}); gossiping over the ring instead, which also "
-                "sends half the bytes per round. A torus pays off from 2 x 3 grids up (6, 8, 9, 10, 12, ... ranks).",
+                f"{grid.lambda2:.3f} against {fallback.lambda2:.3f}) and talks to the same 2 neighbours; gossiping "
+                "over the ring instead. A torus pays off from 2 x 3 grids up (6, 8, 9, 10, 12, ... ranks).",
                 stacklevel=2,
             )
             return fallback
