@@ -18,7 +18,8 @@ class DeTAGStrategy(LocalUpdateStrategy):
     optimizer step is one phase, with ``gossip_rounds`` neighbour rounds.
 
     Args:
-        topology: ``"ring"`` (default), ``"torus"``, ``"exponential"`` or ``"fully_connected"``.
+        topology: ``"ring"`` (default), ``"torus"`` (the ring, with a warning, at a prime N or N = 4, where the
+            grid would mix worse), ``"exponential"`` or ``"fully_connected"``.
         gossip_rounds: neighbour rounds per step (R of the accelerated gossip, 1 to 64). Each round sends the
             replica and the tracker (2 copies of the model) to every neighbour.
         acceleration: ``"auto"`` (eta from the topology's lambda2; plain gossip where the accelerated operator would

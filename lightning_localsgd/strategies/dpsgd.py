@@ -19,8 +19,9 @@ class DPSGDStrategy(LocalUpdateStrategy):
     on non-identical data prefer ``detag`` (gradient tracking removes D-PSGD's bias).
 
     Args:
-        topology: ``"ring"`` (default: 2 neighbours), ``"torus"`` (4), ``"exponential"`` (about 2 log2 N) or
-            ``"fully_connected"`` (N - 1: synchronous SGD, for checking).
+        topology: ``"ring"`` (default: 2 neighbours), ``"torus"`` (4; the ring, with a warning, at a prime N or
+            N = 4, where the grid would mix worse), ``"exponential"`` (about 2 log2 N) or ``"fully_connected"``
+            (N - 1: synchronous SGD, for checking).
         check_every: steps between the guard's world checks (a few dozen bytes: finiteness, position, learning
             rates, SIGTERM / requeue agreement). Signals are acted on at the next check.
         warmup_steps: initial steps of synchronous SGD (all-reduced gradients).
