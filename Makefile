@@ -18,10 +18,11 @@ test: install
 
 # The lowest Lightning that pyproject declares, installed beside the main one (never over it) and put first on
 # PYTHONPATH for a short part of the suite: resume (Trainer, Fabric, plain PyTorch, SLURM requeue, torchrun restart),
-# configuration, checkpoints. Its dependencies are the main install's. About 3 minutes on 2 cores.
+# configuration, checkpoints. Its dependencies are the main install's. About 3 minutes on 2 cores. Another version:
+# `make test-lightning-min LIGHTNING_MIN=2.5.6 LIGHTNING_MIN_DIR=/tmp/lightning-2.5.6`.
 LIGHTNING_MIN ?= 2.4.0
 LIGHTNING_MIN_DIR ?= .lightning-min
-WITH_LIGHTNING_MIN = PYTHONPATH="$(CURDIR)/$(LIGHTNING_MIN_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+WITH_LIGHTNING_MIN = PYTHONPATH="$(abspath $(LIGHTNING_MIN_DIR))$${PYTHONPATH:+:$$PYTHONPATH}" \
 	LOCALSGD_EXPECT_LIGHTNING=$(LIGHTNING_MIN)
 test-lightning-min: install
 	test -f $(LIGHTNING_MIN_DIR)/lightning-$(LIGHTNING_MIN).dist-info/METADATA || { rm -rf $(LIGHTNING_MIN_DIR) && \
@@ -49,6 +50,6 @@ bench: install
 	$(PYTHON) -m benchmarks.scaling --workload mlp
 	$(PYTHON) -m benchmarks.overlap_sweep --link 200mbit --periods 32 64 128 256
 
-# About a minute on 2 cores (loopback, a few steps of one peer of each kind): for CI.
+# 30 to 60 seconds on 2 cores (loopback, a few steps of one peer of each kind): for CI.
 bench-smoke: install
 	$(BENCH) --smoke

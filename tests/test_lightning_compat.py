@@ -18,8 +18,10 @@ import lightning as L
 import pytest
 import torch
 from dist_utils import run_processes, run_ranks, run_script
+from lightning.fabric.plugins import TorchCheckpointIO
 from packaging.version import Version
 
+import lightning_localsgd
 from lightning_localsgd.strategies import lightning_compat
 
 E2E = Path(__file__).parent / "e2e"
@@ -65,6 +67,44 @@ def test_the_min_lightning_job_tests_the_floor_pyproject_declares_from_an_ignore
     assert Version(tested) == Version(floor)
     folder = re.search(r"^LIGHTNING_MIN_DIR \?= (\S+)$", makefile, re.M).group(1)
     assert f"{folder}/" in (root / ".gitignore").read_text().splitlines()
+
+
+# ---------------------------------------------------------------------- load_checkpoint and `weights_only`
+# Lightning 2.6.0 added `weights_only` to the strategies' `load_checkpoint` (and to `fit`/`fabric.load`), passing it
+# on to the CheckpointIO; before, neither takes it, and the Trainer and Fabric call `load_checkpoint(path, ...)`.
+LIGHTNING_PASSES_WEIGHTS_ONLY = Version(lightning.__version__).release >= (2, 6)
+
+
+class _RecordingCheckpointIO(TorchCheckpointIO):
+    """Records the keywords each load receives; takes none (as Lightning's before 2.6) unless Lightning passes one."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def load_checkpoint(self, path, **kwargs):  # type: ignore[override]
+        self.calls.append(kwargs)
+        return {"state_dict": {}, "epoch": 3}
+
+
+def _as_lightning_calls_it(load, path, **kwargs):
+    """``load(path)`` on Lightning < 2.6; from 2.6 on with ``weights_only``, as the Trainer and Fabric pass it."""
+    return load(path, weights_only=True, **kwargs) if LIGHTNING_PASSES_WEIGHTS_ONLY else load(path, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:The checkpoint has no per-rank")  # a bare checkpoint, as intended
+def test_the_trainer_strategys_load_checkpoint_takes_what_the_installed_lightning_passes(tmp_path):
+    io = _RecordingCheckpointIO()
+    strategy = lightning_localsgd.LocalSGDStrategy(period=2, checkpoint_io=io)
+    assert _as_lightning_calls_it(strategy.load_checkpoint, tmp_path / "x.ckpt") == {"state_dict": {}, "epoch": 3}
+    assert io.calls == ([{"weights_only": True}] if LIGHTNING_PASSES_WEIGHTS_ONLY else [{}])
+
+
+def test_the_fabric_strategys_load_checkpoint_takes_what_the_installed_lightning_passes(tmp_path):
+    io = _RecordingCheckpointIO()
+    strategy = lightning_localsgd.fabric.LocalSGDStrategy(period=2, checkpoint_io=io)
+    loaded = _as_lightning_calls_it(strategy.load_checkpoint, tmp_path / "x.ckpt", state=None, strict=True)
+    assert loaded == {"state_dict": {}, "epoch": 3}
+    assert io.calls == ([{"weights_only": True}] if LIGHTNING_PASSES_WEIGHTS_ONLY else [{}])
 
 
 # ---------------------------------------------------------------------- a checkpoint saved in on_train_batch_end
