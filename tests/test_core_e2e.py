@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch.callbacks
+import pytest
 import torch
 from dist_utils import run_ranks
 
@@ -18,6 +20,9 @@ def run_core(out: Path, *args: str, world: int = 2) -> tuple[str, list[dict]]:
     return proc.stderr, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+@pytest.mark.skipif(
+    not hasattr(lightning.pytorch.callbacks, "EMAWeightAveraging"), reason="EMAWeightAveraging: Lightning 2.6 and later"
+)
 def test_ema_callback_sees_the_consensus_and_frozen_layers_and_masks_agree_on_every_rank(tmp_path):
     _, ranks = run_core(tmp_path, "--strategy", "local_sgd", "--period", "3", "--ema", "--frozen-per-rank")
     torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], rtol=0, atol=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BackboneFinetuning, EMAWeightAveraging, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BackboneFinetuning, StochasticWeightAveraging
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from run_case import SameBatchEveryStep, step_checkpoints
@@ -106,6 +106,8 @@ def main() -> None:
     strategy = StrategyRegistry[args.strategy]["strategy"](**{period_name: args.period})
     callbacks = step_checkpoints(out, args.ckpt_every)
     if args.ema:
+        from lightning.pytorch.callbacks import EMAWeightAveraging  # Lightning 2.6 and later
+
         callbacks.append(EMAWeightAveraging(decay=0.8))
     if args.swa:
         callbacks.append(StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=1))
