@@ -6,6 +6,15 @@ payloads are all-gathered: sign bits and top-k indices cannot be summed on the w
 them and computes the same mean. Every ``period`` steps a round averages the normalisation buffers (and, for
 LIEC-SGD, parameters and gradients in full precision).
 
+The exchange streams: an optimizer's gradients, read as one long vector, go chunk by chunk (:mod:`.chunks`), each
+chunk through the whole rule (compress, update the error, all-gather, decode the mean) in a few float32 buffers of
+one chunk that are kept between steps, and the direction is written back into ``.grad`` before the next chunk is
+read. Chunks are about ``bucket_cap_mb`` long and cut where the compressor's blocks end
+(:meth:`~lightning_localsgd.compression.Compressor.chunk_numel`), so every element is compressed in the block it
+was compressed in as one vector: the results are the same bits, and the memory beyond the algorithm's own state is
+a few chunks whatever the model size. A compressor whose result depends on the whole vector (top-k) takes the
+whole vector as one chunk.
+
 Why an all-gather and not a root that gathers and scatters (the reference code of LIEC-SGD): with N ranks the
 all-gather puts ``(N - 1) * b`` bytes on each rank's link for a payload of ``b`` bytes, the root's gather plus
 scatter puts ``2 (N - 1) * b`` on the root's link and waits for two transfers in a row; at the 2 to 8 ranks a
@@ -14,16 +23,22 @@ slow link joins, the symmetric collective is cheaper and needs no rank to be spe
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Callable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, gather_chunk, scatter_chunk
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor
-from lightning_localsgd.compression.error_feedback import decode_mean
+
+# One chunk's rule: (chunk, g) -> the buffer holding the direction. ``g`` holds the chunk's unscaled float32
+# gradients and may be overwritten.
+ChunkRule = Callable[[Chunk, Tensor], Tensor]
 
 
 class CompressedExchangeAlgorithm(PeriodicAlgorithm):
@@ -46,10 +61,60 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
 
     def _on_setup(self) -> None:
         self.compressor.seed_for_rank(self.comm.rank)
+        self._work = ChunkBuffers()
 
-    def _all_gather_mean(self, payload: Tensor, numel: int) -> Tensor:
-        """The mean over ranks of what every rank's ``payload`` decodes to (identical bits on every rank)."""
-        return decode_mean(self.compressor, self.comm.all_gather_(payload), numel)
+    # ------------------------------------------------------------------ the streamed exchange
+    def _chunk_plan(self, params: Sequence[nn.Parameter]) -> ChunkPlan:
+        """``params``' elements in chunks of about ``bucket_cap_mb`` of float32, cut at the compressor's blocks."""
+        numels = [p.numel() for p in params]
+        target = max(1, int(self.bucket_cap_mb * 2**20) // 4)
+        chunk = self.compressor.chunk_numel(target)
+        return ChunkPlan(numels, chunk if chunk is not None else max(1, sum(numels)))
+
+    def _buffer(self, name: str, chunk: Chunk) -> Tensor:
+        """A float32 work buffer of the chunk's length, reused from step to step."""
+        return self._work.get(name, chunk.numel, torch.float32, self.flat.buckets[0].device)
+
+    def _stream(self, params: list[nn.Parameter], scale: float, rule: ChunkRule) -> None:
+        """Run ``rule`` on every chunk of ``params``' unscaled float32 gradients and write what it returns (times
+        ``scale``) into their ``.grad``. A missing gradient reads as zeros and gets a ``.grad`` (the caller left out
+        the parameters no rank has a gradient for)."""
+        grads = [p.grad for p in params]  # read before any chunk creates a missing one
+
+        def grad_of(i: int) -> Tensor:
+            p = params[i]
+            if p.grad is None:
+                p.grad = torch.empty_like(p)  # the parameter's memory format, as autograd would give
+            return p.grad
+
+        staged: dict[int, Tensor] = {}
+        for chunk in self._chunk_plan(params):
+            g = gather_chunk(chunk, grads, self._buffer("g", chunk))
+            if scale != 1.0:
+                g.div_(scale)
+            direction = rule(chunk, g)
+            if scale != 1.0:
+                direction.mul_(scale)
+            scatter_chunk(chunk, direction, grad_of, staged)
+
+    def _read_state(self, chunk: Chunk, views: Sequence[Tensor], name: str) -> Tensor:
+        """The chunk's elements of per-parameter state ``views`` (the exchange's order) in work buffer ``name``."""
+        return gather_chunk(chunk, views, self._buffer(name, chunk))
+
+    @staticmethod
+    def _write_state(chunk: Chunk, values: Tensor, views: Sequence[Tensor], staged: dict[int, Tensor]) -> None:
+        """Write the chunk's ``values`` into state ``views``; ``staged`` holds strided views across chunks (one dict
+        per exchange)."""
+        scatter_chunk(chunk, values, lambda i: views[i], staged)
+
+    def _gathered_mean_into(self, payload: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+        """``out`` = the mean over ranks of what every rank's ``payload`` decodes to (the same bits on every rank:
+        summed in rank order from 0); ``scratch`` is overwritten."""
+        gathered = self.comm.all_gather_(payload)
+        out.zero_()
+        for theirs in gathered:
+            out.add_(self.compressor.decode_into(theirs, scratch))
+        return out.div_(max(len(gathered), 1))
 
     def _round(self) -> None:
         """Normalisation buffers only: the parameters were dealt with by the step's exchange."""

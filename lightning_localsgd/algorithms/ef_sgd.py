@@ -14,16 +14,16 @@ averages the normalisation buffers, which each rank updates from its own batches
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.chunks import Chunk
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
-from lightning_localsgd.algorithms.gradient_exchange import flat_slices, write_slices
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor, ScaledSign
-from lightning_localsgd.compression.error_feedback import compress_with_feedback
 
 
 class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
@@ -56,9 +56,19 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
     def _declare_state_buffers(self) -> dict[str, StateInit]:
         return {"error": "zeros"}
 
-    def _exchange_gradients(self, optimizer: Optimizer, indices: list[int], grads: Tensor) -> Tensor:
+    def _exchange_gradients(
+        self, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: float
+    ) -> None:
         views = self.state_views("error")
-        error = flat_slices(views, indices).float()
-        payload = compress_with_feedback(self.compressor, grads, error)
-        write_slices(views, indices, error)
-        return self._all_gather_mean(payload, grads.numel())
+        errors = [views[i] for i in indices]
+        staged: dict[int, Tensor] = {}
+
+        def rule(chunk: Chunk, g: Tensor) -> Tensor:
+            e = self._read_state(chunk, errors, "e")
+            compensated = g.add_(e)  # p_i = g_i + e_i
+            payload = self.compressor.encode(compensated)
+            decoded = self.compressor.decode_into(payload, e)
+            self._write_state(chunk, torch.sub(compensated, decoded, out=e), errors, staged)  # e_i <- p_i - C(p_i)
+            return self._gathered_mean_into(payload, g, e)  # mean_j C(p_j)
+
+        self._stream(params, scale, rule)

@@ -146,9 +146,13 @@ class GradientExchange:
         elif self.exchanges_every_step:
             self._guarded_exchange(optimizer)
 
-    def _exchange_gradients(self: PeriodicAlgorithm, optimizer: Optimizer, indices: list[int], grads: Tensor) -> Tensor:
-        """The direction ``optimizer`` steps on, from this rank's finite, unscaled float32 gradients ``grads`` of the
-        managed parameters ``flat.params[i]`` for ``i`` in ``indices`` (in that order). Every rank calls it alike."""
+    def _exchange_gradients(
+        self: PeriodicAlgorithm, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: float
+    ) -> None:
+        """Exchange the finite gradients of ``params`` (the managed parameters ``flat.params[i]`` for ``i`` in
+        ``indices``, in that order; a missing gradient counts as zero) and leave in every ``.grad`` the direction
+        ``optimizer`` steps on. Gradients are still multiplied by ``scale`` (fp16 AMP's grad scaler): the algorithm
+        works on them divided by it and writes the direction multiplied back. Every rank calls it alike."""
         raise NotImplementedError(f"{type(self).__name__} sets `exchanges_every_step` but has no exchange.")
 
     def _guarded_exchange(self: PeriodicAlgorithm, optimizer: Optimizer) -> None:
@@ -194,8 +198,7 @@ class GradientExchange:
                 index_of = self.flat.index_of
                 indices = [index_of[id(p)] for p in params]
                 with torch.no_grad():
-                    direction = self._exchange_gradients(optimizer, indices, flat_gradients(params, scale))
-                    write_gradients(params, direction, scale)
+                    self._exchange_gradients(optimizer, params, indices, scale)
             if not full:  # a full-precision step's bytes count with the rounds'
                 self.comm.stats.exchanges += 1
                 self.comm.stats.exchange_bytes_sent += self.comm.stats.bytes_sent - sent_before

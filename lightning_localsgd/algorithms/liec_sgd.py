@@ -35,15 +35,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_bool, check_int
-from lightning_localsgd.algorithms.averaging import mean_, mean_packed_
+from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.chunks import Chunk
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
 from lightning_localsgd.algorithms.control_variate import ControlVariate
-from lightning_localsgd.algorithms.gradient_exchange import flat_slices, write_slices
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
@@ -83,14 +83,6 @@ def bits_checksum(tensors: Sequence[Tensor]) -> float:
         for value in sums:
             total = (total * 1_000_003 + value) % 2**52
     return float(total)
-
-
-def server_step(compressor: Compressor, mean_compressed: Tensor, error: Tensor) -> Tensor:
-    """``u = mean_compressed + error``; returns ``C(u)`` and leaves ``error = u - C(u)``."""
-    u = mean_compressed + error
-    _, c_hat = compressor.compress(u)
-    error.copy_(u - c_hat)
-    return c_hat
 
 
 class LIECSGD(CompressedExchangeAlgorithm):
@@ -168,21 +160,36 @@ class LIECSGD(CompressedExchangeAlgorithm):
     def _full_precision_step(self) -> bool:
         return self.is_round_after(self.step)
 
-    def _exchange_gradients(self, optimizer: Optimizer, indices: list[int], grads: Tensor) -> Tensor:
+    def _exchange_gradients(
+        self, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: float
+    ) -> None:
         views = self.state_views("server_error")
-        error = flat_slices(views, indices).float()
+        errors = [views[i] for i in indices]
         if self._full_precision_step():
             self._average_parameters(optimizer, indices)
-            mean_([grads], self.comm)
-            direction = grads.add_(error)
-            error.zero_()
-        else:
-            payload, compressed = self.compressor.compress(grads)
-            local_error = grads.sub_(compressed)  # r_i, in place of g_i (no longer needed)
-            mean_compressed = self._all_gather_mean(payload, grads.numel())
-            direction = server_step(self.compressor, mean_compressed, error).add_(local_error)
-        write_slices(views, indices, error)
-        return direction
+            self._stream(params, scale, lambda chunk, g: self._full_precision_chunk(chunk, g, errors))
+            for error in errors:
+                error.zero_()
+            return
+        staged: dict[int, Tensor] = {}
+        self._stream(params, scale, lambda chunk, g: self._compressed_chunk(chunk, g, errors, staged))
+
+    def _full_precision_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor]) -> Tensor:
+        """mean_j g_j + e (``e`` is reset by the caller once every chunk has read it)."""
+        self.comm.all_reduce_mean_([g])
+        return g.add_(self._read_state(chunk, errors, "e"))
+
+    def _compressed_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], staged: dict[int, Tensor]) -> Tensor:
+        """One chunk of a compressed step (see the module docstring): returns C(u) + r_i, updates ``e``."""
+        compressor = self.compressor
+        payload = compressor.encode(g)  # C(g_i), packed
+        mean = self._buffer("mean", chunk)
+        g.sub_(compressor.decode_into(payload, mean))  # r_i = g_i - C(g_i), in place of g_i
+        scratch = self._buffer("e", chunk)
+        u = self._gathered_mean_into(payload, mean, scratch).add_(self._read_state(chunk, errors, "e"))  # mean + e
+        server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent
+        self._write_state(chunk, u.sub_(server), errors, staged)  # e <- u - C(u)
+        return server.add_(g)  # C(u) + r_i
 
     def _average_parameters(self, optimizer: Optimizer, indices: list[int]) -> None:
         """x_i <- mean_j x_j for ``optimizer``'s parameters; with variance reduction, Delta_i learns the drift."""

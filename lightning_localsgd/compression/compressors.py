@@ -43,6 +43,11 @@ def _flat_float32(tensor: Tensor) -> Tensor:
     return tensor.detach().reshape(-1).to(torch.float32)
 
 
+def _whole_blocks(target: int, block_numel: int) -> int:
+    """The multiple of ``block_numel`` nearest ``target`` from below (at least one block)."""
+    return max(1, target // block_numel) * block_numel
+
+
 def block_numel_of(block_size_mb: float) -> int:
     """Float32 elements in a block of ``block_size_mb`` MiB (at least 1)."""
     return max(1, int(check_positive_float("block_size_mb", block_size_mb) * 2**20) // 4)
@@ -72,6 +77,22 @@ class Compressor(ABC):
         """``(payload, decoded)``: what is sent and what the receivers will read from it."""
         payload = self.encode(tensor)
         return payload, self.decode(payload, tensor.numel())
+
+    def chunk_numel(self, target: int) -> Optional[int]:
+        """A chunk length near ``target`` such that compressing a vector chunk by chunk gives exactly what
+        compressing it whole gives (the streamed exchanges cut their vectors there); ``None``: only the whole
+        vector does (the default, e.g. a top-k selection)."""
+        return None
+
+    def decode_into(self, payload: Tensor, out: Tensor) -> Tensor:
+        """:meth:`decode` written into ``out`` (a float32 vector of the payload's element count); returns ``out``.
+        Compressors that can decode in place override it, so the exchanges reuse one buffer at every step."""
+        return out.copy_(self.decode(payload, out.numel()))
+
+    def compress_values_into(self, tensor: Tensor, out: Tensor) -> Tensor:
+        """``decode(encode(tensor))`` written into ``out``, bit for bit, for a result that never crosses a wire
+        (LIEC-SGD's server step): compressors that can skip packing and unpacking override it."""
+        return self.decode_into(self.encode(tensor), out)
 
     def seed_for_rank(self, rank: int) -> None:  # noqa: B027 - deterministic compressors have nothing to seed
         """Give this rank's copy its own random stream (random compressors only)."""
@@ -163,6 +184,9 @@ class ScaledSign(Compressor):
     def payload_bytes(self, numel: int) -> int:
         return 4 * _Blocks(numel, self._block_numel).count + packed_bits_bytes(numel)
 
+    def chunk_numel(self, target: int) -> int:
+        return _whole_blocks(target, self._block_numel)
+
     def encode(self, tensor: Tensor) -> Tensor:
         flat = _flat_float32(tensor)
         blocks = _Blocks(flat.numel(), self._block_numel)
@@ -172,25 +196,43 @@ class ScaledSign(Compressor):
         return torch.cat([as_bytes(scales), pack_bits(flat < 0)])
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
+        return self.decode_into(payload, torch.empty(numel, dtype=torch.float32, device=payload.device))
+
+    def decode_into(self, payload: Tensor, out: Tensor) -> Tensor:
+        numel = out.numel()
         _check_payload(payload, self.payload_bytes(numel), "ScaledSign")
         blocks = _Blocks(numel, self._block_numel)
         if blocks.count == 0:
-            return torch.zeros(0, dtype=torch.float32, device=payload.device)
+            return out
         scales = from_bytes(payload[: 4 * blocks.count], torch.float32)
         packed = payload[4 * blocks.count :]
         if blocks.block_numel % 8:  # a block boundary inside a byte: decode the bits, then scale block by block
-            signs = unpack_bits(packed, numel).to(torch.float32).mul_(-2.0).add_(1.0)
-            return blocks.scale_(signs, scales)
+            out.copy_(unpack_bits(packed, numel)).mul_(-2.0).add_(1.0)
+            return blocks.scale_(out, scales)
         # Each block owns whole bytes: one gather per block from a 256 x 8 table of +-scale writes the decoded
         # values directly (bit-identical to sign * scale), with no intermediate bit or sign vector.
         table = _sign_table(payload.device)
         codes = packed.long()
-        out = torch.empty((packed.numel(), 8), dtype=torch.float32, device=payload.device)
         rows = blocks.block_numel // 8
-        for b in range(blocks.count):
-            chunk = slice(b * rows, (b + 1) * rows)
-            torch.index_select(table * scales[b], 0, codes[chunk], out=out[chunk])
-        return out.reshape(-1)[:numel]
+        for b, block in enumerate(out.split(blocks.block_numel)):
+            signed = table * scales[b]
+            whole = block.numel() // 8  # the last block may end inside its last byte
+            torch.index_select(signed, 0, codes[b * rows : b * rows + whole], out=block[: 8 * whole].view(whole, 8))
+            if whole * 8 < block.numel():
+                block[8 * whole :].copy_(signed[codes[b * rows + whole]][: block.numel() - 8 * whole])
+        return out
+
+    def compress_values_into(self, tensor: Tensor, out: Tensor) -> Tensor:
+        # +scale where the element is not negative (a clear bit), -scale where it is: what decode gives, bit for bit
+        # (+-1.0 times the scale), without packing the bits and unpacking them again.
+        flat = _flat_float32(tensor)
+        blocks = _Blocks(flat.numel(), self._block_numel)
+        if blocks.count == 0:
+            return out
+        scales = blocks.mean_abs(flat)
+        for block, target, scale in zip(flat.split(blocks.block_numel), out.split(blocks.block_numel), scales):
+            torch.where(block < 0, -scale, scale, out=target)
+        return out
 
 
 class TopK(Compressor):
@@ -261,6 +303,10 @@ class QSGD(Compressor):
     def payload_bytes(self, numel: int) -> int:
         return 4 * _Blocks(numel, self._block_numel).count + numel
 
+    def chunk_numel(self, target: int) -> int:
+        # Blocks are independent and the random draws come one per element from one stream, whatever the chunks.
+        return _whole_blocks(target, self._block_numel)
+
     def encode(self, tensor: Tensor) -> Tensor:
         flat = _flat_float32(tensor)
         blocks = _Blocks(flat.numel(), self._block_numel)
@@ -303,6 +349,9 @@ class NoCompression(Compressor):
 
     def payload_bytes(self, numel: int) -> int:
         return 4 * numel
+
+    def chunk_numel(self, target: int) -> int:
+        return max(1, target)
 
     def encode(self, tensor: Tensor) -> Tensor:
         return as_bytes(_flat_float32(tensor).clone())  # a payload never aliases its input

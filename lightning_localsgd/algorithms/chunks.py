@@ -1,0 +1,133 @@
+"""A list of tensors read as one long vector, a chunk at a time, without ever building that vector.
+
+The per-step exchanges (compressed gradients, gossip) used to concatenate a whole optimizer's gradients, errors and
+results into vectors of the whole model, several at once: seven or eight float32 copies of the model at the peak.
+A :class:`ChunkPlan` cuts the concatenation of ``numels`` into chunks of a fixed length and says, for each chunk,
+which slice of which tensor lands where. :func:`gather_chunk` copies one chunk into a reused buffer (converting the
+dtype, a missing tensor reading as zeros) and :func:`scatter_chunk` writes one back, so an exchange holds a few
+chunk-sized buffers whatever the model size. Elements are in each tensor's logical (row-major) order, the order of
+``tensor.reshape(-1)``, as the whole-vector code had them: results do not depend on where the chunks are cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, start + length)`` of tensor ``index`` sit at ``[at, at + length)`` of the chunk."""
+
+    index: int
+    start: int
+    length: int
+    at: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int  # offset of the chunk in the whole vector
+    numel: int
+    pieces: tuple[Piece, ...]
+
+
+class ChunkPlan:
+    """The concatenation of tensors of ``numels`` elements, in chunks of ``chunk_numel`` (the last one shorter)."""
+
+    def __init__(self, numels: Sequence[int], chunk_numel: int) -> None:
+        if chunk_numel < 1:
+            raise ValueError(f"`chunk_numel` must be at least 1, got {chunk_numel}.")
+        self.numels = list(numels)
+        self.numel = sum(self.numels)
+        self.chunk_numel = chunk_numel
+        self.chunks: list[Chunk] = []
+        index, offset = 0, 0  # the tensor being cut and how far into it
+        for start in range(0, self.numel, chunk_numel):
+            length = min(chunk_numel, self.numel - start)
+            pieces, at = [], 0
+            while at < length:
+                while self.numels[index] == offset:  # skip empty tensors and finished ones
+                    index, offset = index + 1, 0
+                take = min(length - at, self.numels[index] - offset)
+                pieces.append(Piece(index, offset, take, at))
+                offset += take
+                at += take
+            self.chunks.append(Chunk(start, length, tuple(pieces)))
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return iter(self.chunks)
+
+
+def _flat_view(tensor: Tensor) -> Optional[Tensor]:
+    """``tensor`` as a 1-D view in logical order, or None where no view exists (e.g. channels_last)."""
+    return tensor.view(-1) if tensor.is_contiguous() else None
+
+
+def gather_chunk(chunk: Chunk, tensors: Sequence[Optional[Tensor]], out: Tensor) -> Tensor:
+    """``out[:chunk.numel]``, filled with the chunk's elements of ``tensors`` (None: zeros) in ``out``'s dtype."""
+    target = out[: chunk.numel]
+    for piece in chunk.pieces:
+        destination = target[piece.at : piece.at + piece.length]
+        source = tensors[piece.index]
+        if source is None:
+            destination.zero_()
+            continue
+        flat = _flat_view(source)
+        if flat is None:  # a strided tensor: its logical order needs a copy of it (one parameter, not the model)
+            flat = source.reshape(-1)
+        destination.copy_(flat[piece.start : piece.start + piece.length])
+    return target
+
+
+def scatter_chunk(
+    chunk: Chunk,
+    values: Tensor,
+    target_of: Callable[[int], Optional[Tensor]],
+    pending: dict[int, Tensor],
+) -> None:
+    """Write ``values`` (the chunk, as from :func:`gather_chunk`) into the tensors ``target_of(index)`` returns
+    (``None``: leave that tensor alone), converting to each tensor's dtype.
+
+    A strided target (no flat view) is assembled in ``pending`` across chunks, one tensor at a time, and written
+    whole when its last element arrives: it stays as it was until then.
+    """
+    for piece in chunk.pieces:
+        target = target_of(piece.index)
+        if target is None:
+            continue
+        part = values[piece.at : piece.at + piece.length]
+        flat = _flat_view(target)
+        if flat is not None:
+            flat[piece.start : piece.start + piece.length].copy_(part)
+            continue
+        staged = pending.get(piece.index)
+        if staged is None:
+            staged = pending[piece.index] = torch.empty(target.numel(), dtype=target.dtype, device=target.device)
+        staged[piece.start : piece.start + piece.length].copy_(part)
+        if piece.start + piece.length == target.numel():
+            target.copy_(pending.pop(piece.index).view(target.shape))
+
+
+class ChunkBuffers:
+    """Chunk-sized work buffers, kept between steps (allocated once per size, dtype and device)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (name, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
+
+    def clear(self) -> None:
+        self._buffers = {}
