@@ -92,7 +92,7 @@ def test_the_model_spans_several_buckets_and_blocks():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_each_rank_steps_on_the_server_result_plus_its_own_immediate_error(world, dtype):
     """dir_i = C(mean_j C(g_j) + e) + (g_i - C(g_i)), e <- u - C(u) (ALGORITHMS.md, LIEC-SGD): recomputed here in
     plain torch from the recorded gradients, with the test's own scaled sign, not the package's."""
