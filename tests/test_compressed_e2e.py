@@ -16,7 +16,14 @@ NUMEL = 6 * 16 + 16 + 16 + 16 + 16 + 1  # run_case's Recorder
 ARGS = ("--period", "4", "--val-every", "5", "--ckpt-every", "6", "--csv")
 
 
-RUNS = {"liec_sgd": ("liec_sgd",), "liec_sgd_vr": ("liec_sgd", "--variance-reduction"), "ef_sign": ("ef_sign",)}
+# The sharded server, with 64-element blocks (3 for the 161 elements): rank 0 serves two blocks, rank 1 the last 33.
+SHARDED = ("--server", "sharded", "--block-size-mb", str(256 / 2**20))
+RUNS = {
+    "liec_sgd": ("liec_sgd",),
+    "liec_sgd_vr": ("liec_sgd", "--variance-reduction"),
+    "liec_sgd_sharded": ("liec_sgd", *SHARDED),
+    "ef_sign": ("ef_sign",),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
@@ -42,12 +49,20 @@ def test_replicas_drift_under_liec_and_never_under_ef(compressed_run):
 
 
 def test_each_compressed_step_sends_the_packed_payload_and_full_rounds_are_counted_apart(compressed_run):
-    name, _, ranks, _ = compressed_run
+    name, _, ranks, extra = compressed_run
     comm = ranks[0]["comm"]
     compressed_steps = 12 - 3 if name == "liec_sgd" else 12
     assert comm["exchanges"] == compressed_steps
-    payload = 4 + math.ceil(NUMEL / 8)  # one float32 scale (one 5 MiB block), then 1 bit per element
-    assert comm["exchange_bytes_sent"] == compressed_steps * payload
+    if extra == SHARDED:
+        # Shards of 128 and 33 elements (2 and 1 blocks). Each rank sends the other its shard's payload (all-to-all)
+        # and its server result padded to the larger shard's (all-gather).
+        payload = [2 * 4 + math.ceil(128 / 8), 4 + math.ceil(33 / 8)]
+        for rank in range(2):
+            sent = payload[1 - rank] + max(payload)
+            assert ranks[rank]["comm"]["exchange_bytes_sent"] == compressed_steps * sent
+    else:
+        payload = 4 + math.ceil(NUMEL / 8)  # one float32 scale (one 5 MiB block), then 1 bit per element
+        assert comm["exchange_bytes_sent"] == compressed_steps * payload
     assert comm["rounds"] == 3
     # The rest: full rounds (LIEC: parameters and gradients in float32), buffer rounds and consensus.
     assert comm["bytes_sent"] > comm["exchange_bytes_sent"]
@@ -69,11 +84,13 @@ def test_validation_checkpoints_and_the_final_model_hold_the_consensus(compresse
     key = "server_error" if name == "liec_sgd" else "error"
     errors = [torch.cat(s["algorithm"][key]) for s in shards]
     assert errors[0].abs().max() > 0
-    if name == "liec_sgd":
+    if extra == SHARDED:  # each rank holds the server error of the part it serves, zeros elsewhere
+        assert int(((errors[0] != 0) & (errors[1] != 0)).sum()) == 0 and errors[1].abs().max() > 0
+    elif name == "liec_sgd":
         torch.testing.assert_close(errors[0], errors[1], rtol=0, atol=0)  # one server error, held by every rank
     else:
         assert (errors[0] - errors[1]).abs().max() > 0  # each rank's own
-    if extra:  # variance reduction: Delta_i learnt at the full round after step 4, one per rank, summing to 0
+    if "--variance-reduction" in extra:  # Delta_i learnt at the full round after step 4, one per rank, summing to 0
         deltas = [torch.cat(s["algorithm"]["delta"]) for s in shards]
         assert deltas[0].abs().max() > 1e-4
         torch.testing.assert_close(deltas[0] + deltas[1], torch.zeros_like(deltas[0]), rtol=0, atol=1e-6)

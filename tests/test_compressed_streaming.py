@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_localsgd.algorithms import LIECSGD, ErrorFeedbackSGD
-from lightning_localsgd.algorithms.chunks import ChunkPlan, gather_chunk, scatter_chunk
+from lightning_localsgd.algorithms.chunks import ChunkPlan, ChunkWriter, gather_chunk
 from lightning_localsgd.comm import run_simulated
 from lightning_localsgd.compression import QSGD, NoCompression, ScaledSign
 
@@ -85,8 +85,10 @@ ALGORITHMS = {
     "ef_sign": lambda cap, block: ErrorFeedbackSGD(ScaledSign(block), period=4, bucket_cap_mb=cap),
     "ef_qsgd": lambda cap, block: ErrorFeedbackSGD(QSGD(15, block), period=4, bucket_cap_mb=cap),
     "ef_none": lambda cap, block: ErrorFeedbackSGD(NoCompression(), period=4, bucket_cap_mb=cap),
-    "liec": lambda cap, block: LIECSGD(3, block_size_mb=block, bucket_cap_mb=cap),
-    "liec_vr": lambda cap, block: LIECSGD(3, block_size_mb=block, bucket_cap_mb=cap, variance_reduction=True),
+    "liec": lambda cap, block: LIECSGD(3, block_size_mb=block, bucket_cap_mb=cap, server="replicated"),
+    "liec_vr": lambda cap, block: LIECSGD(
+        3, block_size_mb=block, bucket_cap_mb=cap, variance_reduction=True, server="replicated"
+    ),
 }
 
 
@@ -126,30 +128,73 @@ def test_a_chunk_plan_covers_every_element_once_in_order_and_scatters_back():
         assert [c.numel for c in plan] == [min(chunk_numel, whole.numel() - s) for s in range(0, 66, chunk_numel)]
         buffer = torch.empty(chunk_numel, dtype=torch.float32)
         rebuilt = [torch.full_like(t, -1.0) for t in tensors]
-        staged: dict[int, torch.Tensor] = {}
+        writer = ChunkWriter(rebuilt.__getitem__)
         for chunk in plan:
             values = gather_chunk(chunk, tensors, buffer)
             assert torch.equal(values, whole[chunk.start : chunk.start + chunk.numel].float())
-            scatter_chunk(chunk, values, rebuilt.__getitem__, staged)
-        assert all(torch.equal(a, b) for a, b in zip(rebuilt, tensors)) and not staged
+            writer.write(chunk, values)
+        writer.finish()
+        assert all(torch.equal(a, b) for a, b in zip(rebuilt, tensors))
 
 
-def test_a_strided_tensor_is_read_in_logical_order_and_written_whole_after_its_last_piece():
+def test_a_strided_tensor_is_read_in_logical_order_and_written_whole_at_the_end():
     weight = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)  # no flat view
     tensors = [torch.randn(7), weight, None]
-    numels = [7, weight.numel(), 6]
-    plan = ChunkPlan(numels, 50)
+    plan = ChunkPlan([7, weight.numel(), 6], 50)
     target = torch.zeros_like(weight)
-    staged: dict[int, torch.Tensor] = {}
-    zeros_seen = []
+    writer = ChunkWriter(lambda i: target if i == 1 else None)
     for chunk in plan:
         values = gather_chunk(chunk, tensors, torch.empty(50))
         expected = torch.cat([tensors[0], weight.reshape(-1), torch.zeros(6)])[chunk.start : chunk.start + chunk.numel]
         assert torch.equal(values, expected)
-        scatter_chunk(chunk, values, lambda i: target if i == 1 else None, staged)
-        zeros_seen.append(bool((target == 0).all()))
-    assert zeros_seen == [True, True, False]  # elements 7 to 126: written once chunk [100, 133) completes it
+        writer.write(chunk, values)
+        assert bool((target == 0).all())  # staged: chunks gathered later still read what it held
+    writer.finish()
     assert torch.equal(target, weight) and target.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_part_of_a_chunk_writes_only_its_elements_and_keeps_the_rest_of_a_strided_target():
+    weight = torch.randn(3, 4, 5, 6).to(memory_format=torch.channels_last)
+    flat = torch.randn(11)
+    plan = ChunkPlan([11, weight.numel()], 64)
+    originals = [flat.clone(), weight.clone()]
+    targets = [flat, weight]
+    writer = ChunkWriter(targets.__getitem__)
+    for chunk in plan:
+        part = chunk.part(5, min(20, chunk.numel - 5))  # elements [5, 25) of every chunk
+        writer.write(part, torch.full((part.numel,), 7.0))
+    writer.finish()
+    whole_before = torch.cat([t.reshape(-1) for t in originals])
+    whole_after = torch.cat([t.reshape(-1) for t in targets])
+    written = torch.zeros(whole_before.numel(), dtype=torch.bool)
+    for start in range(0, whole_before.numel(), 64):
+        written[start + 5 : min(start + 25, whole_before.numel())] = True
+    assert bool((whole_after[written] == 7.0).all())
+    assert torch.equal(whole_after[~written], whole_before[~written])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("block_bytes", [64, 44])  # blocks of 16 elements, and of 11 (bits that end inside a byte)
+@pytest.mark.parametrize("variance_reduction", [False, True])
+def test_the_sharded_server_gives_the_replicated_servers_bits(world, block_bytes, variance_reduction):
+    """Streamed in small chunks, each split over the ranks, the sharded server steps every rank exactly as the
+    replicated server does on one whole vector; its ranks' parts of ``e`` are disjoint and add up to that server's
+    ``e``. With the last layer missing gradients at some steps, its shards move, and the parts are re-split."""
+    block = block_bytes / 2**20
+
+    def make(server, cap):
+        return lambda: LIECSGD(
+            3, block_size_mb=block, bucket_cap_mb=cap, variance_reduction=variance_reduction, server=server
+        )
+
+    sharded = run(make("sharded", SMALL_MB), world, torch.float32)
+    replicated = run(make("replicated", WHOLE_MB), world, torch.float32)
+    for (history, _), (ref_history, _) in zip(sharded, replicated):
+        for params, ref_params in zip(history, ref_history):
+            assert all(torch.equal(p, q) for p, q in zip(params, ref_params))
+    parts = torch.stack([torch.cat(errors["server_error"]) for _, errors in sharded])
+    assert int((parts != 0).sum(0).max()) <= 1
+    assert torch.equal(parts.sum(0), torch.cat(replicated[0][1]["server_error"]))
 
 
 PEAK_SCRIPT = textwrap.dedent(

@@ -37,6 +37,20 @@ def test_liec_takes_the_deterministic_compressors(compressor):
     assert LIECSGDStrategy(full_sync_period=4).algorithm.compressor.deterministic
 
 
+def test_a_sharded_server_refuses_top_k_and_auto_keeps_it_replicated():
+    with pytest.raises(ValueError, match=r"server='sharded' splits the server step at the compressor's blocks"):
+        LIECSGD(compressor=TopK(0.1), server="sharded")
+
+    def choices(rank, comm):
+        auto_sign, auto_topk = LIECSGD(), LIECSGD(compressor=TopK(0.1))
+        for algorithm in (auto_sign, auto_topk):
+            algorithm.setup(make_layered_model(), comm)
+        return auto_sign.shards_server, auto_topk.shards_server
+
+    assert run_simulated(2, choices) == [(False, False)] * 2  # two ranks: the same bytes either way
+    assert run_simulated(3, choices) == [(True, False)] * 3
+
+
 # ---------------------------------------------------------------------------------------- the scaled sign's scale
 def _wide_block(numel: int) -> torch.Tensor:
     """Magnitudes over 6 decades: a float32 sum of it depends on the summation order."""
@@ -91,13 +105,14 @@ def test_bits_checksum_sees_one_bit_and_a_swap_and_is_thread_independent():
 
 
 def _train(world: int, steps: int, period: int, desync_at: int | None = None) -> list[list[float]]:
-    """Simulated LIEC-SGD workers; with ``desync_at``, rank 1's server error is nudged by one ulp before that step.
-    Returns each rank's server-error sums after every step."""
+    """Simulated LIEC-SGD workers with a replicated server (every rank computes the whole server step: the case the
+    checksum guards; a sharded server has nothing duplicated to compare); with ``desync_at``, rank 1's server error
+    is nudged by one ulp before that step. Returns each rank's server-error sums after every step."""
 
     def worker(rank: int, comm) -> list[float]:
         model = make_layered_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        algorithm = LIECSGD(period, bucket_cap_mb=SMALL_BUCKET_MB, compressor=ScaledSign(BLOCK_MB))
+        algorithm = LIECSGD(period, bucket_cap_mb=SMALL_BUCKET_MB, compressor=ScaledSign(BLOCK_MB), server="replicated")
         algorithm.setup(model, comm, [opt])
         sums = []
         for step in range(steps):

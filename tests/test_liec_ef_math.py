@@ -75,13 +75,25 @@ def run_recorded(make_algorithm, world, steps, dtype=torch.float32, optimizer="s
     return run_simulated(world, worker)
 
 
-def liec(period=4, compressor=None, variance_reduction=False):
+def liec(period=4, compressor=None, variance_reduction=False, server="auto"):
     return lambda: LIECSGD(
         period,
         bucket_cap_mb=SMALL_BUCKET_MB,
         compressor=compressor or ScaledSign(BLOCK_MB),
         variance_reduction=variance_reduction,
+        server=server,
     )
+
+
+def whole_server_error(records, key, sharded):
+    """The server error ``e`` of the spec: every rank's copy (replicated), or the sum of every rank's part (sharded:
+    each element on at most one rank, zero on the others)."""
+    parts = [r[key] for r in records]
+    if not sharded:
+        assert all(torch.equal(p, parts[0]) for p in parts)  # one server error, the same everywhere
+        return parts[0]
+    assert int(torch.stack([p != 0 for p in parts]).sum(0).max()) <= 1  # disjoint parts
+    return sum(parts)
 
 
 def test_the_model_spans_several_buckets_and_blocks():
@@ -93,17 +105,19 @@ def test_the_model_spans_several_buckets_and_blocks():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_each_rank_steps_on_the_server_result_plus_its_own_immediate_error(world, dtype):
+@pytest.mark.parametrize("server", ["replicated", "sharded"])
+def test_each_rank_steps_on_the_server_result_plus_its_own_immediate_error(world, dtype, server):
     """dir_i = C(mean_j C(g_j) + e) + (g_i - C(g_i)), e <- u - C(u) (ALGORITHMS.md, LIEC-SGD): recomputed here in
-    plain torch from the recorded gradients, with the test's own scaled sign, not the package's."""
+    plain torch from the recorded gradients, with the test's own scaled sign, not the package's. Sharded, every rank
+    holds its part of ``e`` and the parts add up to the spec's ``e``."""
     period = 4
-    runs = run_recorded(liec(period), world, 7, dtype)
+    sharded = server == "sharded"
+    runs = run_recorded(liec(period, server=server), world, 7, dtype)
     errors_seen = 0
     for step in range(7):
         records = [r[step] for r, _ in runs]
         grads = [r["grad"] for r in records]
-        error = records[0]["error_before"]
-        assert all(torch.equal(r["error_before"], error) for r in records)  # one server error, the same everywhere
+        error = whole_server_error(records, "error_before", sharded)
         if (step + 1) % period == 0:
             continue  # full-precision step: tested below
         compressed = [scaled_sign(g) for g in grads]
@@ -112,7 +126,7 @@ def test_each_rank_steps_on_the_server_result_plus_its_own_immediate_error(world
         errors_seen += int(error.abs().max() > 0)
         for r, g, c in zip(records, grads, compressed):
             torch.testing.assert_close(r["direction"], c_hat + (g - c), rtol=0, atol=1e-6)
-            torch.testing.assert_close(r["error_after"], u - c_hat, rtol=0, atol=1e-6)
+        torch.testing.assert_close(whole_server_error(records, "error_after", sharded), u - c_hat, rtol=0, atol=1e-6)
     assert errors_seen >= 3  # the server error took part (it is 0 only at the first step after a full round)
 
 

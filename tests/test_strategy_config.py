@@ -254,6 +254,11 @@ def test_compressed_strategies_take_their_knobs_from_yaml():
     args = ["--config", str(EXAMPLES / "liec_sgd.yaml"), "--trainer.strategy.init_args.variance_reduction=true"]
     cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=args)
     assert cli.trainer.strategy.algorithm.variance_reduction is True
+    assert cli.trainer.strategy.algorithm.server == "auto"
+    args = ["--config", str(EXAMPLES / "liec_sgd.yaml"), "--trainer.strategy.init_args.server=sharded"]
+    assert LightningCLI(BoringModel, BoringDataModule, run=False, args=args).trainer.strategy.algorithm.server == (
+        "sharded"
+    )
     args = [
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
@@ -273,6 +278,7 @@ def test_compressed_strategies_take_their_knobs_from_yaml():
         (lambda: lightning_localsgd.LIECSGDStrategy(full_sync_period=0), "`full_sync_period`"),
         (lambda: lightning_localsgd.LIECSGDStrategy(block_size_mb=-1), "`block_size_mb`"),
         (lambda: lightning_localsgd.LIECSGDStrategy(variance_reduction="yes"), "`variance_reduction`"),
+        (lambda: lightning_localsgd.LIECSGDStrategy(server="central"), "`server` must be one of"),
         (lambda: lightning_localsgd.ErrorFeedbackStrategy(compressor="powersgd"), "`compressor` must be one of"),
         (lambda: lightning_localsgd.ErrorFeedbackStrategy(compressor_options={"levels": 3}), "Bad options"),
     ],

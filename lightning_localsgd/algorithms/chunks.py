@@ -4,7 +4,7 @@ The per-step exchanges (compressed gradients, gossip) used to concatenate a whol
 results into vectors of the whole model, several at once: seven or eight float32 copies of the model at the peak.
 A :class:`ChunkPlan` cuts the concatenation of ``numels`` into chunks of a fixed length and says, for each chunk,
 which slice of which tensor lands where. :func:`gather_chunk` copies one chunk into a reused buffer (converting the
-dtype, a missing tensor reading as zeros) and :func:`scatter_chunk` writes one back, so an exchange holds a few
+dtype, a missing tensor reading as zeros) and a :class:`ChunkWriter` writes chunks back, so an exchange holds a few
 chunk-sized buffers whatever the model size. Elements are in each tensor's logical (row-major) order, the order of
 ``tensor.reshape(-1)``, as the whole-vector code had them: results do not depend on where the chunks are cut.
 """
@@ -34,6 +34,16 @@ class Chunk:
     start: int  # offset of the chunk in the whole vector
     numel: int
     pieces: tuple[Piece, ...]
+
+    def part(self, start: int, numel: int) -> Chunk:
+        """Elements ``[start, start + numel)`` of this chunk, as a chunk of their own (e.g. one rank's shard)."""
+        end = start + numel
+        pieces = []
+        for piece in self.pieces:
+            low, high = max(piece.at, start), min(piece.at + piece.length, end)
+            if low < high:
+                pieces.append(Piece(piece.index, piece.start + low - piece.at, high - low, low - start))
+        return Chunk(self.start + start, numel, tuple(pieces))
 
 
 class ChunkPlan:
@@ -87,33 +97,38 @@ def gather_chunk(chunk: Chunk, tensors: Sequence[Optional[Tensor]], out: Tensor)
     return target
 
 
-def scatter_chunk(
-    chunk: Chunk,
-    values: Tensor,
-    target_of: Callable[[int], Optional[Tensor]],
-    pending: dict[int, Tensor],
-) -> None:
-    """Write ``values`` (the chunk, as from :func:`gather_chunk`) into the tensors ``target_of(index)`` returns
-    (``None``: leave that tensor alone), converting to each tensor's dtype.
+class ChunkWriter:
+    """Writes chunks (as from :func:`gather_chunk`) into the tensors ``target_of(index)`` returns (``None``: leave
+    that tensor alone), converting to each tensor's dtype.
 
-    A strided target (no flat view) is assembled in ``pending`` across chunks, one tensor at a time, and written
-    whole when its last element arrives: it stays as it was until then.
+    A strided target (no flat view) is staged as a copy in logical order and written whole by :meth:`finish`: until
+    then it keeps its values, so chunks gathered later still read what it held, and elements no chunk wrote (another
+    rank's shard) stay as they were.
     """
-    for piece in chunk.pieces:
-        target = target_of(piece.index)
-        if target is None:
-            continue
-        part = values[piece.at : piece.at + piece.length]
-        flat = _flat_view(target)
-        if flat is not None:
+
+    def __init__(self, target_of: Callable[[int], Optional[Tensor]]) -> None:
+        self.target_of = target_of
+        self._staged: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def write(self, chunk: Chunk, values: Tensor) -> None:
+        for piece in chunk.pieces:
+            target = self.target_of(piece.index)
+            if target is None:
+                continue
+            part = values[piece.at : piece.at + piece.length]
+            flat = _flat_view(target)
+            if flat is None:
+                staged = self._staged.get(piece.index)
+                if staged is None:
+                    staged = self._staged[piece.index] = (target, target.reshape(-1).clone())
+                flat = staged[1]
             flat[piece.start : piece.start + piece.length].copy_(part)
-            continue
-        staged = pending.get(piece.index)
-        if staged is None:
-            staged = pending[piece.index] = torch.empty(target.numel(), dtype=target.dtype, device=target.device)
-        staged[piece.start : piece.start + piece.length].copy_(part)
-        if piece.start + piece.length == target.numel():
-            target.copy_(pending.pop(piece.index).view(target.shape))
+
+    def finish(self) -> None:
+        """Write the staged strided targets."""
+        for target, values in self._staged.values():
+            target.copy_(values.view(target.shape))
+        self._staged = {}
 
 
 class ChunkBuffers:

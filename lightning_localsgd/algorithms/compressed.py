@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, gather_chunk, scatter_chunk
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, gather_chunk
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor
@@ -87,7 +87,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
                 p.grad = torch.empty_like(p)  # the parameter's memory format, as autograd would give
             return p.grad
 
-        staged: dict[int, Tensor] = {}
+        writer = ChunkWriter(grad_of)
         for chunk in self._chunk_plan(params):
             g = gather_chunk(chunk, grads, self._buffer("g", chunk))
             if scale != 1.0:
@@ -95,17 +95,12 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             direction = rule(chunk, g)
             if scale != 1.0:
                 direction.mul_(scale)
-            scatter_chunk(chunk, direction, grad_of, staged)
+            writer.write(chunk, direction)
+        writer.finish()
 
     def _read_state(self, chunk: Chunk, views: Sequence[Tensor], name: str) -> Tensor:
         """The chunk's elements of per-parameter state ``views`` (the exchange's order) in work buffer ``name``."""
         return gather_chunk(chunk, views, self._buffer(name, chunk))
-
-    @staticmethod
-    def _write_state(chunk: Chunk, values: Tensor, views: Sequence[Tensor], staged: dict[int, Tensor]) -> None:
-        """Write the chunk's ``values`` into state ``views``; ``staged`` holds strided views across chunks (one dict
-        per exchange)."""
-        scatter_chunk(chunk, values, lambda i: views[i], staged)
 
     def _gathered_mean_into(self, payload: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
         """``out`` = the mean over ranks of what every rank's ``payload`` decodes to (the same bits on every rank:

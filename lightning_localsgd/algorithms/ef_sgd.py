@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
@@ -61,14 +61,15 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
     ) -> None:
         views = self.state_views("error")
         errors = [views[i] for i in indices]
-        staged: dict[int, Tensor] = {}
+        writer = ChunkWriter(errors.__getitem__)
 
         def rule(chunk: Chunk, g: Tensor) -> Tensor:
             e = self._read_state(chunk, errors, "e")
             compensated = g.add_(e)  # p_i = g_i + e_i
             payload = self.compressor.encode(compensated)
             decoded = self.compressor.decode_into(payload, e)
-            self._write_state(chunk, torch.sub(compensated, decoded, out=e), errors, staged)  # e_i <- p_i - C(p_i)
+            writer.write(chunk, torch.sub(compensated, decoded, out=e))  # e_i <- p_i - C(p_i)
             return self._gathered_mean_into(payload, g, e)  # mean_j C(p_j)
 
         self._stream(params, scale, rule)
+        writer.finish()

@@ -25,8 +25,10 @@ move the replicas apart like Local SGD's local steps do, and on non-identical da
 drift is systematic: Delta_i learns it and cancels it. ``sum_i Delta_i = 0``, so the mean model still follows
 error-feedback SGD; with compression off nothing drifts, Delta_i stays 0 and it is still synchronous SGD.
 
-The server's ``C(u)`` never crosses a wire here: every rank computes it from the same bytes. The bytes sent at a
-compressed step are the all-gathered payloads, about 1/32 of a float32 all-reduce's at two ranks.
+The server step runs on every rank from the all-gathered payloads (``server="replicated"``: its ``C(u)`` never
+crosses a wire; ``(N - 1)`` payloads per rank, about 1/32 of a float32 all-reduce's bytes at two ranks), or sharded
+over the ranks (``server="sharded"``, the default at more than two ranks, ``liec_server.py``: ``2 (N - 1) / N``
+payloads per rank, about 1/32 at any N, each rank holding its part of ``e``). Both give the same bits.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_bool, check_int
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkPlan, ChunkWriter, gather_chunk
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
 from lightning_localsgd.algorithms.control_variate import ControlVariate
+from lightning_localsgd.algorithms.liec_server import REPLICATED, ZERO, ServerLayouts, check_server, shard_bounds
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
@@ -95,6 +98,8 @@ class LIECSGD(CompressedExchangeAlgorithm):
             :class:`NoCompression` turns LIEC-SGD into synchronous SGD.
         variance_reduction: add VRL-SGD's control variate (see the module docstring), for data that differs
             between ranks.
+        server: ``"auto"`` (sharded at more than two ranks), ``"sharded"`` or ``"replicated"``: where the server
+            step runs (``liec_server.py``); the same bits either way.
         warmup_steps, bucket_cap_mb, buffers: as for :class:`PeriodicAlgorithm`.
     """
 
@@ -109,14 +114,31 @@ class LIECSGD(CompressedExchangeAlgorithm):
         buffers: BufferSelection = None,
         compressor: Compressor | None = None,
         variance_reduction: bool = False,
+        server: str = "auto",
     ) -> None:
         check_int("full_sync_period", full_sync_period, 1)  # named as the user spells it
         compressor = compressor if compressor is not None else ScaledSign(block_size_mb)
         check_deterministic(compressor)
+        self.server = check_server(server)
+        if self.server == "sharded" and compressor.chunk_numel(1) is None:
+            raise ValueError(
+                f"LIEC-SGD: server='sharded' splits the server step at the compressor's blocks, and {compressor!r} "
+                "compresses the whole vector at once (its result would change). Use server='replicated' or 'auto', "
+                "or a block compressor (ScaledSign, NoCompression)."
+            )
         super().__init__(compressor, full_sync_period, warmup_steps, bucket_cap_mb, buffers)
         self.block_size_mb = block_size_mb
         self.variance_reduction = check_bool("variance_reduction", variance_reduction)
         self._variate = ControlVariate()
+        self._layouts = ServerLayouts()
+
+    @property
+    def shards_server(self) -> bool:
+        """Whether the server is sharded: ``server="sharded"``, or ``"auto"`` where that sends fewer bytes (more
+        than two ranks: ``2 (N - 1) / N`` payloads per rank instead of ``N - 1``) and the compressor allows it."""
+        if self.server == "auto":
+            return self.comm.world_size > 2 and self.compressor.chunk_numel(1) is not None
+        return self.server == "sharded"
 
     @property
     def full_sync_period(self) -> int:
@@ -140,6 +162,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
     def _on_setup(self) -> None:
         super()._on_setup()
         self._variate.reset()
+        self._layouts.reset_zero()
 
     def after_optimizer_step(self, optimizer: Optimizer) -> None:
         if not self.variance_reduction or self.in_warmup():
@@ -154,7 +177,8 @@ class LIECSGD(CompressedExchangeAlgorithm):
         """The core's values, and at a full-precision step the server error's checksum: every rank computes ``e``
         itself, so it must be bit-identical everywhere; a rank whose ``e`` parted ways is named before it is used.
         Other steps send 0: one pass over ``e`` every ``full_sync_period`` steps, not every step."""
-        checksum = bits_checksum(self.server_error) if self._full_precision_step() else 0.0
+        compared = self._full_precision_step() and not self.shards_server  # sharded: each rank holds its own part
+        checksum = bits_checksum(self.server_error) if compared else 0.0
         return (*super()._fingerprint(), checksum)
 
     def _full_precision_step(self) -> bool:
@@ -165,22 +189,34 @@ class LIECSGD(CompressedExchangeAlgorithm):
     ) -> None:
         views = self.state_views("server_error")
         errors = [views[i] for i in indices]
+        index = self._optimizer_index(optimizer)
+        sharded = self.shards_server
+        self._arrange_server_error(index, optimizer, params, indices, sharded)
+        writer = ChunkWriter(errors.__getitem__)
         if self._full_precision_step():
             self._average_parameters(optimizer, indices)
-            self._stream(params, scale, lambda chunk, g: self._full_precision_chunk(chunk, g, errors))
+            self._stream(params, scale, lambda chunk, g: self._full_precision_chunk(chunk, g, errors, sharded))
             for error in errors:
                 error.zero_()
-            return
-        staged: dict[int, Tensor] = {}
-        self._stream(params, scale, lambda chunk, g: self._compressed_chunk(chunk, g, errors, staged))
+            self._layouts.set(index, ZERO)
+        elif sharded:
+            self._stream(params, scale, lambda chunk, g: self._sharded_chunk(chunk, g, errors, writer))
+        else:
+            self._stream(params, scale, lambda chunk, g: self._compressed_chunk(chunk, g, errors, writer))
+        writer.finish()
 
-    def _full_precision_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor]) -> Tensor:
-        """mean_j g_j + e (``e`` is reset by the caller once every chunk has read it)."""
+    def _full_precision_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], sharded: bool) -> Tensor:
+        """mean_j g_j + e (``e`` is reset by the caller once every chunk has read it). Sharded, each element of ``e``
+        is on one rank and zero on the others: their sum is ``e`` exactly."""
         self.comm.all_reduce_mean_([g])
-        return g.add_(self._read_state(chunk, errors, "e"))
+        error = self._read_state(chunk, errors, "e")
+        if sharded:
+            self.comm.all_reduce_sum_([error])
+        return g.add_(error)
 
-    def _compressed_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], staged: dict[int, Tensor]) -> Tensor:
-        """One chunk of a compressed step (see the module docstring): returns C(u) + r_i, updates ``e``."""
+    def _compressed_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], writer: ChunkWriter) -> Tensor:
+        """One chunk of a compressed step, replicated server (see the module docstring): returns C(u) + r_i and
+        updates ``e``."""
         compressor = self.compressor
         payload = compressor.encode(g)  # C(g_i), packed
         mean = self._buffer("mean", chunk)
@@ -188,8 +224,75 @@ class LIECSGD(CompressedExchangeAlgorithm):
         scratch = self._buffer("e", chunk)
         u = self._gathered_mean_into(payload, mean, scratch).add_(self._read_state(chunk, errors, "e"))  # mean + e
         server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent
-        self._write_state(chunk, u.sub_(server), errors, staged)  # e <- u - C(u)
+        writer.write(chunk, u.sub_(server))  # e <- u - C(u)
         return server.add_(g)  # C(u) + r_i
+
+    def _sharded_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], writer: ChunkWriter) -> Tensor:
+        """One chunk of a compressed step, sharded server (``liec_server.py``): the same bits as
+        :meth:`_compressed_chunk`, this rank serving its shard only."""
+        compressor, comm = self.compressor, self.comm
+        shards = self._shards(chunk)
+        payloads = [compressor.encode(g[start : start + numel]) for start, numel in shards]  # C(g_i), shard by shard
+        server = self._buffer("mean", chunk)
+        for (start, numel), payload in zip(shards, payloads):
+            compressor.decode_into(payload, server[start : start + numel])
+        g.sub_(server)  # r_i = g_i - C(g_i)
+        received = comm.all_to_all_(torch.cat(payloads), [p.numel() for p in payloads])
+        start, numel = shards[comm.rank]
+        scratch = self._buffer("e", chunk)[:numel]
+        u = server[start : start + numel].zero_()
+        for theirs in received:  # rank order, as the replicated server sums
+            u.add_(compressor.decode_into(theirs, scratch))
+        mine = chunk.part(start, numel)
+        u.div_(max(len(received), 1)).add_(gather_chunk(mine, errors, scratch))  # u = mean_j C(g_j) + e
+        result = compressor.encode(u)  # C(u), packed: it crosses the wire
+        writer.write(mine, u.sub_(compressor.decode_into(result, scratch)))  # e <- u - C(u), this shard only
+        sizes = [compressor.payload_bytes(n) for _, n in shards]
+        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=result.device)
+        padded[: result.numel()].copy_(result)
+        for (start, numel), size, theirs in zip(shards, sizes, comm.all_gather_(padded)):
+            compressor.decode_into(theirs[:size], server[start : start + numel])
+        return server.add_(g)  # C(u) + r_i
+
+    def _shards(self, chunk: Chunk) -> list[tuple[int, int]]:
+        unit = self.compressor.chunk_numel(1)
+        assert unit is not None  # checked when the server was chosen
+        return shard_bounds(chunk.numel, unit, self.comm.world_size)
+
+    def _arrange_server_error(
+        self, index: int, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], sharded: bool
+    ) -> None:
+        """Bring optimizer ``index``'s server error into the layout this step needs (``liec_server.py``): split by
+        this step's shards, or whole on every rank. Parts split by other shards are summed back together first
+        (one all-reduce of this optimizer's error; every rank reaches this alike)."""
+        layout = self._layouts.get(index)
+        wanted = tuple(indices) if sharded else REPLICATED
+        if layout in (wanted, ZERO):
+            self._layouts.set(index, wanted)
+            return
+        views = self.state_views("server_error")
+        held = [self.flat.index_of[id(p)] for p in self._managed_params_of(optimizer)]
+        if layout != REPLICATED:  # split by other shards: every rank's part, summed, is the whole error
+            managed = [views[i] for i in held]
+            for chunk in ChunkPlan([v.numel() for v in managed], self._chunk_plan(params).chunk_numel):
+                part = self._read_state(chunk, managed, "e")
+                self.comm.all_reduce_sum_([part])
+                writer = ChunkWriter(managed.__getitem__)
+                writer.write(chunk, part)
+                writer.finish()
+        if sharded:  # keep this rank's shards only; rank 0 keeps the error of the parameters left out this step
+            if self.comm.rank != 0:
+                for i in set(held) - set(indices):
+                    views[i].zero_()
+            errors = [views[i] for i in indices]
+            for chunk in self._chunk_plan(params):
+                start, numel = self._shards(chunk)[self.comm.rank]
+                zeros = self._buffer("e", chunk).zero_()
+                writer = ChunkWriter(errors.__getitem__)
+                for other in (chunk.part(0, start), chunk.part(start + numel, chunk.numel - start - numel)):
+                    writer.write(other, zeros)
+                writer.finish()
+        self._layouts.set(index, wanted)
 
     def _average_parameters(self, optimizer: Optimizer, indices: list[int]) -> None:
         """x_i <- mean_j x_j for ``optimizer``'s parameters; with variance reduction, Delta_i learns the drift."""
@@ -208,8 +311,13 @@ class LIECSGD(CompressedExchangeAlgorithm):
         write_back(params, mean)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {**super()._extra_state(), "lr_sums": self._variate.state_dict()}
+        return {
+            **super()._extra_state(),
+            "lr_sums": self._variate.state_dict(),
+            "server_layouts": self._layouts.state_dict(),
+        }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         super()._load_extra_state(state)
         self._variate.load_state_dict(state.get("lr_sums", []))
+        self._layouts.load_state_dict(state.get("server_layouts"))

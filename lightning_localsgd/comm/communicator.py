@@ -87,6 +87,28 @@ class Communicator(ABC):
         self.stats.seconds += time.perf_counter() - start
         return gathered
 
+    def all_to_all_(self, tensor: Tensor, splits: Sequence[int]) -> list[Tensor]:
+        """Rank ``k`` gets piece ``k`` of every rank's ``tensor`` (1-D, cut into pieces of ``splits`` elements, the
+        same splits on every rank): returns the pieces addressed to this rank, in rank order (its own included).
+
+        For a payload sharded over the ranks (LIEC-SGD's sharded server): counted as sending every piece but its own.
+        """
+        splits = [int(n) for n in splits]
+        if len(splits) != self.world_size or sum(splits) != tensor.numel() or tensor.dim() != 1:
+            raise ValueError(
+                f"all_to_all_ needs a 1-D tensor cut into {self.world_size} pieces; got {tensor.numel()} elements "
+                f"and splits {splits}."
+            )
+        if self.world_size == 1:
+            return [tensor]
+        start = time.perf_counter()
+        received = self._all_to_all_(tensor.contiguous(), splits)
+        self.stats.collectives += 1
+        self.stats.bytes_sent += (tensor.numel() - splits[self.rank]) * tensor.element_size()
+        self._wait_for_device([tensor])
+        self.stats.seconds += time.perf_counter() - start
+        return received
+
     def neighbour_exchange_(self, tensor: Tensor, phases: Sequence[tuple[int, int]]) -> dict[int, Tensor]:
         """Gossip: in each phase ``(send_to, receive_from)``, send ``tensor`` to one rank and receive another's
         (same shape and dtype), point to point, no whole-world collective. Every rank runs the same number of phases
@@ -168,6 +190,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def _all_gather_(self, tensor: Tensor) -> list[Tensor]: ...
+
+    @abstractmethod
+    def _all_to_all_(self, tensor: Tensor, splits: list[int]) -> list[Tensor]: ...
 
     @abstractmethod
     def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]: ...
@@ -271,6 +296,12 @@ class ProcessGroupCommunicator(Communicator):
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(out, tensor.contiguous(), group=self.group)
         return out
+
+    def _all_to_all_(self, tensor: Tensor, splits: list[int]) -> list[Tensor]:
+        mine = splits[self.rank]
+        out = torch.empty(mine * self.world_size, dtype=tensor.dtype, device=tensor.device)
+        dist.all_to_all_single(out, tensor, [mine] * self.world_size, splits, group=self.group)
+        return list(out.split(mine)) if mine else [out[:0] for _ in range(self.world_size)]
 
     def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
         # One phase at a time: each link carries one message at once (see Topology.phases for what that bought).

@@ -215,6 +215,13 @@ class SimulatedCommunicator(Communicator):
         _check_same_layout(values, self.rank, "all-gather")
         return [value.clone() for value in values]
 
+    def _all_to_all_(self, tensor: Tensor, splits: list[int]) -> list[Tensor]:
+        values = self.group.exchange(self.rank, (tensor.clone(), tuple(splits)))
+        if any(their_splits != tuple(splits) for _, their_splits in values):
+            raise SimulatedCollectiveError(f"Rank {self.rank}: the ranks cut their all-to-all differently.")
+        offset = sum(splits[: self.rank])
+        return [sent[offset : offset + splits[self.rank]].clone() for sent, _ in values]
+
     def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
         # Every simulated worker deposits at one meeting (they gossip in lockstep) and reads its senders' only,
         # after checking that each sends to it in the same phase, as the real schedule needs.

@@ -27,6 +27,10 @@ class LIECSGDStrategy(LocalUpdateStrategy):
             how its replica drifts from the average and cancels that drift at every step. Turn it on when the
             ranks' data differ (each rank a few labels, a few users, a few domains); it changes nothing the
             mean model does.
+        server: ``"auto"`` (default: sharded at more than two ranks, where it sends fewer bytes), ``"sharded"``
+            (rank k serves the k-th part of every chunk: an all-to-all of the packed gradients, an all-gather of the
+            packed server result, ``2 (N - 1) / N`` payloads per rank at any N) or ``"replicated"`` (an all-gather,
+            every rank computes the whole server step: ``N - 1`` payloads per rank). Both give the same bits.
         warmup_steps: initial steps of synchronous full-precision SGD.
         bucket_cap_mb: flat bucket size for the full-precision rounds; each bucket is one collective.
         buffers: which module buffers are averaged at the full rounds (see :class:`LocalSGDStrategy`).
@@ -43,10 +47,17 @@ class LIECSGDStrategy(LocalUpdateStrategy):
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         buffers: BufferSelection = None,
         variance_reduction: bool = False,
+        server: str = "auto",
         **kwargs: Any,
     ) -> None:
         block_numel_of(block_size_mb)  # a clear error for a bad block size, before any process starts
         algorithm = LIECSGD(
-            full_sync_period, block_size_mb, warmup_steps, bucket_cap_mb, buffers, variance_reduction=variance_reduction
+            full_sync_period,
+            block_size_mb,
+            warmup_steps,
+            bucket_cap_mb,
+            buffers,
+            variance_reduction=variance_reduction,
+            server=server,
         )
         super().__init__(algorithm, **kwargs)

@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes of --devices ranks each")
     parser.add_argument("--inter-period", type=int, default=0, help="hierarchical: steps between world rounds")
     parser.add_argument("--variance-reduction", action="store_true", help="liec_sgd: VRL-SGD's control variate")
+    parser.add_argument("--server", default=None, help="liec_sgd: 'sharded' or 'replicated'")
+    parser.add_argument("--block-size-mb", type=float, default=None, help="liec_sgd: MiB per compression block")
     parser.add_argument("--fit-again", type=int, default=0, help="then a second fit on the same Trainer to this step")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -225,6 +227,10 @@ def main() -> None:
         options["overlap"] = True
     if args.variance_reduction:
         options["variance_reduction"] = True
+    if args.server:
+        options["server"] = args.server
+    if args.block_size_mb:
+        options["block_size_mb"] = args.block_size_mb
     if args.inter_period:
         options["inter_period"] = args.inter_period
     if args.stage_steps:
