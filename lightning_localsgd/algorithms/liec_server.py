@@ -16,7 +16,9 @@ the block it would be in on one server: the results are the same bits as the rep
 Where ``e`` lives: rank k holds the server error of the shards it serves and zeros elsewhere, in the usual state
 buffer (so a checkpoint keeps each rank's part). The shards follow the exchange's parameters; when those change
 (a parameter without a gradient on every rank joins or leaves, or the parameters are re-bucketed) the parts are
-brought back together by one all-reduce of that optimizer's error and re-split: :class:`ServerLayouts` keeps track.
+brought back together by one all-reduce of that optimizer's error and re-split, rank 0 keeping the error of the
+parameters left out of the step: :class:`ServerLayouts` keeps track. At a full-precision step ``e`` is summed over
+the ranks (each element is non-zero on one rank at most, so the sum is exact) and reset.
 """
 
 from __future__ import annotations

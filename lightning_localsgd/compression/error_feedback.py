@@ -19,14 +19,22 @@ from lightning_localsgd.compression.compressors import Compressor
 def compress_with_feedback(compressor: Compressor, vector: Tensor, error: Tensor) -> Tensor:
     """The payload of ``C(vector + error)``; ``error`` (float32, same numel) becomes what that compression lost."""
     compensated = vector.reshape(-1).to(torch.float32) + error.reshape(-1)
-    payload, decoded = compressor.compress(compensated)
-    error.copy_((compensated - decoded).view_as(error))
+    payload = compressor.encode(compensated)
+    # Decoded straight into the error buffer where it is a flat float32 view (no temporary), then e = p - C(p).
+    in_place = error.dtype == torch.float32 and error.is_contiguous()
+    decoded = compressor.decode_into(payload, error.view(-1) if in_place else torch.empty_like(compensated))
+    torch.sub(compensated, decoded, out=decoded)
+    if not in_place:
+        error.copy_(decoded.view_as(error))
     return payload
 
 
 def decode_mean(compressor: Compressor, payloads: Sequence[Tensor], numel: int) -> Tensor:
-    """The mean of the decoded payloads, summed in rank order so that every rank gets the same bits."""
-    total = torch.zeros(numel, dtype=torch.float32, device=payloads[0].device if payloads else None)
+    """The mean of the decoded payloads, summed in rank order so that every rank gets the same bits (each payload
+    decoded into one reused buffer)."""
+    device = payloads[0].device if payloads else None
+    total = torch.zeros(numel, dtype=torch.float32, device=device)
+    scratch = torch.empty(numel, dtype=torch.float32, device=device)
     for payload in payloads:
-        total.add_(compressor.decode(payload, numel))
+        total.add_(compressor.decode_into(payload, scratch))
     return total.div_(max(len(payloads), 1))
