@@ -67,9 +67,12 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
     def _chunk_plan(self, params: Sequence[nn.Parameter]) -> ChunkPlan:
         """``params``' elements in chunks of about ``bucket_cap_mb`` of float32, cut at the compressor's blocks."""
         numels = [p.numel() for p in params]
-        target = max(1, int(self.bucket_cap_mb * 2**20) // 4)
-        chunk = self.compressor.chunk_numel(target)
+        chunk = self.compressor.chunk_numel(self._chunk_target())
         return ChunkPlan(numels, chunk if chunk is not None else max(1, sum(numels)))
+
+    def _chunk_target(self) -> int:
+        """The chunk length aimed at: ``bucket_cap_mb`` of float32 (the compressor then cuts at its blocks)."""
+        return max(1, int(self.bucket_cap_mb * 2**20) // 4)
 
     def _buffer(self, name: str, chunk: Chunk) -> Tensor:
         """A float32 work buffer of the chunk's length, reused from step to step."""

@@ -254,6 +254,16 @@ class LIECSGD(CompressedExchangeAlgorithm):
             compressor.decode_into(theirs[:size], server[start : start + numel])
         return server.add_(g)  # C(u) + r_i
 
+    def _chunk_target(self) -> int:
+        target = super()._chunk_target()
+        unit = self.compressor.chunk_numel(1)
+        if not self.shards_server or unit is None:
+            return target
+        # Sharded: a whole number of blocks per rank, at least one, so that the parts are even (the all-gather pads
+        # every part to the largest, and a rank with no block would have nothing to serve).
+        world = self.comm.world_size
+        return max(world, target // unit // world * world) * unit
+
     def _shards(self, chunk: Chunk) -> list[tuple[int, int]]:
         unit = self.compressor.chunk_numel(1)
         assert unit is not None  # checked when the server was chosen
