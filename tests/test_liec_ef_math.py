@@ -131,15 +131,19 @@ def test_each_rank_steps_on_the_server_result_plus_its_own_immediate_error(world
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_the_mean_model_follows_error_feedback_sgd_with_the_server_error_only(dtype):
+@pytest.mark.parametrize("server", ["replicated", "sharded"])
+def test_the_mean_model_follows_error_feedback_sgd_with_the_server_error_only(dtype, server):
     """mean_i dir_i = mean_i g_i + e_old - e_new: the mean of the replicas moves as error-feedback SGD does."""
     world = 3
-    runs = run_recorded(liec(5), world, 9, dtype)
+    sharded = server == "sharded"
+    runs = run_recorded(liec(5, server=server), world, 9, dtype)
     for step in range(9):
         records = [r[step] for r, _ in runs]
         mean_direction = sum(r["direction"] for r in records) / world
         mean_grad = sum(r["grad"] for r in records) / world
-        drift = records[0]["error_before"] - records[0]["error_after"]
+        drift = whole_server_error(records, "error_before", sharded) - whole_server_error(
+            records, "error_after", sharded
+        )
         torch.testing.assert_close(mean_direction, mean_grad + drift, rtol=0, atol=2e-6)
 
 

@@ -97,6 +97,25 @@ def gather_chunk(chunk: Chunk, tensors: Sequence[Optional[Tensor]], out: Tensor)
     return target
 
 
+def chunk_view(chunk: Chunk, tensors: Sequence[Optional[Tensor]], dtype: torch.dtype) -> Optional[Tensor]:
+    """The chunk's elements as one 1-D view of ``tensors``' memory, where its pieces lie back to back in one storage
+    and in ``dtype`` (state buffers of consecutive parameters in a bucket): the exchange then updates the state in
+    place instead of copying it out and back. ``None`` where they do not."""
+    first: Optional[Tensor] = None
+    end = 0
+    for piece in chunk.pieces:
+        tensor = tensors[piece.index]
+        if tensor is None or tensor.dtype != dtype or not tensor.is_contiguous():
+            return None
+        part = tensor.view(-1)[piece.start : piece.start + piece.length]
+        if first is None:
+            first = part
+        elif part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or part.storage_offset() != end:
+            return None
+        end = part.storage_offset() + piece.length
+    return None if first is None else first.as_strided((chunk.numel,), (1,))
+
+
 class ChunkWriter:
     """Writes chunks (as from :func:`gather_chunk`) into the tensors ``target_of(index)`` returns (``None``: leave
     that tensor alone), converting to each tensor's dtype.

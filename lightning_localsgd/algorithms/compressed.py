@@ -24,14 +24,14 @@ slow link joins, the symmetric collective is cheaper and needs no rank to be spe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, gather_chunk
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, chunk_view, gather_chunk
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor
@@ -105,13 +105,22 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         """The chunk's elements of per-parameter state ``views`` (the exchange's order) in work buffer ``name``."""
         return gather_chunk(chunk, views, self._buffer(name, chunk))
 
-    def _gathered_mean_into(self, payload: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    def _state_chunk(self, chunk: Chunk, views: Sequence[Tensor], name: str) -> tuple[Tensor, bool]:
+        """The chunk's float32 state: a view of the state itself where its pieces lie back to back (True: writing
+        it is updating the state), else a copy in work buffer ``name`` (False: write it back)."""
+        view = chunk_view(chunk, views, torch.float32)
+        return (view, True) if view is not None else (self._read_state(chunk, views, name), False)
+
+    def _gathered_mean_into(
+        self, payload: Tensor, out: Tensor, scratch: Tensor, own: Optional[Tensor] = None
+    ) -> Tensor:
         """``out`` = the mean over ranks of what every rank's ``payload`` decodes to (the same bits on every rank:
-        summed in rank order from 0); ``scratch`` is overwritten."""
+        summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already decoded."""
         gathered = self.comm.all_gather_(payload)
         out.zero_()
-        for theirs in gathered:
-            out.add_(self.compressor.decode_into(theirs, scratch))
+        for rank, theirs in enumerate(gathered):
+            mine = own is not None and rank == self.comm.rank
+            out.add_(own if mine else self.compressor.decode_into(theirs, scratch))
         return out.div_(max(len(gathered), 1))
 
     def _round(self) -> None:

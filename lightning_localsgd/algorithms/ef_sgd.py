@@ -64,12 +64,15 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
         writer = ChunkWriter(errors.__getitem__)
 
         def rule(chunk: Chunk, g: Tensor) -> Tensor:
-            e = self._read_state(chunk, errors, "e")
+            e, in_place = self._state_chunk(chunk, errors, "e")
             compensated = g.add_(e)  # p_i = g_i + e_i
             payload = self.compressor.encode(compensated)
-            decoded = self.compressor.decode_into(payload, e)
-            writer.write(chunk, torch.sub(compensated, decoded, out=e))  # e_i <- p_i - C(p_i)
-            return self._gathered_mean_into(payload, g, e)  # mean_j C(p_j)
+            own = self.compressor.decode_into(payload, self._buffer("own", chunk))  # C(p_i), also its mean term
+            torch.sub(compensated, own, out=e)  # e_i <- p_i - C(p_i)
+            if not in_place:
+                writer.write(chunk, e)
+            scratch = self._buffer("scratch", chunk) if in_place else e  # e's copy is written: reuse it
+            return self._gathered_mean_into(payload, g, scratch, own)  # mean_j C(p_j)
 
         self._stream(params, scale, rule)
         writer.finish()

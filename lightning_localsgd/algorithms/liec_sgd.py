@@ -209,7 +209,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
         """mean_j g_j + e (``e`` is reset by the caller once every chunk has read it). Sharded, each element of ``e``
         is on one rank and zero on the others: their sum is ``e`` exactly."""
         self.comm.all_reduce_mean_([g])
-        error = self._read_state(chunk, errors, "e")
+        error = self._read_state(chunk, errors, "e")  # a copy: the sum over ranks must not land in the state
         if sharded:
             self.comm.all_reduce_sum_([error])
         return g.add_(error)
@@ -221,10 +221,13 @@ class LIECSGD(CompressedExchangeAlgorithm):
         payload = compressor.encode(g)  # C(g_i), packed
         mean = self._buffer("mean", chunk)
         g.sub_(compressor.decode_into(payload, mean))  # r_i = g_i - C(g_i), in place of g_i
-        scratch = self._buffer("e", chunk)
-        u = self._gathered_mean_into(payload, mean, scratch).add_(self._read_state(chunk, errors, "e"))  # mean + e
+        scratch = self._buffer("scratch", chunk)
+        e, in_place = self._state_chunk(chunk, errors, "e")
+        u = self._gathered_mean_into(payload, mean, scratch).add_(e)  # u = mean_j C(g_j) + e
         server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent
-        writer.write(chunk, u.sub_(server))  # e <- u - C(u)
+        torch.sub(u, server, out=e)  # e <- u - C(u)
+        if not in_place:
+            writer.write(chunk, e)
         return server.add_(g)  # C(u) + r_i
 
     def _sharded_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], writer: ChunkWriter) -> Tensor:
