@@ -290,8 +290,8 @@ class LocalUpdateStrategy(DDPStrategy):
         if self._stepped_this_batch:  # else a micro-batch under gradient accumulation, or a skipped step
             self._stepped_this_batch = False
             self._end_step(trainer)
-        if self.log_comm_metrics and trainer.lightning_module is not None:
-            log_step_metrics(trainer.lightning_module, comm_metrics(self.algorithm), self.comm_progress_bar)
+        if self.log_comm_metrics:
+            log_step_metrics(trainer, comm_metrics(self.algorithm), self.comm_progress_bar)
 
     def _end_step(self, trainer: pl.Trainer) -> None:
         self.algorithm.end_step()
