@@ -213,3 +213,50 @@ def test_a_parameter_no_rank_uses_keeps_no_error_and_one_used_on_some_ranks_coun
         assert "unused" not in r["errors"] and "rank0_only" in r["errors"]
         assert r["rank0_only_error"].abs().max() > 0  # rank 1 compressed its zeros plus its error, as DDP counts them
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])  # one decoded mean: the replicas agree
+
+
+def scaled_sign(v: torch.Tensor) -> torch.Tensor:
+    """The spec's C(v) = (||v||_1 / numel) * sign(v) over one block (a zero counts as +), in plain torch."""
+    scale = (v.double().abs().sum() / v.numel()).float()
+    return torch.where(v < 0, -scale, scale)
+
+
+def hook_against_reference(rank: int) -> tuple[float, float]:
+    """The hook with one bucket (one 5 MiB block: the whole model) against error-feedback SGD recomputed here from
+    every rank's local gradients: p_i = g_i + e_i, e_i <- p_i - C(p_i), step on mean_j C(p_j)."""
+    world = dist.get_world_size()
+    ddp, _ = hooked("sign", ONE_BUCKET_MB)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    reference = make_model()
+    errors = [torch.zeros_like(params_of(reference)) for _ in range(world)]
+    twin = make_model()
+    gap = 0.0
+    for step in range(5):
+        grads = []
+        for r in range(world):  # every rank's local gradient at the reference's parameters
+            twin.load_state_dict(reference.state_dict())
+            twin.zero_grad()
+            x, y = batch(r, step)
+            nn.functional.mse_loss(twin(x), y).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in twin.parameters()]))
+        total = torch.zeros_like(grads[0])
+        for r in range(world):
+            compensated = grads[r] + errors[r]
+            compressed = scaled_sign(compensated)
+            errors[r] = compensated - compressed
+            total += compressed
+        with torch.no_grad():
+            offset = 0
+            for p in reference.parameters():
+                p -= LR * (total / world)[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+        train(ddp, opt, rank, range(step, step + 1))
+        gap = max(gap, (params_of(ddp.module) - params_of(reference)).abs().max().item())
+    return gap, (params_of(ddp.module) - params_of(make_model())).abs().max().item()
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_the_hook_follows_error_feedback_sgd_at_three_and_four_ranks(world):
+    for gap, moved in run_processes(world, hook_against_reference):
+        assert moved > 1e-3  # it trained
+        assert gap < 1e-6
