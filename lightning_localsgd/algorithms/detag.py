@@ -30,13 +30,13 @@ import warnings
 from typing import Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.gossip import ROUNDS_PER_STEP, GossipAlgorithm
-from lightning_localsgd.algorithms.gradient_exchange import flat_slices, write_slices
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter, gather_chunk
+from lightning_localsgd.algorithms.gossip import ROUNDS_PER_STEP, GossipAlgorithm, _offset_of, shifted
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology
@@ -81,8 +81,6 @@ class DeTAG(GossipAlgorithm):
             :class:`~lightning_localsgd.algorithms.gossip.GossipAlgorithm`.
     """
 
-    gossips_gradients = True
-
     def __init__(
         self,
         topology: str = "ring",
@@ -117,32 +115,81 @@ class DeTAG(GossipAlgorithm):
         """y, in the flat bucket layout of the parameters (float32)."""
         return self.state_buckets("tracker")
 
-    def _message_numel(self, indices: list[int]) -> int:
-        return super()._message_numel(indices) + sum(self.flat.params[i].numel() for i in indices)  # and y
+    def _carried(self, indices: list[int]) -> list[Tensor]:
+        tracker = self.state_views("tracker")
+        return [tracker[i] for i in indices]  # y travels with x
 
-    def _gossip_step(self, optimizer: Optimizer, indices: list[int], gradient: Optional[Tensor]) -> Optional[Tensor]:
-        tracker, last = self.state_views("tracker"), self.state_views("last_gradient")
-        y = flat_slices(tracker, indices).to(self.gossip_dtype)
-        if gradient is not None:  # an overflowed AMP gradient stays out of the tracker
-            y.add_(gradient).sub_(flat_slices(last, indices))  # y_i + g_new - g_old
-            write_slices(last, indices, gradient)
-        replica = self._replica_vector(indices)
-        params_numel = y.numel()
-        z = torch.cat([replica, y])
-        previous, current = z, z
-        for round_index in range(self.gossip_rounds):
-            mixed = self._gossip_round(current, round_index)
-            if self.eta:
-                # (1 + eta) W z(r) - eta z(r-1), as W z(r) + eta (W z(r) - z(r-1)): exact where nothing changes
-                following = mixed.add(mixed - previous, alpha=self.eta)
-                following[params_numel : replica.numel()] = mixed[params_numel : replica.numel()]  # buffers: plain
-            else:
-                following = mixed
-            previous, current = current, following
-        self._write_replica(indices, current[: replica.numel()])
-        tracked = current[replica.numel() :]
-        write_slices(tracker, indices, tracked)
-        return tracked  # the optimizer steps on AG_R(y)_i
+    def _gossip_step(
+        self, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: Optional[float]
+    ) -> None:
+        message = self._message(indices, self._carried(indices))
+        last = self.state_views("last_gradient")
+        replica = self._write_back(message)  # x, the buffers and y <- AG_R(y)
+        direction = DirectionWriter(params, scale) if scale is not None else None  # the optimizer steps on AG_R(y)
+        grads = [p.grad for p in params]  # read before a chunk's direction creates a missing one
+
+        def fill(chunk: Chunk, values: Tensor) -> None:
+            gather_chunk(chunk, message.segments, values)  # x, the buffers, and y as it was
+            if scale is not None:  # an overflowed AMP gradient stays out of the tracker
+                at = _offset_of(chunk, message.first_carried)
+                part = shifted(chunk, at, message.first_carried)
+                self._track(part, values[at:], grads, [last[i] for i in indices], scale)
+
+        def consume(chunk: Chunk, values: Tensor) -> None:
+            replica.write(chunk, values)
+            if direction is not None:
+                at = _offset_of(chunk, message.first_carried)
+                direction.write(shifted(chunk, at, message.first_carried), values[at:])
+
+        self._stream(message, fill, consume, self.gossip_rounds, self.eta)
+        replica.finish()
+        if direction is not None:
+            direction.finish()
+
+    def _track(self, part: Chunk, y: Tensor, grads: list[Optional[Tensor]], last: list[Tensor], scale: float) -> None:
+        """``y <- y + g_new - g_old`` on one chunk's tracker elements, and ``g_old <- g_new`` there."""
+        g = gather_chunk(part, grads, self._message_buffer("spare", part)[: part.numel])  # the spare is free now
+        if scale != 1.0:
+            g.div_(scale)
+        old = gather_chunk(part, last, self._work.get("from 0", part.numel, y.dtype, y.device))  # so is this
+        y.add_(g).sub_(old)
+        ChunkWriter(last.__getitem__).write(part, g)
+
+
+class DirectionWriter:
+    """Writes the tracked direction, chunk by chunk, into the parameters' ``.grad`` (times ``scale``, in each
+    gradient's dtype). A parameter without a gradient whose direction is exactly zero (no rank within reach ever had
+    a gradient for it) keeps ``grad=None``: the optimizer skips it, as it would without gossip."""
+
+    def __init__(self, params: list[nn.Parameter], scale: float) -> None:
+        self.params = params
+        self.scale = scale
+        self.missing = {i for i, p in enumerate(params) if p.grad is None}
+        self._nonzero: dict[int, list[Tensor]] = {i: [] for i in self.missing}
+        self._writer = ChunkWriter(self._grad_of)
+
+    def _grad_of(self, index: int) -> Tensor:
+        p = self.params[index]
+        if p.grad is None:
+            p.grad = torch.empty_like(p)  # the parameter's memory format, as autograd would give
+        return p.grad
+
+    def write(self, part: Chunk, direction: Tensor) -> None:
+        """``direction`` (overwritten) holds ``part``'s elements, pieces numbered like ``params``."""
+        for piece in part.pieces:
+            if piece.index in self.missing:
+                self._nonzero[piece.index].append(torch.count_nonzero(direction[piece.at : piece.at + piece.length]))
+        if self.scale != 1.0:
+            direction.mul_(self.scale)
+        self._writer.write(part, direction)
+
+    def finish(self) -> None:
+        self._writer.finish()
+        counted = [i for i, counts in self._nonzero.items() if counts]
+        totals = torch.stack([torch.stack(self._nonzero[i]).sum() for i in counted]).tolist() if counted else []
+        reached = {i for i, total in zip(counted, totals) if total > 0}  # one host sync
+        for i in self.missing - reached:
+            self.params[i].grad = None
 
 
 def choose_eta(topology: Topology, rounds: int, acceleration: Union[str, float]) -> float:

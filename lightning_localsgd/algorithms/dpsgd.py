@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import nn
 from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_choice
@@ -59,10 +59,12 @@ class DPSGD(GossipAlgorithm):
         self.gossip_order = check_choice("gossip_order", gossip_order, GOSSIP_ORDERS)
         super().__init__(topology, check_every, warmup_steps, bucket_cap_mb, buffers)
 
-    def _gossip_step(self, optimizer: Optimizer, indices: list[int], gradient: Optional[Tensor]) -> Optional[Tensor]:
+    def _gossip_step(
+        self, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: Optional[float]
+    ) -> None:
         if self.gossip_order == "combine_then_adapt":
             self._mix(indices)
-        return None  # the optimizer steps on this rank's own gradient
+        # the optimizer steps on this rank's own gradient
 
     def after_optimizer_step(self, optimizer: Optimizer) -> None:
         if self.gossip_order != "adapt_then_combine" or self.in_warmup():
@@ -76,6 +78,10 @@ class DPSGD(GossipAlgorithm):
                 self.comm.stats.exchange_bytes_sent += self.comm.stats.bytes_sent - sent_before
 
     def _mix(self, indices: list[int]) -> None:
-        """x_i <- sum_j W_ij x_j for this optimizer's parameters (and, once per step, the averaged buffers)."""
+        """x_i <- sum_j W_ij x_j for this optimizer's parameters (and, once per step, the averaged buffers), chunk by
+        chunk, each chunk written back into them before the next is read."""
+        message = self._message(indices)
+        writer = self._write_back(message)
         with torch.no_grad():
-            self._write_replica(indices, self._gossip_round(self._replica_vector(indices)))
+            self._stream(message, self._fill(message), writer.write)
+        writer.finish()

@@ -2,9 +2,14 @@
 
 Each rank keeps its own replica and, at every optimizer step, mixes it with its neighbours' over a topology
 (:mod:`lightning_localsgd.comm.topology`): ``x_i <- sum_j W_ij x_j``. Messages go point to point to the neighbours
-only (:meth:`~lightning_localsgd.comm.Communicator.neighbour_exchange_`, one neighbour per phase), packed into one
-flat float32 vector (float64 for a float64 model) per round: the parameters of the optimizer about to step (and,
-once per step, the averaged normalisation buffers), plus what the algorithm gossips beside them (DeTAG's tracker).
+only (:meth:`~lightning_localsgd.comm.Communicator.neighbour_exchange_`, one neighbour per phase). A message reads
+the parameters of the optimizer about to step (and, once per step, the averaged normalisation buffers), then what
+the algorithm gossips beside them (DeTAG's tracker), as one long vector, and streams it: chunks of about
+``bucket_cap_mb`` (:mod:`.chunks`) in float32 (float64 for a float64 model), each mixed and written back before the
+next is read, through a few chunk-sized buffers kept between steps (the message, the neighbours' messages, DeTAG's
+previous round). Extra memory is a few chunks whatever the model size, and a half-precision model is never widened
+into a whole-model vector. Mixing is elementwise, so the chunks give the same bits as one whole-model vector would;
+all ranks cut the same chunks and exchange them in the same order (DeTAG: every round of a chunk, then the next).
 
 The guard, without a whole-world collective on the critical path of a step:
 
@@ -14,6 +19,10 @@ The guard, without a whole-world collective on the critical path of a step:
   :class:`~lightning_localsgd.errors.OutOfStepError` naming it, and nothing it sent is mixed in. The rank that
   holds the inf/NaN stops with its own error before it sends; ranks further away see their neighbours stop and
   end with a :class:`~lightning_localsgd.errors.PeerFailureError`. inf/NaN never enters any replica or tracker.
+  The first chunk's flag covers the whole message (the replica, buffers and tracker are checked before it is
+  sent), so a replica holding inf/NaN is announced before anything of it is mixed; each later chunk's flag covers
+  that chunk, so a value that only a mix or the tracker's update makes non-finite (an overflow of a diverged model)
+  is announced at its chunk, after finite earlier chunks were mixed, and the run stops there all the same.
 * Every ``check_every`` steps the usual round runs, but as a check only (nothing is averaged): the small flag
   collective of every synchronisation point (finiteness, position, the learning-rate fingerprint) and the requests
   every rank must act on at the same step (SIGTERM, SLURM requeue). That is the one world collective, a few dozen
@@ -34,21 +43,17 @@ training path); each rank trains on from its own replica, and the consensus dist
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_choice, check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.gradient_exchange import (
-    flat_gradients,
-    flat_slices,
-    reached_nothing,
-    write_gradients,
-    write_slices,
-)
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, Piece, gather_chunk
 from lightning_localsgd.algorithms.guard import (
     EXCHANGE,
     SYNC_POINT_KINDS,
@@ -67,9 +72,13 @@ _HEADER = 3  # slots: finite flag, position split in two exact halves (float32 h
 _HALF = 2**22
 ROUNDS_PER_STEP = 64  # at most this many gossip rounds in one step (positions count them)
 
+# One chunk of a message: fill it (the chunk and its values' buffer), or take the gossip's result for it.
+ChunkFn = Callable[[Chunk, Tensor], None]
 
-def _header(finite: bool, at: int) -> Tensor:
-    return torch.tensor([1.0 if finite else 0.0, float(at // _HALF), float(at % _HALF)], dtype=torch.float32)
+
+def _write_header(message: Tensor, finite: bool, at: int) -> None:
+    values = [1.0 if finite else 0.0, float(at // _HALF), float(at % _HALF)]
+    message[:_HEADER].copy_(torch.tensor(values, dtype=message.dtype))
 
 
 def _describe(at: int) -> str:
@@ -80,6 +89,46 @@ def _describe(at: int) -> str:
 def _read_header(message: Tensor) -> tuple[bool, int]:
     flag, high, low = message[:_HEADER].tolist()
     return flag == 1.0, int(high) * _HALF + int(low)
+
+
+def _finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element is finite: one read of each tensor, one host sync, and no copy of it (a float64 sum or
+    ``isfinite`` would allocate a tensor's size again). Exact: a minimum or maximum is inf/NaN iff an element is."""
+    flags = [torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all() for t in tensors if t.numel() > 0]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _offset_of(chunk: Chunk, first_segment: int) -> int:
+    """Where in ``chunk`` the elements of segment ``first_segment`` and later begin (segments come in order)."""
+    return next((piece.at for piece in chunk.pieces if piece.index >= first_segment), chunk.numel)
+
+
+def shifted(chunk: Chunk, at: int, first_segment: int) -> Chunk:
+    """Elements ``[at, numel)`` of ``chunk`` as a chunk of their own, segment ``first_segment`` renumbered 0 (the
+    part of a message that one list of tensors, e.g. DeTAG's per-parameter tracker, fills)."""
+    part = chunk.part(at, chunk.numel - at)
+    pieces = tuple(Piece(piece.index - first_segment, piece.start, piece.length, piece.at) for piece in part.pieces)
+    return Chunk(part.start, part.numel, pieces)
+
+
+@dataclass(frozen=True)
+class Message:
+    """What one optimizer's gossip carries, read as one vector: ``segments`` in order (the replica's parameters,
+    then the buffers gossiped this step, then the carried per-parameter state), cut into ``plan``'s chunks."""
+
+    segments: list[Tensor]
+    plan: ChunkPlan
+    first_buffer: int  # segments [first_buffer, first_carried) are normalisation buffers: mixed by plain gossip
+    first_carried: int
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        # An empty message is still one (empty) exchange: every rank issues the same exchanges, and a guard flag.
+        return self.plan.chunks or [Chunk(0, 0, ())]
+
+    def plain(self, chunk: Chunk) -> slice:
+        """The chunk's elements that are buffers."""
+        return slice(_offset_of(chunk, self.first_buffer), _offset_of(chunk, self.first_carried))
 
 
 class GossipAlgorithm(PeriodicAlgorithm):
@@ -95,7 +144,6 @@ class GossipAlgorithm(PeriodicAlgorithm):
     """
 
     rounds_synchronise = False  # gossip brings replicas closer, never to one model
-    gossips_gradients = False  # whether `_gossip_step` needs this rank's gradient as one vector (DeTAG's tracker)
 
     def __init__(
         self,
@@ -111,6 +159,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
         self.topology: Optional[Topology] = None
         self.consensus_distance: Optional[float] = None  # measured when the consensus is formed
         self._buffers_gossiped_at = -1  # the step whose gossip carried the averaged buffers
+        self._work = ChunkBuffers()  # the streamed exchange's chunk buffers, kept between steps
 
     @property
     def check_every(self) -> int:
@@ -127,6 +176,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
 
     def _on_setup(self) -> None:
         self.topology = make_topology(self.topology_name, self.comm.world_size)
+        self._work.clear()
 
     # ------------------------------------------------------------------ moments
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
@@ -141,44 +191,32 @@ class GossipAlgorithm(PeriodicAlgorithm):
             params = self._managed_params_of(optimizer)
             if not params:
                 return
-            grads = [p.grad for p in params if p.grad is not None]
-            grads_finite = all_finite(grads)
+            grads_finite = all_finite([p.grad for p in params if p.grad is not None])
             index_of = self.flat.index_of
             indices = [index_of[id(p)] for p in params]
             if not grads_finite and self.grad_scale is None:
                 self._announce_nonfinite(indices, "gradients")
-            scale = float(self.grad_scale()) if self.grad_scale is not None else 1.0
-            needed = grads_finite and self.gossips_gradients  # D-PSGD steps on the gradients as they are: no copy
-            gradient = flat_gradients(params, scale, self.gossip_dtype) if needed else None
+            # Under fp16 AMP an overflowed gradient is left to the scaler (None): it stays out of the algorithm.
+            scale = (float(self.grad_scale()) if self.grad_scale is not None else 1.0) if grads_finite else None
             sent_before = self.comm.stats.bytes_sent
             with torch.no_grad(), phase("gossip"):
-                direction = self._gossip_step(optimizer, indices, gradient)
-                if direction is not None and grads_finite:
-                    # A parameter without a gradient here whose direction is exactly zero (no rank within reach ever
-                    # had a gradient for it) keeps `grad=None`: the optimizer skips it, as it would without gossip.
-                    write_gradients(params, direction, scale, skip=reached_nothing(params, direction))
+                self._gossip_step(optimizer, params, indices, scale)
             self.comm.stats.exchanges += 1  # one per optimizer step, wherever its gossip happens
             self.comm.stats.exchange_bytes_sent += self.comm.stats.bytes_sent - sent_before
 
-    def _gossip_step(self, optimizer: Optimizer, indices: list[int], gradient: Optional[Tensor]) -> Optional[Tensor]:
-        """Mix this optimizer's parameters ``flat.params[i]`` (``i`` in ``indices``) with the neighbours'; return the
-        direction the optimizer steps on (``None``: the gradients as they are). ``gradient`` is this rank's unscaled
-        gradient as one vector where :attr:`gossips_gradients` asks for it, or ``None`` (also when it overflowed under
-        AMP: the scaler then skips this rank's step)."""
+    def _gossip_step(
+        self, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: Optional[float]
+    ) -> None:
+        """Mix this optimizer's parameters ``params`` (``flat.params[i]`` for ``i`` in ``indices``) with the
+        neighbours' and leave in their ``.grad`` the direction the optimizer steps on. ``scale`` is what the
+        gradients are multiplied by (fp16 AMP's grad scale, else 1), or ``None`` where they overflowed under AMP
+        (the scaler then skips this rank's step)."""
         raise NotImplementedError
 
     def _round(self) -> None:
         """A check only (the flag collective ran before): gossip averages nothing over the world."""
 
-    # ------------------------------------------------------------------ the neighbour exchange
-    def _replica_vector(self, indices: list[int]) -> Tensor:
-        """This optimizer's parameters as one float32 vector, then (once per step) the averaged buffers."""
-        dtype = self.gossip_dtype
-        parts = [flat_slices([p.data for p in self.flat.params], indices).to(dtype)]
-        if self._buffers_gossiped_at != self.step:
-            parts += [b.detach().reshape(-1).to(dtype) for b in self.averaged_buffers()]
-        return torch.cat(parts)
-
+    # ------------------------------------------------------------------ the message
     @property
     def gossip_dtype(self) -> torch.dtype:
         """What replicas are mixed in: float32, or the parameters' dtype where that is wider (float64)."""
@@ -187,65 +225,153 @@ class GossipAlgorithm(PeriodicAlgorithm):
             dtype = torch.promote_types(dtype, p.dtype)
         return dtype
 
-    def _write_replica(self, indices: list[int], vector: Tensor) -> None:
-        numel = sum(self.flat.params[i].numel() for i in indices)
-        write_slices([p.data for p in self.flat.params], indices, vector[:numel])
-        if self._buffers_gossiped_at != self.step:
-            offset = numel
-            for buffer in self.averaged_buffers():
-                buffer.copy_(vector[offset : offset + buffer.numel()].view_as(buffer))
-                offset += buffer.numel()
-            self._buffers_gossiped_at = self.step
+    def _message(self, indices: list[int], carried: Sequence[Tensor] = ()) -> Message:
+        """This optimizer's message: its parameters, the averaged buffers (once per step), then ``carried``."""
+        params = [self.flat.params[i].data for i in indices]
+        buffers = self.averaged_buffers() if self._buffers_gossiped_at != self.step else []
+        segments = [*params, *buffers, *carried]
+        itemsize = torch.empty(0, dtype=self.gossip_dtype).element_size()
+        chunk_numel = max(1, int(self.bucket_cap_mb * 2**20) // itemsize)
+        plan = ChunkPlan([t.numel() for t in segments], chunk_numel)
+        return Message(segments, plan, len(params), len(params) + len(buffers))
 
-    def _message_numel(self, indices: list[int]) -> int:
-        """Elements of one gossip message for this optimizer (header aside): the replica and its buffers."""
-        numel = sum(self.flat.params[i].numel() for i in indices)
-        if self._buffers_gossiped_at != self.step:
-            numel += sum(b.numel() for b in self.averaged_buffers())
-        return numel
+    def _message_buffer(self, name: str, chunk: Chunk) -> Tensor:
+        """A reused buffer for one chunk's message: the header's slots, then the chunk."""
+        return self._work.get(name, _HEADER + chunk.numel, self.gossip_dtype, self.flat.buckets[0].device)
 
-    def _announce_nonfinite(self, indices: list[int], what: str) -> None:
-        """Tell the neighbours, in the round they are waiting in, that this rank holds inf/NaN ``what``; then raise."""
-        vector = torch.zeros(self._message_numel(indices), dtype=self.gossip_dtype, device=self.flat.buckets[0].device)
-        self._gossip_round(vector, announce=what)
+    def _fill(self, message: Message) -> ChunkFn:
+        """Reads the chunk of ``message``'s segments, in the gossip dtype."""
 
-    def _gossip_round(self, vector: Tensor, round_index: int = 0, announce: Optional[str] = None) -> Tensor:
-        """One gossip round: ``sum_j W_ij v_j`` over this rank and its neighbours, checked before anything is mixed.
-        ``announce``: this rank holds inf/NaN of that kind; the round only tells the neighbours, then raises."""
+        def fill(chunk: Chunk, values: Tensor) -> None:
+            gather_chunk(chunk, message.segments, values)
+
+        return fill
+
+    # ------------------------------------------------------------------ the streamed gossip
+    def _stream(self, message: Message, fill: ChunkFn, consume: ChunkFn, rounds: int = 1, eta: float = 0.0) -> None:
+        """Gossip ``message`` chunk by chunk: ``fill`` each chunk's values, run the rounds on it, hand the result
+        to ``consume`` (which writes it back) before the next chunk is filled."""
+        if not _finite(message.segments):
+            self._announce_nonfinite_message(message, "parameters")
+        for chunk in message.chunks:
+            current = self._message_buffer("message", chunk)
+            fill(chunk, current[_HEADER:])
+            spare = self._message_buffer("spare", chunk) if eta else current  # z(r-1) is only kept to accelerate
+            result = self._rounds(current, spare, rounds, eta, message.plain(chunk))
+            consume(chunk, result[_HEADER:])
+        self._buffers_gossiped_at = self.step  # the first message of the step carried them
+
+    def _rounds(self, current: Tensor, spare: Tensor, rounds: int, eta: float, plain: slice) -> Tensor:
+        """R rounds on one chunk's message ``current``: ``z(r+1) = W z(r) + eta (W z(r) - z(r-1))`` (plain gossip where
+        ``eta`` is 0, and for the ``plain`` elements). Returns the message buffer holding ``z(R)``; ``z(r)`` and
+        ``z(r-1)`` take turns in ``current`` and ``spare``."""
+        previous = current  # z(-1) = z(0)
+        for round_index in range(rounds):
+            received = self._exchange(current, round_index)
+            if not eta:
+                self._mix_(current[_HEADER:], received)
+                continue
+            mixed = self._mix_into_first(current[_HEADER:], received)
+            following = spare if previous is current else previous  # z(r-1) is not needed once this is computed
+            _extrapolate(mixed, previous[_HEADER:], eta, following[_HEADER:])
+            following[_HEADER:][plain] = mixed[plain]  # buffers: plain gossip (no extrapolation below zero)
+            previous, current = current, following
+        return current
+
+    def _exchange(self, message: Tensor, round_index: int) -> list[Tensor]:
+        """Send ``message`` (its chunk after the header's slots) to the neighbours, receive theirs into reused
+        buffers and check their headers; returns their chunks in ascending peer order. A non-finite chunk is
+        announced instead of sent, and this rank stops."""
+        if not _finite([message[_HEADER:]]):
+            self._exchange_checked(message, round_index, announce="parameters")
+        return self._exchange_checked(message, round_index)
+
+    def _exchange_checked(self, message: Tensor, round_index: int, announce: Optional[str] = None) -> list[Tensor]:
+        """One exchange of ``message``, checked before anything is mixed. ``announce``: this rank holds inf/NaN of
+        that kind; the exchange only tells the neighbours (zeros, flagged non-finite), then raises."""
         assert self.topology is not None
         rank = self.comm.rank
         where = f"the gossip of step {self.step}"
         at = position(self.step, EXCHANGE) * ROUNDS_PER_STEP + round_index
-        finite = announce is None and bool(torch.isfinite(vector).all())
+        if announce is not None:
+            message[_HEADER:].zero_()  # a non-finite replica is announced, not sent
+        _write_header(message, announce is None, at)
         peers = self.topology.neighbours(rank)
-        # A non-finite replica is announced, not sent: the neighbours stop naming this rank, with nothing mixed in.
-        header = _header(finite, at).to(device=vector.device, dtype=vector.dtype)
-        message = torch.cat([header, vector if finite else torch.zeros_like(vector)])
-        received = self.comm.neighbour_exchange_(message, self.topology.phases(rank))
-        if not finite:
-            raise nonfinite_error(self.label, where, announce or "parameters", [rank], self.step)
+        out = {
+            peer: self._work.get(f"from {k}", message.numel(), message.dtype, message.device)
+            for k, peer in enumerate(peers)
+        }
+        received = self.comm.neighbour_exchange_(message, self.topology.phases(rank), out=out)
+        if announce is not None:
+            raise nonfinite_error(self.label, where, announce, [rank], self.step)
         for peer in peers:
-            theirs = received[peer]
-            their_finite, their_at = _read_header(theirs)
-            if not their_finite:
-                raise NonFiniteError(
-                    f"{self.label}: neighbour rank {peer} sent inf/NaN at {where}; nothing it sent was mixed into "
-                    f"rank {rank}'s model.",
-                    [peer],
-                    self.step,
-                )
-            if their_at != at:
-                raise OutOfStepError(
-                    f"{self.label}: rank {rank} is at {_describe(at)} and its neighbour rank {peer} at "
-                    f"{_describe(their_at)}. Their data or control flow differ: give every rank the same number of "
-                    "batches and take optimizer steps on all ranks alike. Nothing was mixed."
-                )
-        # x_i + sum_j W_ij (x_j - x_i): W's rows sum to 1, so this is sum_j W_ij x_j, and it is exact where the
-        # neighbours hold what this rank holds: a parameter no rank trains (identical everywhere) stays bit for bit.
-        mixed = vector.clone()
-        for peer, weight in peers.items():  # ascending peer order: deterministic sums
-            mixed.add_(received[peer][_HEADER:] - vector, alpha=weight)
+            self._check_header(peer, received[peer], at, where)
+        return [received[peer][_HEADER:] for peer in peers]  # ascending peer order: deterministic sums
+
+    def _check_header(self, peer: int, theirs: Tensor, at: int, where: str) -> None:
+        their_finite, their_at = _read_header(theirs)
+        rank = self.comm.rank
+        if not their_finite:
+            raise NonFiniteError(
+                f"{self.label}: neighbour rank {peer} sent inf/NaN at {where}; nothing it sent was mixed into "
+                f"rank {rank}'s model.",
+                [peer],
+                self.step,
+            )
+        if their_at != at:
+            raise OutOfStepError(
+                f"{self.label}: rank {rank} is at {_describe(at)} and its neighbour rank {peer} at "
+                f"{_describe(their_at)}. Their data or control flow differ: give every rank the same number of "
+                "batches and take optimizer steps on all ranks alike. Nothing was mixed."
+            )
+
+    def _differences_(self, own: Tensor, received: list[Tensor]) -> list[float]:
+        """Each received chunk becomes ``x_j - x_i`` in place; returns the weights ``W_ij`` in the same order."""
+        assert self.topology is not None
+        for theirs in received:
+            theirs.sub_(own)
+        return list(self.topology.neighbours(self.comm.rank).values())
+
+    def _mix_(self, own: Tensor, received: list[Tensor]) -> None:
+        """``own <- x_i + sum_j W_ij (x_j - x_i)``, in place (``received`` is overwritten)."""
+        # W's rows sum to 1, so this is sum_j W_ij x_j, and it is exact where the neighbours hold what this rank
+        # holds: a parameter no rank trains (identical everywhere) stays bit for bit. Every difference is taken
+        # before ``own`` changes, and they are added in ascending peer order, as one whole-model vector had them.
+        weights = self._differences_(own, received)
+        for difference, weight in zip(received, weights):
+            own.add_(difference, alpha=weight)
+
+    def _mix_into_first(self, own: Tensor, received: list[Tensor]) -> Tensor:
+        """``x_i + sum_j W_ij (x_j - x_i)`` into the first received buffer, ``own`` left as it is."""
+        if not received:  # a world of one
+            return own
+        weights = self._differences_(own, received)
+        mixed = torch.add(own, received[0], alpha=weights[0], out=received[0])
+        for difference, weight in zip(received[1:], weights[1:]):
+            mixed.add_(difference, alpha=weight)
         return mixed
+
+    def _announce_nonfinite(self, indices: list[int], what: str) -> None:
+        """Tell the neighbours, in the exchange they are waiting in, that this rank holds inf/NaN ``what``; raise."""
+        self._announce_nonfinite_message(self._message(indices, self._carried(indices)), what)
+
+    def _announce_nonfinite_message(self, message: Message, what: str) -> None:
+        self._exchange_checked(self._message_buffer("message", message.chunks[0]), 0, announce=what)
+
+    def _carried(self, indices: list[int]) -> list[Tensor]:
+        """The per-parameter state a message carries beside the replica (DeTAG's tracker); none by default."""
+        return []
+
+    def _write_back(self, message: Message) -> ChunkWriter:
+        """Writes a chunk's result into ``message``'s segments (the replica, the buffers, the carried state)."""
+        return ChunkWriter(message.segments.__getitem__)
+
+
+def _extrapolate(mixed: Tensor, previous: Tensor, eta: float, out: Tensor) -> None:
+    """``out = mixed + eta (mixed - previous)``, i.e. ``(1 + eta) W z(r) - eta z(r-1)`` written so that it is exact
+    where nothing changes; ``out`` may be ``previous``."""
+    torch.sub(mixed, previous, out=out)
+    torch.add(mixed, out, alpha=eta, out=out)
 
     # ------------------------------------------------------------------ consensus distance
     def enter_consensus(self) -> None:

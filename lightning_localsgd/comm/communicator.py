@@ -109,21 +109,30 @@ class Communicator(ABC):
         self.stats.seconds += time.perf_counter() - start
         return received
 
-    def neighbour_exchange_(self, tensor: Tensor, phases: Sequence[tuple[int, int]]) -> dict[int, Tensor]:
+    def neighbour_exchange_(
+        self, tensor: Tensor, phases: Sequence[tuple[int, int]], out: Optional[dict[int, Tensor]] = None
+    ) -> dict[int, Tensor]:
         """Gossip: in each phase ``(send_to, receive_from)``, send ``tensor`` to one rank and receive another's
         (same shape and dtype), point to point, no whole-world collective. Every rank runs the same number of phases
         at once, and in each phase the rank this one receives from sends to it (a topology's ``phases(rank)``).
 
         Returns the received tensors by sender. Counted as one collective; this rank sends ``len(phases)`` times the
-        payload.
+        payload. ``out``: a contiguous buffer per sender (``tensor``'s shape and dtype) to receive into, reused from
+        call to call instead of fresh tensors (a streamed gossip's chunk buffers); the result is then ``out``.
         """
         phases = [(int(to), int(source)) for to, source in phases]
         if not phases:
             return {}
         if any(self.rank in pair for pair in phases) or len({source for _, source in phases}) != len(phases):
             raise ValueError(f"Rank {self.rank}'s gossip phases must pair it with other ranks, once each: {phases}.")
+        if out is not None:
+            _check_receive_buffers(tensor, [source for _, source in phases], out)
         start = time.perf_counter()
-        received = self._neighbour_exchange_(tensor.contiguous(), phases)
+        if out is None:
+            received = self._neighbour_exchange_(tensor.contiguous(), phases)
+        else:
+            self._neighbour_exchange_into_(tensor.contiguous(), phases, out)
+            received = out
         self.stats.collectives += 1
         self.stats.bytes_sent += len(phases) * tensor.numel() * tensor.element_size()
         self._wait_for_device([tensor])
@@ -197,6 +206,11 @@ class Communicator(ABC):
     @abstractmethod
     def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]: ...
 
+    def _neighbour_exchange_into_(self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]) -> None:
+        """:meth:`_neighbour_exchange_` receiving into ``out[source]``; by default, a copy of what it returns."""
+        for source, received in self._neighbour_exchange_(tensor, phases).items():
+            out[source].copy_(received)
+
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank (for small metadata)."""
@@ -210,6 +224,16 @@ class Communicator(ABC):
         # CUDA collectives return once enqueued; wait so that `seconds` measures the transfer.
         if tensors and tensors[0].is_cuda:
             torch.cuda.current_stream(tensors[0].device).synchronize()
+
+
+def _check_receive_buffers(tensor: Tensor, sources: list[int], out: dict[int, Tensor]) -> None:
+    for source in sources:
+        buffer = out.get(source)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype or not buffer.is_contiguous():
+            raise ValueError(
+                f"neighbour_exchange_ needs a contiguous receive buffer of shape {tuple(tensor.shape)} and dtype "
+                f"{tensor.dtype} for rank {source} in `out`."
+            )
 
 
 class PendingAllReduce:
@@ -304,17 +328,19 @@ class ProcessGroupCommunicator(Communicator):
         return list(out.split(mine)) if mine else [out[:0] for _ in range(self.world_size)]
 
     def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
+        received = {source: torch.empty_like(tensor) for _, source in phases}
+        self._neighbour_exchange_into_(tensor, phases, received)
+        return received
+
+    def _neighbour_exchange_into_(self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]) -> None:
         # One phase at a time: each link carries one message at once (see Topology.phases for what that bought).
-        received = {}
         for send_to, receive_from in phases:
-            buffer = received[receive_from] = torch.empty_like(tensor)
             ops = [
                 dist.P2POp(dist.isend, tensor, self._global(send_to), self.group),
-                dist.P2POp(dist.irecv, buffer, self._global(receive_from), self.group),
+                dist.P2POp(dist.irecv, out[receive_from], self._global(receive_from), self.group),
             ]
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        return received
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank

@@ -223,8 +223,16 @@ class SimulatedCommunicator(Communicator):
         return [sent[offset : offset + splits[self.rank]].clone() for sent, _ in values]
 
     def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
+        return {source: sent.clone() for source, sent in self._neighbours_sent(tensor, phases).items()}
+
+    def _neighbour_exchange_into_(self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]) -> None:
+        for source, sent in self._neighbours_sent(tensor, phases).items():
+            out[source].copy_(sent)
+
+    def _neighbours_sent(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
         # Every simulated worker deposits at one meeting (they gossip in lockstep) and reads its senders' only,
-        # after checking that each sends to it in the same phase, as the real schedule needs.
+        # after checking that each sends to it in the same phase, as the real schedule needs. What is returned is
+        # the senders' deposited copies: read them, never write them.
         values = self.group.exchange(self.rank, (tensor.clone(), tuple(phases)))
         received = {}
         for index, (_, source) in enumerate(phases):
@@ -235,7 +243,7 @@ class SimulatedCommunicator(Communicator):
                     "the topology's phases do not pair up or the ranks disagree on the topology."
                 )
             _check_same_layout([tensor, sent], self.rank, "neighbour exchange")
-            received[source] = sent.clone()
+            received[source] = sent
         return received
 
     def all_gather_object(self, obj: Any) -> list[Any]:
