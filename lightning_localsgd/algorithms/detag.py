@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter, gather_chunk
-from lightning_localsgd.algorithms.gossip import ROUNDS_PER_STEP, GossipAlgorithm, _offset_of, shifted
+from lightning_localsgd.algorithms.gossip import ROUNDS_PER_STEP, GossipAlgorithm, offset_of, shifted
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology
@@ -131,14 +131,14 @@ class DeTAG(GossipAlgorithm):
         def fill(chunk: Chunk, values: Tensor) -> None:
             gather_chunk(chunk, message.segments, values)  # x, the buffers, and y as it was
             if scale is not None:  # an overflowed AMP gradient stays out of the tracker
-                at = _offset_of(chunk, message.first_carried)
+                at = offset_of(chunk, message.first_carried)
                 part = shifted(chunk, at, message.first_carried)
                 self._track(part, values[at:], grads, [last[i] for i in indices], scale)
 
         def consume(chunk: Chunk, values: Tensor) -> None:
             replica.write(chunk, values)
             if direction is not None:
-                at = _offset_of(chunk, message.first_carried)
+                at = offset_of(chunk, message.first_carried)
                 direction.write(shifted(chunk, at, message.first_carried), values[at:])
 
         self._stream(message, fill, consume, self.gossip_rounds, self.eta)
@@ -151,7 +151,8 @@ class DeTAG(GossipAlgorithm):
         g = gather_chunk(part, grads, self._message_buffer("spare", part)[: part.numel])  # the spare is free now
         if scale != 1.0:
             g.div_(scale)
-        old = gather_chunk(part, last, self._work.get("from 0", part.numel, y.dtype, y.device))  # so is this
+        # The first neighbour's receive buffer is free too until the chunk's exchange.
+        old = gather_chunk(part, last, self._work.get("from 0", part.numel, y.dtype, y.device))
         y.add_(g).sub_(old)
         ChunkWriter(last.__getitem__).write(part, g)
 

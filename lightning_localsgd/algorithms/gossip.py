@@ -98,7 +98,7 @@ def _finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _offset_of(chunk: Chunk, first_segment: int) -> int:
+def offset_of(chunk: Chunk, first_segment: int) -> int:
     """Where in ``chunk`` the elements of segment ``first_segment`` and later begin (segments come in order)."""
     return next((piece.at for piece in chunk.pieces if piece.index >= first_segment), chunk.numel)
 
@@ -109,6 +109,13 @@ def shifted(chunk: Chunk, at: int, first_segment: int) -> Chunk:
     part = chunk.part(at, chunk.numel - at)
     pieces = tuple(Piece(piece.index - first_segment, piece.start, piece.length, piece.at) for piece in part.pieces)
     return Chunk(part.start, part.numel, pieces)
+
+
+def _extrapolate(mixed: Tensor, previous: Tensor, eta: float, out: Tensor) -> None:
+    """``out = mixed + eta (mixed - previous)``, i.e. ``(1 + eta) W z(r) - eta z(r-1)`` written so that it is exact
+    where nothing changes; ``out`` may be ``previous``."""
+    torch.sub(mixed, previous, out=out)
+    torch.add(mixed, out, alpha=eta, out=out)
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ class Message:
 
     def plain(self, chunk: Chunk) -> slice:
         """The chunk's elements that are buffers."""
-        return slice(_offset_of(chunk, self.first_buffer), _offset_of(chunk, self.first_carried))
+        return slice(offset_of(chunk, self.first_buffer), offset_of(chunk, self.first_carried))
 
 
 class GossipAlgorithm(PeriodicAlgorithm):
@@ -365,13 +372,6 @@ class GossipAlgorithm(PeriodicAlgorithm):
     def _write_back(self, message: Message) -> ChunkWriter:
         """Writes a chunk's result into ``message``'s segments (the replica, the buffers, the carried state)."""
         return ChunkWriter(message.segments.__getitem__)
-
-
-def _extrapolate(mixed: Tensor, previous: Tensor, eta: float, out: Tensor) -> None:
-    """``out = mixed + eta (mixed - previous)``, i.e. ``(1 + eta) W z(r) - eta z(r-1)`` written so that it is exact
-    where nothing changes; ``out`` may be ``previous``."""
-    torch.sub(mixed, previous, out=out)
-    torch.add(mixed, out, alpha=eta, out=out)
 
     # ------------------------------------------------------------------ consensus distance
     def enter_consensus(self) -> None:
