@@ -370,8 +370,9 @@ def test_extra_peak_memory_of_a_gossip_step_is_a_few_chunks_not_copies_of_the_mo
     chunk, model = measured["chunk"], measured["model"]
     assert model >= 20 * chunk
     # Per rank: the message and the neighbour's message (DeTAG: and the previous round), the simulated link's
-    # copy of what this rank sent, and slack for the allocator and the guard's reductions.
-    bound = 4 * chunk + 2 * 2**20
+    # copy of what this rank sent, and slack for the threads' allocator arenas and the guard's reductions (about
+    # 1 MiB measured). Whole-model vectors measured 4.6 (D-PSGD) and 17 (DeTAG) copies of the model here.
+    bound = 4 * chunk + 3 * 2**20
     assert measured["per_rank"] <= bound, (
         f"{name}: {measured['per_rank'] / 2**20:.1f} MiB extra per rank over one gossip step, more than "
         f"{bound / 2**20:.1f} MiB ({measured['per_rank'] / model:.2f} copies of a {model / 2**20:.0f} MiB model)"
