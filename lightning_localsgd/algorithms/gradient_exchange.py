@@ -27,11 +27,10 @@ round, which follows ``requires_grad`` alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.guard import (
@@ -54,65 +53,6 @@ GRADIENT_BUCKET_CAP_MB = 1.0
 
 if TYPE_CHECKING:
     from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
-
-
-def flat_gradients(params: Sequence[nn.Parameter], scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The gradients as one vector of ``dtype`` (a missing gradient counts as zero), divided by ``scale``."""
-    parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-    flat = torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
-    return flat.div_(scale) if scale != 1.0 else flat
-
-
-def write_gradients(
-    params: Sequence[nn.Parameter], flat: Tensor, scale: float = 1.0, skip: Optional[Sequence[bool]] = None
-) -> None:
-    """Every parameter's ``.grad`` set from ``flat`` (times ``scale``), in the parameter's dtype and layout; a
-    parameter whose ``skip`` entry is True keeps its ``.grad`` as it is (its slice of ``flat`` is passed over)."""
-    offset = 0
-    for i, p in enumerate(params):
-        part = flat[offset : offset + p.numel()].view(p.shape)
-        offset += p.numel()
-        if skip is not None and skip[i]:
-            continue
-        if scale != 1.0:
-            part = part * scale
-        if p.grad is None:
-            p.grad = torch.empty_like(p)  # the parameter's memory format, as autograd would give
-        p.grad.copy_(part)
-
-
-def reached_nothing(params: Sequence[nn.Parameter], direction: Tensor) -> list[bool]:
-    """Per parameter: whether this rank has no gradient for it and its slice of ``direction`` is exactly zero, i.e.
-    nothing about it reached this rank (a gossip step's tracked direction: no rank within reach had a gradient).
-    One host sync, and only for the parameters without a gradient."""
-    result = [False] * len(params)
-    offsets, offset = [], 0
-    for p in params:
-        offsets.append(offset)
-        offset += p.numel()
-    missing = [i for i, p in enumerate(params) if p.grad is None]
-    if not missing:
-        return result
-    counts = torch.stack(
-        [torch.count_nonzero(direction[offsets[i] : offsets[i] + params[i].numel()]) for i in missing]
-    ).tolist()
-    for i, count in zip(missing, counts):
-        result[i] = count == 0
-    return result
-
-
-def flat_slices(views: Sequence[Tensor], indices: Sequence[int]) -> Tensor:
-    """Per-parameter state views ``views[i]`` for ``i`` in ``indices`` as one vector (a copy)."""
-    parts = [views[i].reshape(-1) for i in indices]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-def write_slices(views: Sequence[Tensor], indices: Sequence[int], flat: Tensor) -> None:
-    offset = 0
-    for i in indices:
-        view = views[i]
-        view.copy_(flat[offset : offset + view.numel()].view(view.shape))
-        offset += view.numel()
 
 
 class GradientExchange:
