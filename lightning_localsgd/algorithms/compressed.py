@@ -9,7 +9,7 @@ LIEC-SGD, parameters and gradients in full precision).
 The exchange streams: an optimizer's gradients, read as one long vector, go chunk by chunk (:mod:`.chunks`), each
 chunk through the whole rule (compress, update the error, all-gather, decode the mean) in a few float32 buffers of
 one chunk that are kept between steps, and the direction is written back into ``.grad`` before the next chunk is
-read. Chunks are about ``bucket_cap_mb`` long and cut where the compressor's blocks end
+read. Chunks are about half of ``bucket_cap_mb`` long and cut where the compressor's blocks end
 (:meth:`~lightning_localsgd.compression.Compressor.chunk_numel`), so every element is compressed in the block it
 was compressed in as one vector: the results are the same bits, and the memory beyond the algorithm's own state is
 a few chunks whatever the model size. A compressor whose result depends on the whole vector (top-k) takes the
@@ -71,8 +71,9 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         return ChunkPlan(numels, chunk if chunk is not None else max(1, sum(numels)))
 
     def _chunk_target(self) -> int:
-        """The chunk length aimed at: ``bucket_cap_mb`` of float32 (the compressor then cuts at its blocks)."""
-        return max(1, int(self.bucket_cap_mb * 2**20) // 4)
+        """The chunk length aimed at: half of ``bucket_cap_mb`` in float32 (the compressor then cuts at its blocks).
+        An exchange keeps three or four chunk-sized buffers: half-bucket chunks hold them near two buckets."""
+        return max(1, int(self.bucket_cap_mb * 2**20) // 8)
 
     def _buffer(self, name: str, chunk: Chunk) -> Tensor:
         """A float32 work buffer of the chunk's length, reused from step to step."""
