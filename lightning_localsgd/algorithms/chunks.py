@@ -31,6 +31,8 @@ class Piece:
 
 @dataclass(frozen=True)
 class Chunk:
+    """``numel`` consecutive elements of the whole vector, from ``start``, and the tensor slices they come from."""
+
     start: int  # offset of the chunk in the whole vector
     numel: int
     pieces: tuple[Piece, ...]
