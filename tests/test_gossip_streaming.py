@@ -381,3 +381,33 @@ def test_extra_peak_memory_of_a_gossip_step_is_a_few_chunks_not_copies_of_the_mo
 
 if __name__ == "__main__":
     print(json.dumps(peak_extra_bytes(sys.argv[1])))
+
+
+def test_detag_keeps_the_last_gradient_of_a_channels_last_convolution():
+    """``g_old <- g_new`` for a parameter whose state view has no flat view (channels_last, staged by the writer):
+    after a step, DeTAG's last gradient is that step's local gradient, element for element."""
+
+    def worker(rank: int, comm) -> list[tuple[Tensor, Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+        model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        algorithm = DeTAG(bucket_cap_mb=0.0001)  # chunks of 26 elements: the conv weight spans several
+        algorithm.setup(model, comm, [opt])
+        seen = []
+        for step in range(3):
+            opt.zero_grad()
+            g = torch.Generator().manual_seed(10 * rank + step)
+            model(torch.randn(2, 3, 6, 6, generator=g).to(memory_format=torch.channels_last)).pow(2).sum().backward()
+            local = model[0].weight.grad.clone()
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            algorithm.end_step()
+            index = algorithm.flat.index_of[id(model[0].weight)]
+            seen.append((local, algorithm.state_views("last_gradient")[index].clone()))
+        return seen
+
+    for seen in run_simulated(2, worker):
+        for local, last in seen:
+            assert not last.is_contiguous()  # the strided case
+            assert torch.equal(last, local)

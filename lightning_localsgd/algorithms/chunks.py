@@ -152,6 +152,19 @@ class ChunkWriter:
         self._staged = {}
 
 
+def gradient_of(params: Sequence[Tensor]) -> Callable[[int], Tensor]:
+    """A :class:`ChunkWriter` target: ``params[i].grad``, created where it is missing (in the parameter's memory
+    format, as autograd would give it), for exchanges that write the direction to step on chunk by chunk."""
+
+    def target(index: int) -> Tensor:
+        param = params[index]
+        if param.grad is None:
+            param.grad = torch.empty_like(param)
+        return param.grad
+
+    return target
+
+
 class ChunkBuffers:
     """Chunk-sized work buffers, kept between steps (allocated once per size, dtype and device)."""
 

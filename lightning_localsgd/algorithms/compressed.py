@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, chunk_view, gather_chunk
+from lightning_localsgd.algorithms.chunks import (
+    Chunk,
+    ChunkBuffers,
+    ChunkPlan,
+    ChunkWriter,
+    chunk_view,
+    gather_chunk,
+    gradient_of,
+)
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor
@@ -84,14 +92,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         ``scale``) into their ``.grad``. A missing gradient reads as zeros and gets a ``.grad`` (the caller left out
         the parameters no rank has a gradient for)."""
         grads = [p.grad for p in params]  # read before any chunk creates a missing one
-
-        def grad_of(i: int) -> Tensor:
-            p = params[i]
-            if p.grad is None:
-                p.grad = torch.empty_like(p)  # the parameter's memory format, as autograd would give
-            return p.grad
-
-        writer = ChunkWriter(grad_of)
+        writer = ChunkWriter(gradient_of(params))
         for chunk in self._chunk_plan(params):
             g = gather_chunk(chunk, grads, self._buffer("g", chunk))
             if scale != 1.0:

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter, gather_chunk
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter, gather_chunk, gradient_of
 from lightning_localsgd.algorithms.gossip import ROUNDS_PER_STEP, GossipAlgorithm, offset_of, shifted
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
@@ -127,13 +127,15 @@ class DeTAG(GossipAlgorithm):
         replica = self._write_back(message)  # x, the buffers and y <- AG_R(y)
         direction = DirectionWriter(params, scale) if scale is not None else None  # the optimizer steps on AG_R(y)
         grads = [p.grad for p in params]  # read before a chunk's direction creates a missing one
+        lasts = [last[i] for i in indices]
+        last_writer = ChunkWriter(lasts.__getitem__)  # g_old <- g_new (a strided view is written at the end)
 
         def fill(chunk: Chunk, values: Tensor) -> None:
             gather_chunk(chunk, message.segments, values)  # x, the buffers, and y as it was
             if scale is not None:  # an overflowed AMP gradient stays out of the tracker
                 at = offset_of(chunk, message.first_carried)
                 part = shifted(chunk, at, message.first_carried)
-                self._track(part, values[at:], grads, [last[i] for i in indices], scale)
+                self._track(part, values[at:], grads, lasts, last_writer, scale)
 
         def consume(chunk: Chunk, values: Tensor) -> None:
             replica.write(chunk, values)
@@ -142,11 +144,20 @@ class DeTAG(GossipAlgorithm):
                 direction.write(shifted(chunk, at, message.first_carried), values[at:])
 
         self._stream(message, fill, consume, self.gossip_rounds, self.eta)
+        last_writer.finish()
         replica.finish()
         if direction is not None:
             direction.finish()
 
-    def _track(self, part: Chunk, y: Tensor, grads: list[Optional[Tensor]], last: list[Tensor], scale: float) -> None:
+    def _track(
+        self,
+        part: Chunk,
+        y: Tensor,
+        grads: list[Optional[Tensor]],
+        last: list[Tensor],
+        last_writer: ChunkWriter,
+        scale: float,
+    ) -> None:
         """``y <- y + g_new - g_old`` on one chunk's tracker elements, and ``g_old <- g_new`` there."""
         g = gather_chunk(part, grads, self._message_buffer("spare", part)[: part.numel])  # the spare is free now
         if scale != 1.0:
@@ -154,7 +165,7 @@ class DeTAG(GossipAlgorithm):
         # The first neighbour's receive buffer is free too until the chunk's exchange.
         old = gather_chunk(part, last, self._work.get("from 0", part.numel, y.dtype, y.device))
         y.add_(g).sub_(old)
-        ChunkWriter(last.__getitem__).write(part, g)
+        last_writer.write(part, g)
 
 
 class DirectionWriter:
@@ -167,13 +178,7 @@ class DirectionWriter:
         self.scale = scale
         self.missing = {i for i, p in enumerate(params) if p.grad is None}
         self._nonzero: dict[int, list[Tensor]] = {i: [] for i in self.missing}
-        self._writer = ChunkWriter(self._grad_of)
-
-    def _grad_of(self, index: int) -> Tensor:
-        p = self.params[index]
-        if p.grad is None:
-            p.grad = torch.empty_like(p)  # the parameter's memory format, as autograd would give
-        return p.grad
+        self._writer = ChunkWriter(gradient_of(params))
 
     def write(self, part: Chunk, direction: Tensor) -> None:
         """``direction`` (overwritten) holds ``part``'s elements, pieces numbered like ``params``."""

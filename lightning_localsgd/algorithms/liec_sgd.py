@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_bool, check_int
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk, ChunkPlan, ChunkWriter, chunk_view, gather_chunk
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkPlan, ChunkWriter, gather_chunk
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
 from lightning_localsgd.algorithms.control_variate import ControlVariate
 from lightning_localsgd.algorithms.liec_server import REPLICATED, ZERO, ServerLayouts, check_server, shard_bounds
@@ -222,11 +222,11 @@ class LIECSGD(CompressedExchangeAlgorithm):
         mean, scratch = self._buffer("mean", chunk), self._buffer("scratch", chunk)  # with g: three chunk buffers
         g.sub_(compressor.decode_into(payload, mean))  # r_i = g_i - C(g_i), in place of g_i
         self._gathered_mean_into(payload, mean, scratch)
-        view = chunk_view(chunk, errors, torch.float32)  # e in place where it lies back to back, else a copy
-        u = mean.add_(view if view is not None else gather_chunk(chunk, errors, scratch))  # u = mean_j C(g_j) + e
+        e, in_place = self._state_chunk(chunk, errors, "scratch")  # a copy goes into the scratch buffer
+        u = mean.add_(e)  # u = mean_j C(g_j) + e
         server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent
-        if view is not None:
-            torch.sub(u, server, out=view)  # e <- u - C(u)
+        if in_place:
+            torch.sub(u, server, out=e)  # e <- u - C(u)
         else:
             writer.write(chunk, u.sub_(server))
         return server.add_(g)  # C(u) + r_i
