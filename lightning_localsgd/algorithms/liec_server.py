@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from lightning_localsgd._validation import check_choice
-
 SERVER_CHOICES = ("auto", "sharded", "replicated")
 
 # What one optimizer's server error looks like on the ranks: zero everywhere (fresh, or after a full-precision
@@ -34,10 +32,6 @@ SERVER_CHOICES = ("auto", "sharded", "replicated")
 ZERO = "zero"
 REPLICATED = "replicated"
 Layout = Union[str, tuple[int, ...]]  # ZERO, REPLICATED, or the exchange's parameter indices it was split by
-
-
-def check_server(server: str) -> str:
-    return check_choice("server", server, SERVER_CHOICES)
 
 
 def shard_bounds(numel: int, unit: int, world: int) -> list[tuple[int, int]]:
@@ -60,12 +54,9 @@ class ServerLayouts:
         self._layouts: dict[int, Layout] = {}
         self._default: Layout = ZERO
 
-    def reset_zero(self, index: Optional[int] = None) -> None:
-        """The server error is zero (for optimizer ``index``, or all of them)."""
-        if index is None:
-            self._layouts, self._default = {}, ZERO
-        else:
-            self._layouts[index] = ZERO
+    def reset_zero(self) -> None:
+        """Every optimizer's server error is zero (a fresh set-up)."""
+        self._layouts, self._default = {}, ZERO
 
     def get(self, index: int) -> Layout:
         return self._layouts.get(index, self._default)

@@ -40,13 +40,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_localsgd._validation import check_bool, check_int
+from lightning_localsgd._validation import check_bool, check_choice, check_int
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkPlan, ChunkWriter, gather_chunk
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
 from lightning_localsgd.algorithms.control_variate import ControlVariate
-from lightning_localsgd.algorithms.liec_server import REPLICATED, ZERO, ServerLayouts, check_server, shard_bounds
+from lightning_localsgd.algorithms.liec_server import REPLICATED, SERVER_CHOICES, ZERO, ServerLayouts, shard_bounds
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
@@ -119,7 +119,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
         check_int("full_sync_period", full_sync_period, 1)  # named as the user spells it
         compressor = compressor if compressor is not None else ScaledSign(block_size_mb)
         check_deterministic(compressor)
-        self.server = check_server(server)
+        self.server = check_choice("server", server, SERVER_CHOICES)
         if self.server == "sharded" and compressor.chunk_numel(1) is None:
             raise ValueError(
                 f"LIEC-SGD: server='sharded' splits the server step at the compressor's blocks, and {compressor!r} "
