@@ -3,7 +3,7 @@ PYTHON ?= python3
 # torch only when missing, and then the CPU build pinned here; a user's own torch is never replaced.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-lightning-min lint bench bench-smoke
+.PHONY: install demo test test-lightning-min lint bench bench-smoke gpu-check
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
@@ -53,3 +53,9 @@ bench: install
 # 30 to 60 seconds on 2 cores (loopback, a few steps of one peer of each kind): for CI.
 bench-smoke: install
 	$(BENCH) --smoke
+
+# The device check (benchmarks/gpu_check.py): every strategy through Trainer.fit on CUDA (NCCL in one process, two
+# processes on the GPU(s)), one table and results/gpu_check/gpu_check.json, sized for 8 minutes on one GPU. Without a
+# GPU it runs on the CPU (about 30 seconds on 2 cores).
+gpu-check: install
+	$(PYTHON) -m benchmarks.gpu_check
