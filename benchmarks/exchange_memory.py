@@ -55,6 +55,7 @@ def start(strategy: str, args: argparse.Namespace, out: Path) -> subprocess.Pope
     command = [sys.executable, "-m", "benchmarks.exchange_memory_worker", "--strategy", strategy]
     command += ["--params-millions", str(args.params_millions), "--layers", str(args.layers)]
     command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--out", str(out)]
+    command += ["--save-at", str(getattr(args, "save_at", 0))]
     with (out / "log.txt").open("w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
             command, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

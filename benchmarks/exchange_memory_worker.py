@@ -5,6 +5,8 @@
 
 ``--strategy single`` is plain one-process Lightning; any other name is looked up in Lightning's strategy registry
 and run on 2 CPU processes, rank 1 started by Lightning's own launcher (which re-runs this command), as for users.
+``--save-at S`` also times one ``trainer.save_checkpoint`` after step S and the peak memory it adds
+(:mod:`benchmarks.save_memory`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -98,12 +100,41 @@ class StepTimer(Callback):
         self.round_steps.append(rounds_so_far(trainer.strategy) > self._rounds)
 
 
+def status_bytes(field: str) -> int:
+    """A size from ``/proc/self/status`` (``VmHWM``: the peak resident set size; ``VmRSS``: the current one)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (``VmHWM``), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return status_bytes("VmHWM")
+
+
+class SaveProbe(Callback):
+    """At the end of step ``step``: one ``trainer.save_checkpoint``, its seconds and the peak resident memory it
+    added (the peak is reset just before it through ``/proc/self/clear_refs``). The files are removed after."""
+
+    def __init__(self, step: int, directory: Path) -> None:
+        self.step, self.directory = step, directory
+        self.seconds: Optional[float] = None
+        self.extra_bytes: Optional[int] = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self.step:
+            return
+        path = self.directory / "probe.ckpt"
+        trainer.strategy.barrier()
+        before = status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        start = time.perf_counter()
+        trainer.save_checkpoint(path)
+        self.seconds = time.perf_counter() - start
+        self.extra_bytes = peak_rss_bytes() - before
+        trainer.strategy.barrier()
+        trainer.strategy.remove_checkpoint(path)
 
 
 def main() -> None:
@@ -114,19 +145,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--save-at", type=int, default=0, help="step after which one checkpoint is timed (0: none)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # one core per rank: 2 ranks on the machine's 2 cores
     width = mlp_width(args.params_millions, args.layers)
     module = WideMLP(width, args.layers, args.batch_size, args.steps)
     timer = StepTimer()
+    callbacks: list[Callback] = [timer]
+    probe = SaveProbe(args.save_at, args.out) if args.save_at else None
+    callbacks += [probe] if probe is not None else []
     single = args.strategy == "single"
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1 if single else 2,
         strategy="auto" if single else args.strategy,
         max_steps=args.steps,
-        callbacks=[timer],
+        callbacks=callbacks,
         use_distributed_sampler=False,  # each rank's own synthetic batch
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -146,6 +181,8 @@ def main() -> None:
         "width": width,
         "step_seconds": timer.seconds,
         "round_steps": timer.round_steps,
+        "save_seconds": probe.seconds if probe is not None else None,
+        "save_extra_bytes": probe.extra_bytes if probe is not None else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
