@@ -54,14 +54,23 @@ def comm_metrics(algorithm: PeriodicAlgorithm) -> dict[str, float]:
 
 
 def rank_payload(
-    algorithm: PeriodicAlgorithm, optimizers: Sequence[Optimizer], scaler: Optional[Any], drop_replica: bool
+    algorithm: PeriodicAlgorithm,
+    optimizers: Sequence[Optimizer],
+    scaler: Optional[Any],
+    drop_replica: bool,
+    copy: bool = True,
+    optimizers_in_main_file: bool = False,
 ) -> dict[str, Any]:
     """This rank's own state for a checkpoint: algorithm (with its replica unless ``drop_replica`` and in sync, when
-    the checkpoint's weights are that replica), every optimizer's state and the grad scaler's."""
-    state = algorithm.state_dict()
+    the checkpoint's weights are that replica), every optimizer's state and the grad scaler's.
+
+    ``copy=False``: the live tensors, for a payload written before training goes on (a checkpoint shard): no copy
+    of the model or its state. ``optimizers_in_main_file``: the optimizer states are left out (``None``), because
+    the checkpoint's main file holds this very rank's (rank 0 of a Lightning checkpoint): not written twice."""
+    state = algorithm.state_dict(copy=copy)
     return {
         "algorithm": without_replica_if_in_sync(state) if drop_replica else state,
-        "optimizer_states": [optimizer.state_dict() for optimizer in optimizers],
+        "optimizer_states": None if optimizers_in_main_file else [optimizer.state_dict() for optimizer in optimizers],
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
     }
 
@@ -73,14 +82,15 @@ def restore_rank_payload(
     scaler: Optional[Any],
     device: torch.device,
 ) -> None:
-    """Undo :func:`rank_payload` on this rank (and restore the random generators if the payload holds them)."""
+    """Undo :func:`rank_payload` on this rank (and restore the random generators if the payload holds them). Where
+    the payload holds no optimizer states, the optimizers keep what they were given from the main file."""
     saved = state["optimizer_states"]
-    if len(saved) != len(optimizers):
+    if saved is not None and len(saved) != len(optimizers):
         raise ValueError(
             f"The checkpoint holds the state of {len(saved)} optimizer(s); this run set up {len(optimizers)}. Resume "
             "with the same optimizers, set up in the same order."
         )
-    for optimizer, optimizer_state in zip(optimizers, saved):
+    for optimizer, optimizer_state in zip(optimizers, saved or []):
         optimizer.load_state_dict(optimizer_state)  # this rank's own momentum, not rank 0's
     algorithm.load_state_dict(to_device(state["algorithm"], device))
     if scaler is not None and state.get("grad_scaler"):

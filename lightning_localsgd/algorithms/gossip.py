@@ -377,9 +377,12 @@ class GossipAlgorithm(PeriodicAlgorithm):
     def enter_consensus(self) -> None:
         super().enter_consensus()
         if self._local_backup is not None:
-            own = torch.cat([b.reshape(-1).float() for b in self._local_backup[0]])
-            mean = torch.cat([b.reshape(-1).float() for b in self.flat.buckets])
-            squared = torch.tensor([float((own - mean).pow(2).sum())], dtype=torch.float64, device=mean.device)
+            # Bucket by bucket: one bucket-sized temporary, never a vector of the whole model.
+            own_buckets, mean_buckets = self._local_backup[0], self.flat.buckets
+            device = mean_buckets[0].device
+            squared = torch.zeros(1, dtype=torch.float64, device=device)
+            for own, mean in zip(own_buckets, mean_buckets):
+                squared += torch.linalg.vector_norm(own.float() - mean.float(), dtype=torch.float64).square()
             self.comm.all_reduce_mean_([squared])
             self.consensus_distance = math.sqrt(max(float(squared), 0.0))
         elif self.in_sync:

@@ -369,6 +369,35 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
             self._local_backup = ([b.clone() for b in self.flat.buckets], [b.clone() for b in buffers])
             average_replica_(self.flat.buckets, buffers, self.comm)
 
+    def consensus_state(self) -> dict[int, Tensor]:
+        """The consensus of the managed parameters and averaged buffers, without touching the replica, for a
+        checkpoint written at once: by ``id`` of the module's tensor, a fresh tensor holding the average of the
+        replicas (one copy of the model, none kept of the replica, which stays as it is). Empty where the module's
+        own tensors are the consensus already (in sync, or inside :meth:`enter_consensus`): no copy at all.
+        Collective: every rank calls it, with the same checks as :meth:`enter_consensus`."""
+        if self._local_backup is not None:
+            return {}
+        where = "the consensus (checkpoint weights)"
+        with failures_named(self.label, where, self.timeout), phase("consensus"):
+            self._judge_deferred_check()
+            self._average_shadows()
+            if self.in_sync:
+                self._follow_managed_set()
+                return {}
+            self.flat.ensure_views()
+            if self._check_replicas(where, self.step, CONSENSUS):
+                self._redo_after_rollback()
+                if self.in_sync:
+                    return {}
+            self._follow_managed_set()
+            buckets = [b.detach().clone() for b in self.flat.buckets]
+            buffers = self.averaged_buffers()
+            averaged = [b.detach().clone() for b in buffers]
+            average_replica_(buckets, averaged, self.comm)
+            values = {id(p): view for p, view in zip(self.flat.params, self.flat.views_of(buckets))}
+            values.update((id(b), a) for b, a in zip(buffers, averaged))
+            return values
+
     def exit_consensus(self) -> None:
         """Give the module its local replica back (undo :meth:`enter_consensus`)."""
         if self._local_backup is None:

@@ -8,6 +8,7 @@ with every checkpoint, and carries them over when the managed parameter set chan
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -86,13 +87,16 @@ class RankState:
             views = self._state_views[name] = self.flat.views_of(self._state[name])
         return views
 
-    def state_dict(self: PeriodicAlgorithm) -> dict[str, Any]:
+    def state_dict(self: PeriodicAlgorithm, copy: bool = True) -> dict[str, Any]:
         """This rank's state: counters, its own replica (even while the consensus is swapped in), algorithm state.
 
         A collective still in flight is finished first, so that its result is part of the state. The replica is
         under ``param_buckets`` / ``float_buffers``; a checkpoint may drop them when ``in_sync`` is True (the
-        replica is then the consensus, stored once in the checkpoint's weights).
+        replica is then the consensus, stored once in the checkpoint's weights). ``copy=False``: the tensors are
+        the live ones, for a caller that writes them before training goes on (a checkpoint), with no copy of
+        the model; ``copy=True`` (a rollback point, a state kept for later): clones.
         """
+        keep: Callable[[Tensor], Tensor] = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
         self._settle_in_flight()
         if self._local_backup is not None:
             buckets, buffers = self._local_backup
@@ -107,12 +111,12 @@ class RankState:
             # Buckets hold each parameter in its memory order (e.g. channels_last): a model in another format
             # would read them scrambled.
             "layouts": [[list(shape), list(stride)] for shape, stride in self.flat.layouts],
-            "param_buckets": [b.detach().clone() for b in buckets],
-            "float_buffers": [b.detach().clone() for b in buffers],
-            "unshared_buffers": {n: b.detach().clone() for n, b in unshared_buffers(self.module, self.buffers)},
+            "param_buckets": [keep(b) for b in buckets],
+            "float_buffers": [keep(b) for b in buffers],
+            "unshared_buffers": {n: keep(b) for n, b in unshared_buffers(self.module, self.buffers)},
             "comm_stats": self.comm.stats.state_dict(),
             "late_buffers": self._late_buffers.state_dict(),  # an average of buffers not applied yet
-            **{name: [b.detach().clone() for b in bufs] for name, bufs in self._state.items()},
+            **{name: [keep(b) for b in bufs] for name, bufs in self._state.items()},
             **self._extra_state(),
         }
 

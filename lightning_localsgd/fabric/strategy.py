@@ -25,7 +25,7 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import _PATH
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -109,6 +109,8 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         self._optimizers: list[Optimizer] = []
         self._ending_optimizer: Optional[Optimizer] = None
         self._communicator: Optional[ProcessGroupCommunicator] = None
+        # During a save: the consensus values that differ from the module's tensors (see `consensus_state`).
+        self._saving_consensus: Optional[dict[int, Tensor]] = None
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -227,9 +229,15 @@ class FabricLocalUpdateStrategy(DDPStrategy):
     @override
     def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
         state = super().get_module_state_dict(module)
-        if self._active and module is self._module:  # inside the consensus: copies, the replica comes back after
+        if not (self._active and module is self._module):
+            return state
+        values = self._saving_consensus
+        if values is None:  # inside the consensus: copies, the replica comes back after
             return {key: value.detach().clone() if torch.is_tensor(value) else value for key, value in state.items()}
-        return state
+        # A save, written at once: the consensus where it differs from the module's tensors, which stay as they are.
+        tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        by_name = {name: values[id(t)] for name, t in tensors if id(t) in values}
+        return {key: by_name.get(key, value) for key, value in state.items()}
 
     @override
     def save_checkpoint(
@@ -241,10 +249,14 @@ class FabricLocalUpdateStrategy(DDPStrategy):
     ) -> None:
         if not self._active:
             return super().save_checkpoint(path, state, storage_options, filter)
-        with self.algorithm.consensus():
+        self._saving_consensus = self.algorithm.consensus_state()  # one copy of the model at most, no backup
+        try:
             converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
+        finally:
+            self._saving_consensus = None
         # Each rank writes its own shard (no tensor travels to rank 0); the main file names them.
-        mine = rank_payload(self.algorithm, self._optimizers, grad_scaler_of(self.precision), drop_replica=True)
+        scaler = grad_scaler_of(self.precision)
+        mine = rank_payload(self.algorithm, self._optimizers, scaler, drop_replica=True, copy=False)  # written at once
         section = write_shards(self.algorithm.comm, mine, path, type(self).__name__)
         converted[CHECKPOINT_KEY] = section
         if self.is_global_zero:

@@ -333,8 +333,16 @@ class LocalUpdateStrategy(DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if not self._active:
             return super().lightning_module_state_dict()
-        with self.algorithm.consensus():
-            return {k: v.detach().clone() for k, v in super().lightning_module_state_dict().items()}
+        # The consensus where it differs from this rank's tensors (one copy of the model, the replica untouched);
+        # in sync, the module's own tensors, uncopied, as Lightning's DDP returns them. Written at once either way.
+        values = self.algorithm.consensus_state()
+        state = super().lightning_module_state_dict()
+        if not values:
+            return state
+        module = self.lightning_module
+        tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        by_name = {name: values[id(t)] for name, t in tensors if id(t) in values}
+        return {key: by_name.get(key, value) for key, value in state.items()}
 
     @override
     def save_checkpoint(
@@ -343,8 +351,16 @@ class LocalUpdateStrategy(DDPStrategy):
         section: Optional[dict[str, Any]] = None
         if self._active and "optimizer_states" in checkpoint:  # a full checkpoint, not weights only
             # Each rank writes its own shard (no tensor travels to rank 0); the main file only names them.
+            # Written at once: live tensors, no copies. Rank 0's optimizer states are in the main file already.
             scaler = grad_scaler_of(self.precision_plugin)
-            mine = rank_payload(self.algorithm, self.optimizers, scaler, drop_replica=True)
+            mine = rank_payload(
+                self.algorithm,
+                self.optimizers,
+                scaler,
+                drop_replica=True,
+                copy=False,
+                optimizers_in_main_file=self.is_global_zero,
+            )
             section = write_shards(self.algorithm.comm, mine, filepath, type(self).__name__)
             checkpoint[CHECKPOINT_KEY] = section
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
