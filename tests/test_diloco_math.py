@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_localsgd.algorithms import DiLoCo
 from lightning_localsgd.comm import run_simulated
+from lightning_localsgd.strategies.checkpointing import without_replica_if_in_sync
 
 LR = 0.05
 
@@ -187,3 +188,41 @@ def test_a_nan_replica_stops_every_rank_before_theta_or_the_outer_state_see_it(o
     for message, theta_finite, momenta_finite in run_simulated(2, worker):
         assert "rank 1 held inf/NaN parameters" in message and "(step 5)" in message
         assert theta_finite and momenta_finite
+
+
+def test_right_after_a_round_theta_is_stored_once_and_a_resume_matches_the_uninterrupted_run():
+    make = lambda: DiLoCo(3, bucket_cap_mb=SMALL_BUCKET_MB)  # noqa: E731
+    straight = run(make, steps=10)
+    resumed = run(make, steps=10, cut=6)  # rounds after steps 3 and 6: saved in sync, outer momentum built
+    for (a, _), (b, _) in zip(straight, resumed):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+    def states(rank, comm):
+        model = make_layered_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        algorithm = make()
+        algorithm.setup(model, comm, [opt])
+        saved = []
+        for step in range(6):
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            algorithm.after_optimizer_step(opt)
+            algorithm.end_step()
+            saved.append(algorithm.state_dict(copy=False))
+        # A checkpoint in sync keeps no replica: a fresh run gets the weights from the main file, then the state.
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        fresh = make_layered_model(seed=9)
+        fresh.load_state_dict(weights)
+        fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+        again = make()
+        again.setup(fresh, comm, [fresh_opt])
+        again.load_state_dict(without_replica_if_in_sync(saved[-1]))
+        thetas = [[t.clone() for t in a.global_params] for a in (algorithm, again)]
+        return ["global_params" in s for s in saved], thetas
+
+    for stored, (theta, restored) in run_simulated(3, states):
+        assert stored == [True, True, False, True, True, False]  # mid-period: theta differs from the replica
+        assert all(torch.equal(a, b) for a, b in zip(theta, restored))

@@ -77,3 +77,43 @@ def test_node_major_numbering_is_accepted_and_any_other_refused_naming_the_mispl
         ValueError, match=r"rank 0 on node 1, rank 1 on node 1, rank 2 on node 0, rank 3 on node 0 and 4 more"
     ):
         check_node_major([1, 1, 0, 0, 3, 3, 2, 2], 2, "X")
+
+
+@pytest.mark.parametrize(("nodes", "local"), [(1, 4), (4, 1)])
+def test_one_node_or_one_rank_per_node_averages_once_per_round_with_no_extra_traffic(nodes, local):
+    intra, inter, steps = 2, 4, 8
+
+    def worker(rank, comm, intra_comm, cross_comm):
+        model = make_layered_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        algorithm = HierarchicalLocalSGD(intra, inter)
+        algorithm.set_node_groups(intra_comm, cross_comm)
+        algorithm.setup(model, comm, [opt])
+        history = []
+        for step in range(steps):
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            before = flat_params(model).clone()
+            algorithm.end_step()
+            history.append((before, flat_params(model).clone()))
+        return history, algorithm.metrics()
+
+    results = run_simulated_nodes(nodes, local, worker)
+    world = nodes * local
+    for step in range(steps):
+        before = [r[0][step][0] for r in results]
+        after = [r[0][step][1] for r in results]
+        # One node: every node round is a global one. One rank per node: a node round changes nothing.
+        averaged = (step + 1) % (intra if nodes == 1 else inter) == 0
+        for rank in range(world):
+            expected = torch.stack(before).mean(0) if averaged else before[rank]
+            torch.testing.assert_close(after[rank], expected, atol=1e-6, rtol=0)
+    # Bytes, from the ring all-reduce's cost: 2 (n - 1) / n payloads per rank for n ranks, per averaging round.
+    payload = sum(p.numel() for p in make_layered_model().parameters()) * 4
+    rounds = steps // (intra if nodes == 1 else inter)
+    expected_mb = rounds * 2 * (world - 1) / world * payload / 1e6
+    intra_mb = results[0][1]["comm/intra_node_mb_sent"]
+    inter_mb = results[0][1]["comm/inter_node_mb_sent"]
+    assert (intra_mb, inter_mb) == pytest.approx((expected_mb, 0.0) if nodes == 1 else (0.0, expected_mb))

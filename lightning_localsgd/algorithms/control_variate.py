@@ -16,7 +16,7 @@ keeps the learning-rate sums of the current period, which belong in the checkpoi
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,15 +50,26 @@ class ControlVariate:
             )
             self.lr_sums[members.key] = self.lr_sums.get(members.key, 0.0) + lr
 
+    def take_sums(self, groups: Iterable[GroupMembers]) -> dict[GroupKey, float]:
+        """The learning-rate sums of ``groups``, which start over (for :meth:`update_` applied piece by piece)."""
+        return {members.key: self.lr_sums.pop(members.key, 0.0) for members in groups}
+
     @torch.no_grad()
-    def update_(self, deltas: Sequence[Tensor], drifts: Drifts, groups: Iterable[GroupMembers]) -> None:
+    def update_(
+        self,
+        deltas: Sequence[Tensor],
+        drifts: Drifts,
+        groups: Iterable[GroupMembers],
+        lr_sums: Optional[Mapping[GroupKey, float]] = None,
+    ) -> None:
         """``Delta_i += (x_hat - x_i) / sum(lr)`` for ``groups``, whose sums then start over.
 
         A group whose rates summed to 0 did not move: its Delta stays. With ``drifts`` a mapping, parameters it
-        leaves out (averaged without a gradient anywhere, LIEC-SGD) keep their Delta.
+        leaves out (averaged without a gradient anywhere, LIEC-SGD; outside the bucket at hand) keep their Delta.
+        ``lr_sums``: the sums taken by :meth:`take_sums`, for a round that updates Delta bucket by bucket.
         """
         for members in groups:
-            lr_sum = self.lr_sums.pop(members.key, 0.0)
+            lr_sum = self.lr_sums.pop(members.key, 0.0) if lr_sums is None else lr_sums.get(members.key, 0.0)
             indices = [i for i in members.indices if i in drifts] if isinstance(drifts, Mapping) else members.indices
             if lr_sum == 0.0 or not indices:
                 continue

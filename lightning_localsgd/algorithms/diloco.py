@@ -125,10 +125,15 @@ class DiLoCo(PeriodicAlgorithm):
         return {"round_start": "params", "round_start_mean": "params"}
 
     def _outer_step(self, means: list[Tensor]) -> None:
-        """theta <- outer optimizer step with the pseudo-gradient theta - mean."""
+        """theta <- outer optimizer step with the pseudo-gradient theta - mean. ``means`` are scratch (the callers
+        overwrite them next): one on theta's device in theta's dtype receives the pseudo-gradient itself, so the
+        step holds no copy of the model."""
         assert self.outer is not None
         for theta, mean in zip(self.global_params, means):
-            theta.grad = theta - mean.to(theta.device, theta.dtype)
+            if mean.device == theta.device and mean.dtype == theta.dtype:
+                theta.grad = torch.sub(theta, mean, out=mean)
+            else:  # theta on the CPU, or a half-precision model: one converted copy
+                theta.grad = theta - mean.to(theta.device, theta.dtype)
         self.outer.step()
         for theta in self.global_params:
             theta.grad = None
@@ -169,19 +174,29 @@ class DiLoCo(PeriodicAlgorithm):
     def _extra_state(self) -> dict[str, Any]:
         if self.outer is None:  # still in warm-up: theta does not exist yet
             return {}
-        return {
-            "global_params": [t.detach().cpu().clone() for t in self.global_params],
-            "outer_optimizer": self.outer.state_dict(),
-        }
+        state: dict[str, Any] = {"outer_optimizer": self.outer.state_dict()}
+        if not self._theta_is_the_replica():  # else the replica (or the checkpoint's weights) restores it
+            state["global_params"] = [t.detach().cpu() for t in self.global_params]
+        return state
+
+    def _theta_is_the_replica(self) -> bool:
+        """Right after a blocking round the replica is a copy of theta, bit for bit: stored once, not twice."""
+        return not self.overlap and all(
+            theta.device == bucket.device and theta.dtype == bucket.dtype and torch.equal(theta, bucket)
+            for theta, bucket in zip(self.global_params, self.flat.buckets)
+        )
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        if "global_params" not in state:
+        if "outer_optimizer" not in state:  # saved in warm-up
             return
         if self.outer is None:  # saved after warm-up, loaded into a run that is still set up for it
             self._begin_local_phase()
-        if len(state["global_params"]) != len(self.global_params):
+        saved = state.get("global_params")
+        if saved is None:  # saved right after a blocking round: theta is the replica, restored before this
+            saved = self.flat.buckets
+        if len(saved) != len(self.global_params):
             raise ValueError("The saved DiLoCo state was laid out for another model: resume with the same model.")
         with torch.no_grad():
-            for theta, saved in zip(self.global_params, state["global_params"]):
-                theta.copy_(saved)
+            for theta, value in zip(self.global_params, saved):
+                theta.copy_(value)
         self.outer.load_state_dict(state["outer_optimizer"])

@@ -87,7 +87,7 @@ class HierarchicalLocalSGD(PeriodicAlgorithm):
         global_round = (self.step - self.warmup_steps) % self.inter_period == 0  # step already counts this one
         mean_(buckets, self.intra_comm)
         mean_packed_(buffers, self.intra_comm)
-        if global_round:
+        if global_round and self.cross_comm.world_size > 1:  # one node: the node average is the global one
             with torch.no_grad():
                 for bucket in buckets:
                     self._cross_node_mean_(bucket)
@@ -98,6 +98,9 @@ class HierarchicalLocalSGD(PeriodicAlgorithm):
         """The node-identical ``bucket`` becomes the mean over nodes: local rank l carries the l-th piece."""
         assert self.intra_comm is not None and self.cross_comm is not None
         local, ranks = self.intra_comm.rank, self.intra_comm.world_size
+        if ranks == 1:  # one rank per node carries the whole bucket: no pieces to cut and gather
+            mean_([bucket], self.cross_comm)
+            return
         flat = bucket.view(-1)
         size = -(-flat.numel() // ranks)  # pieces of equal size (the last padded), so that they can be all-gathered
         padded = torch.zeros(size * ranks, dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)

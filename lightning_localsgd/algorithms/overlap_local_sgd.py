@@ -86,6 +86,25 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         for members in self._groups.groups_of(index, self._optimizers, self.flat):
             self._step_lr[members.key] = members.lr
 
+    def _in_slices(self, stepped: list[tuple[float, list[int]]]) -> list[tuple[float, list[int]]]:
+        """Each group's parameters in slices of at most one bucket's elements (a lone larger parameter alone):
+        the pull ``z - x`` is a temporary of one slice, never of the whole model; the rule is elementwise."""
+        cap = max(b.numel() for b in self.flat.buckets) if self.flat.buckets else 0
+        slices: list[tuple[float, list[int]]] = []
+        for lr, indices in stepped:
+            current: list[int] = []
+            size = 0
+            for i in indices:
+                numel = self.flat.params[i].numel()
+                if current and size + numel > cap:
+                    slices.append((lr, current))
+                    current, size = [], 0
+                current.append(i)
+                size += numel
+            if current:
+                slices.append((lr, current))
+        return slices
+
     def _round(self) -> None:
         self._settle_in_flight()  # 1. z <- the all-reduce started one round ago
         alpha, beta = self.pullback, self.anchor_momentum
@@ -95,9 +114,7 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         stepped.append((0.0, self._groups.unstepped_indices(self._optimizers, self.flat)))
         anchors, velocities = self.state_views("anchor"), self.state_views("anchor_velocity")
         with torch.no_grad():
-            for lr, indices in stepped:
-                if not indices:
-                    continue
+            for lr, indices in self._in_slices(stepped):
                 params = [self.flat.params[i].data for i in indices]
                 x = in_state_precision(params)
                 z, v = [anchors[i] for i in indices], [velocities[i] for i in indices]

@@ -9,6 +9,7 @@ with every checkpoint, and carries them over when the managed parameter set chan
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import deepcopy
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -117,7 +118,9 @@ class RankState:
             "comm_stats": self.comm.stats.state_dict(),
             "late_buffers": self._late_buffers.state_dict(),  # an average of buffers not applied yet
             **{name: [keep(b) for b in bufs] for name, bufs in self._state.items()},
-            **self._extra_state(),
+            # The algorithm's own extra state may hold live tensors (an optimizer's state_dict does): a state kept
+            # for later must not change as training goes on.
+            **(deepcopy(self._extra_state()) if copy else self._extra_state()),
         }
 
     def load_state_dict(self: PeriodicAlgorithm, state: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.averaging import mean_, mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
+from lightning_localsgd.algorithms.chunks import ChunkBuffers
 from lightning_localsgd.algorithms.control_variate import ControlVariate
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
@@ -58,6 +59,7 @@ class VRLSGD(PeriodicAlgorithm):
     ) -> None:
         super().__init__(period, warmup_steps, first_period_one_step, bucket_cap_mb, buffers)
         self._variate = ControlVariate()
+        self._drift = ChunkBuffers()  # one bucket's x_i at a round, kept between rounds
 
     @property
     def delta(self) -> list[torch.Tensor]:
@@ -80,18 +82,23 @@ class VRLSGD(PeriodicAlgorithm):
         return self._variate.fingerprint()
 
     def _round(self) -> None:
-        # Averaged in float32 for half-precision parameters, and Delta updated from that float32 mean: the mean
-        # rounded back to bf16 would leave sum_i (x_hat - x_i) = N * (rounding error), not 0.
-        mean = in_state_precision(self.flat.buckets)
-        drifts = [b.clone() for b in mean]  # x_i before averaging
-        mean_(mean, self.comm)
-        mean_packed_(self.averaged_buffers(), self.comm)
+        # Bucket by bucket, so x_i is kept aside one bucket at a time (never a copy of the model): the bucket is
+        # averaged and Delta updated from its drift. Averaged in float32 for half-precision parameters, and Delta
+        # updated from that float32 mean: the mean rounded back to bf16 would leave sum_i (x_hat - x_i) =
+        # N * (rounding error), not 0.
+        groups = self._groups.all_groups(self._optimizers, self.flat)
+        lr_sums = self._variate.take_sums(groups)
+        deltas = self.state_views("delta")
         with torch.no_grad():
-            for drift, averaged in zip(drifts, mean):
-                drift.neg_().add_(averaged)  # x_hat - x_i
-            groups = self._groups.all_groups(self._optimizers, self.flat)
-            self._variate.update_(self.state_views("delta"), self.flat.views_of(drifts), groups)
-            write_back(self.flat.buckets, mean)
+            for index, bucket in enumerate(self.flat.buckets):
+                (mean,) = in_state_precision([bucket])
+                drift = self._drift.get("drift", mean.numel(), mean.dtype, mean.device)
+                drift.copy_(mean)  # x_i before averaging
+                mean_([mean], self.comm)
+                drift.neg_().add_(mean)  # x_hat - x_i
+                self._variate.update_(deltas, self.flat.views_in_bucket(index, drift), groups, lr_sums)
+                write_back([bucket], [mean])
+        mean_packed_(self.averaged_buffers(), self.comm)
         self._variate.reset()
 
     def _extra_state(self) -> dict[str, Any]:

@@ -138,6 +138,14 @@ class FlatParameters:
             views.append(piece.as_strided(shape, stride))
         return views
 
+    def views_in_bucket(self, index: int, buffer: Tensor) -> dict[int, Tensor]:
+        """Views into ``buffer`` (laid out as bucket ``index``) of that bucket's parameters, by parameter index."""
+        views = {}
+        for i, ((shape, stride), (b, offset)) in enumerate(zip(self.layouts, self._slots)):
+            if b == index:
+                views[i] = buffer[offset : offset + shape.numel()].as_strided(shape, stride)
+        return views
+
     def zeros_like_buckets(self) -> list[Tensor]:
         return [torch.zeros_like(b) for b in self.buckets]
 
