@@ -119,10 +119,12 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         """``out`` = the mean over ranks of what every rank's ``payload`` decodes to (the same bits on every rank:
         summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already decoded."""
         gathered = self.comm.all_gather_(payload)
-        out.zero_()
         for rank, theirs in enumerate(gathered):
             mine = own is not None and rank == self.comm.rank
-            out.add_(own if mine else self.compressor.decode_into(theirs, scratch))
+            if rank == 0:  # the sum starts from rank 0's term itself: no pass to zero `out`, none to add to zeros
+                out.copy_(own) if mine else self.compressor.decode_into(theirs, out)
+            else:
+                out.add_(own if mine else self.compressor.decode_into(theirs, scratch))
         return out.div_(max(len(gathered), 1))
 
     def _round(self) -> None:
