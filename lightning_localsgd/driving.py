@@ -15,7 +15,12 @@ from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.gossip import GossipAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
-from lightning_localsgd.strategies.checkpointing import restore_rng_states, to_device, without_replica_if_in_sync
+from lightning_localsgd.strategies.checkpointing import (
+    restore_rng_states,
+    to_device,
+    without_replica_if_in_sync,
+    without_shared_state,
+)
 
 T = TypeVar("T")
 
@@ -60,16 +65,23 @@ def rank_payload(
     drop_replica: bool,
     copy: bool = True,
     optimizers_in_main_file: bool = False,
+    shared_in_rank_0: bool = False,
 ) -> dict[str, Any]:
     """This rank's own state for a checkpoint: algorithm (with its replica unless ``drop_replica`` and in sync, when
     the checkpoint's weights are that replica), every optimizer's state and the grad scaler's.
 
     ``copy=False``: the live tensors, for a payload written before training goes on (a checkpoint shard): no copy
     of the model or its state. ``optimizers_in_main_file``: the optimizer states are left out (``None``), because
-    the checkpoint's main file holds this very rank's (rank 0 of a Lightning checkpoint): not written twice."""
+    the checkpoint's main file holds this very rank's (rank 0 of a Lightning checkpoint): not written twice.
+    ``shared_in_rank_0``: the algorithm's state that every rank holds alike is left to rank 0's shard (a rank other
+    than 0 of a sharded checkpoint)."""
     state = algorithm.state_dict(copy=copy)
+    if drop_replica:
+        state = without_replica_if_in_sync(state)
+    if shared_in_rank_0:
+        state = without_shared_state(state, algorithm.shared_state_keys)
     return {
-        "algorithm": without_replica_if_in_sync(state) if drop_replica else state,
+        "algorithm": state,
         "optimizer_states": None if optimizers_in_main_file else [optimizer.state_dict() for optimizer in optimizers],
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
     }

@@ -106,6 +106,9 @@ class DiLoCo(PeriodicAlgorithm):
         self.global_params: list[Tensor] = []  # theta, one tensor per bucket (at least float32)
         self.outer: Optional[torch.optim.Optimizer] = None
 
+    # theta and its outer optimizer follow the same all-reduced mean on every rank: one copy in a checkpoint.
+    shared_state_keys = ("global_params", "outer_optimizer")
+
     def _begin_local_phase(self) -> None:
         """theta <- the model (in sync: after set-up or warm-up), with a fresh outer optimizer."""
         device = torch.device("cpu") if self.global_device == "cpu" else self.flat.buckets[0].device

@@ -81,6 +81,9 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
     # True: a round's result is applied one round late (Overlap Local-SGD, CoCoD-SGD, DiLoCo's delayed outer step),
     # so its guard can travel with its transfer instead of meeting the other ranks before the round.
     applies_rounds_late: bool = False
+    # Keys of ``state_dict`` that hold the same bits on every rank (DiLoCo's global model and outer optimizer): a
+    # checkpoint stores them once, in rank 0's shard, and every rank reads them from there.
+    shared_state_keys: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -256,7 +256,14 @@ class FabricLocalUpdateStrategy(DDPStrategy):
             self._saving_consensus = None
         # Each rank writes its own shard (no tensor travels to rank 0); the main file names them.
         scaler = grad_scaler_of(self.precision)
-        mine = rank_payload(self.algorithm, self._optimizers, scaler, drop_replica=True, copy=False)  # written at once
+        mine = rank_payload(  # written at once; what every rank holds alike only in rank 0's shard
+            self.algorithm,
+            self._optimizers,
+            scaler,
+            drop_replica=True,
+            copy=False,
+            shared_in_rank_0=not self.is_global_zero,
+        )
         section = write_shards(self.algorithm.comm, mine, path, type(self).__name__)
         converted[CHECKPOINT_KEY] = section
         if self.is_global_zero:

@@ -360,6 +360,7 @@ class LocalUpdateStrategy(DDPStrategy):
                 drop_replica=True,
                 copy=False,
                 optimizers_in_main_file=self.is_global_zero,
+                shared_in_rank_0=not self.is_global_zero,
             )
             section = write_shards(self.algorithm.comm, mine, filepath, type(self).__name__)
             checkpoint[CHECKPOINT_KEY] = section

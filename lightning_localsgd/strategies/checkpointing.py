@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -81,6 +81,19 @@ def without_replica_if_in_sync(algorithm_state: dict[str, Any]) -> dict[str, Any
     if not algorithm_state.get("in_sync"):
         return algorithm_state
     return {key: value for key, value in algorithm_state.items() if key not in REPLICA_KEYS}
+
+
+SHARED_FROM_RANK_0 = "shared_from_rank0"  # the keys a shard left to rank 0's (identical on every rank)
+
+
+def without_shared_state(algorithm_state: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Leave out the state every rank holds alike (``keys``): rank 0's shard stores it for all."""
+    left = [key for key in keys if key in algorithm_state]
+    if not left:
+        return algorithm_state
+    kept = {key: value for key, value in algorithm_state.items() if key not in left}
+    kept[SHARED_FROM_RANK_0] = left
+    return kept
 
 
 def rng_states() -> dict[str, Any]:
@@ -199,11 +212,13 @@ def missing_shards(main_path: _PATH) -> list[str]:
 
 
 def read_shards(main_path: _PATH) -> list[dict[str, Any]]:
-    """Every rank's shard of a checkpoint, in rank order (for inspection; a resuming rank reads its own only)."""
+    """Every rank's shard of a checkpoint, in rank order (for inspection; a resuming rank reads its own only), each
+    with the state every rank holds alike filled in from rank 0's."""
     section = load_main_section(main_path)
     if section is None or "shards" not in section:
         raise ValueError(f"{str(main_path)!r} has no per-rank shards (section: {section!r}).")
-    return [_load(path) for path in shard_paths(main_path, section)]
+    shards = [_load(path) for path in shard_paths(main_path, section)]
+    return [_with_shared_state(shard, lambda: shards[0]) for shard in shards]
 
 
 def read_rank_state(
@@ -236,6 +251,23 @@ def read_rank_state(
             f"the folder {shard_folder(main_path)!r} along with the main file, or resume from another checkpoint "
             "(`RoundCheckpoint` and `ckpt_path='last'` skip incomplete ones)."
         )
+    # What every rank holds alike comes from rank 0's shard (memory-mapped: only those tensors are read).
+    return _with_shared_state(
+        _checked_shard(paths, rank, section, main_path), lambda: _checked_shard(paths, 0, section, main_path)
+    )
+
+
+def _with_shared_state(state: dict[str, Any], rank_0: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``state`` with the algorithm state it left to rank 0's shard (``rank_0()``) filled in."""
+    algorithm = state.get("algorithm")
+    shared = algorithm.pop(SHARED_FROM_RANK_0, None) if isinstance(algorithm, dict) else None
+    if shared:
+        first = rank_0()["algorithm"]
+        algorithm.update({key: first[key] for key in shared if key in first})
+    return state
+
+
+def _checked_shard(paths: list[str], rank: int, section: dict[str, Any], main_path: _PATH) -> dict[str, Any]:
     state = _load(paths[rank])
     if state.get("token") != section["token"] or state.get("rank") != rank:
         raise ValueError(
