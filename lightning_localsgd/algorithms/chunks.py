@@ -131,13 +131,29 @@ class ChunkWriter:
         self.target_of = target_of
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def write(self, chunk: Chunk, values: Tensor) -> None:
+    def write(self, chunk: Chunk, values: Tensor, divisor: float = 1.0, scale: float = 1.0) -> None:
+        """Write ``values / divisor * scale`` (rounded after each operation, as in ``values``' dtype). Where a
+        target is a flat view in that dtype, the division and scaling land in it directly (no pass over ``values``
+        first); elsewhere they are done in ``values``, which is then scratch."""
         for piece in chunk.pieces:
             target = self.target_of(piece.index)
             if target is None:
                 continue
             part = values[piece.at : piece.at + piece.length]
             flat = _flat_view(target)
+            if flat is not None and flat.dtype == part.dtype and (divisor != 1.0 or scale != 1.0):
+                destination = flat[piece.start : piece.start + piece.length]
+                if divisor != 1.0:
+                    torch.div(part, divisor, out=destination)
+                else:
+                    destination.copy_(part)
+                if scale != 1.0:
+                    destination.mul_(scale)
+                continue
+            if divisor != 1.0:
+                part.div_(divisor)
+            if scale != 1.0:
+                part.mul_(scale)
             if flat is None:
                 staged = self._staged.get(piece.index)
                 if staged is None:

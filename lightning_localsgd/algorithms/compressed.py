@@ -44,8 +44,8 @@ from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor
 
-# One chunk's rule: (chunk, g) -> the buffer holding the direction. ``g`` holds the chunk's unscaled float32
-# gradients and may be overwritten.
+# One chunk's rule: (chunk, g) -> the buffer holding the direction (times the ``divisor`` given to ``_stream``).
+# ``g`` holds the chunk's unscaled float32 gradients and may be overwritten.
 ChunkRule = Callable[[Chunk, Tensor], Tensor]
 
 
@@ -87,20 +87,18 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         """A float32 work buffer of the chunk's length, reused from step to step."""
         return self._work.get(name, chunk.numel, torch.float32, self.flat.buckets[0].device)
 
-    def _stream(self, params: list[nn.Parameter], scale: float, rule: ChunkRule) -> None:
-        """Run ``rule`` on every chunk of ``params``' unscaled float32 gradients and write what it returns (times
-        ``scale``) into their ``.grad``. A missing gradient reads as zeros and gets a ``.grad`` (the caller left out
-        the parameters no rank has a gradient for)."""
+    def _stream(self, params: list[nn.Parameter], scale: float, rule: ChunkRule, divisor: float = 1.0) -> None:
+        """Run ``rule`` on every chunk of ``params``' unscaled float32 gradients and write what it returns, divided
+        by ``divisor`` and times ``scale``, into their ``.grad`` (in the same pass as the write where it can). A
+        missing gradient reads as zeros and gets a ``.grad`` (the caller left out the parameters no rank has a
+        gradient for)."""
         grads = [p.grad for p in params]  # read before any chunk creates a missing one
         writer = ChunkWriter(gradient_of(params))
         for chunk in self._chunk_plan(params):
             g = gather_chunk(chunk, grads, self._buffer("g", chunk))
             if scale != 1.0:
                 g.div_(scale)
-            direction = rule(chunk, g)
-            if scale != 1.0:
-                direction.mul_(scale)
-            writer.write(chunk, direction)
+            writer.write(chunk, rule(chunk, g), divisor, scale)
         writer.finish()
 
     def _read_state(self, chunk: Chunk, views: Sequence[Tensor], name: str) -> Tensor:
@@ -113,19 +111,29 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         view = chunk_view(chunk, views, torch.float32)
         return (view, True) if view is not None else (self._read_state(chunk, views, name), False)
 
+    def _gathered_sum_into(self, payload: Tensor, out: Tensor, scratch: Tensor, own: Optional[Tensor] = None) -> Tensor:
+        """``out`` = the sum over ranks of what every rank's ``payload`` decodes to (the same bits on every rank:
+        summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already decoded."""
+        gathered = self.comm.all_gather_(payload)
+
+        def term(rank: int, buffer: Tensor) -> Tensor:
+            mine = own is not None and rank == self.comm.rank
+            return own if mine else self.compressor.decode_into(gathered[rank], buffer)
+
+        # The first two terms are added into `out` in one pass (no zeroed start, no copy of a term).
+        first = term(0, out)
+        if len(gathered) == 1:
+            return out if first is out else out.copy_(first)
+        torch.add(first, term(1, scratch), out=out)
+        for rank in range(2, len(gathered)):
+            out.add_(term(rank, scratch))
+        return out
+
     def _gathered_mean_into(
         self, payload: Tensor, out: Tensor, scratch: Tensor, own: Optional[Tensor] = None
     ) -> Tensor:
-        """``out`` = the mean over ranks of what every rank's ``payload`` decodes to (the same bits on every rank:
-        summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already decoded."""
-        gathered = self.comm.all_gather_(payload)
-        for rank, theirs in enumerate(gathered):
-            mine = own is not None and rank == self.comm.rank
-            if rank == 0:  # the sum starts from rank 0's term itself: no pass to zero `out`, none to add to zeros
-                out.copy_(own) if mine else self.compressor.decode_into(theirs, out)
-            else:
-                out.add_(own if mine else self.compressor.decode_into(theirs, scratch))
-        return out.div_(max(len(gathered), 1))
+        """As :meth:`_gathered_sum_into`, divided by the number of ranks."""
+        return self._gathered_sum_into(payload, out, scratch, own).div_(self.comm.world_size)
 
     def _round(self) -> None:
         """Normalisation buffers only: the parameters were dealt with by the step's exchange."""

@@ -72,7 +72,7 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
             if not in_place:
                 writer.write(chunk, e)
             scratch = self._buffer("scratch", chunk) if in_place else e  # e's copy is written: reuse it
-            return self._gathered_mean_into(payload, g, scratch, own)  # mean_j C(p_j)
+            return self._gathered_sum_into(payload, g, scratch, own)  # sum_j C(p_j), divided as it is written
 
-        self._stream(params, scale, rule)
+        self._stream(params, scale, rule, divisor=self.comm.world_size)  # mean_j C(p_j)
         writer.finish()
