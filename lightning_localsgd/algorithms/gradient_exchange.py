@@ -37,8 +37,8 @@ from lightning_localsgd.algorithms.guard import (
     EXCHANGE,
     GRADIENTS_MISSING,
     WARMUP,
-    all_finite,
     failures_named,
+    finite_flag,
     nonfinite_error,
 )
 from lightning_localsgd.algorithms.profiling import phase
@@ -102,10 +102,10 @@ class GradientExchange:
             scale = float(self.grad_scale()) if self.grad_scale is not None else 1.0
             params = self._managed_params_of(optimizer)
             grads = [p.grad for p in params if p.grad is not None]
-            finite = all_finite(grads)
+            finite = finite_flag(grads)  # on the device: read once, with the flag collective
             full = self._full_precision_step()
             if full:  # it averages the parameters too
-                finite = finite and self._contribution_is_finite()
+                finite = finite & self._contribution_finite_flag()
             if any(p.grad is None for p in self._exchange_candidates(optimizer)):
                 self.requests_pending.add(GRADIENTS_MISSING)  # every rank then agrees on per-parameter flags
             bad = self._agree(finite, self.step, EXCHANGE, where)
@@ -205,7 +205,7 @@ class GradientExchange:
         with failures_named(self.label, where, self.timeout), phase("warmup/gradients"):
             averager = self._gradient_averager(optimizer)
             grads = [p.grad for p in self._trainable() if p.grad is not None]
-            finite = self.gradients_may_overflow or all_finite(grads)  # local gradients, before they are replaced
+            finite = self.gradients_may_overflow or finite_flag(grads)  # local gradients, before they are replaced
             averager.launch_pending()  # every bucket on its way before the flag collective, in the same order
             bad = self._agree(finite, self.step, WARMUP, where)
             if bad or self._exchange_set_changed(optimizer):

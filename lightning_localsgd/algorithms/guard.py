@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -51,8 +51,14 @@ def out_of_step_error(label: str, positions: list[int], where: str) -> OutOfStep
     )
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element is finite: one read of each tensor and one host sync.
+# A finiteness flag: a host bool, or a 0-dim bool tensor still on the device (read only with the flag collective).
+Finite = Union[bool, Tensor]
+
+
+def finite_flag(tensors: Sequence[Tensor]) -> Finite:
+    """Whether every element is finite, as a 0-dim bool tensor on the tensors' device: one read of each tensor and no
+    host sync. It travels in the flag collective (:func:`flag_vector`), whose one read tells every rank; on CUDA a
+    host read here would stall the stream once more per synchronisation point. ``True`` where nothing is checked.
 
     A sum is non-finite iff an element is, or the sum overflows float32, which only a diverged model does.
     """
@@ -60,7 +66,12 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     if not tensors:
         return True
     sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])
-    return bool(torch.isfinite(sums).all())
+    return torch.isfinite(sums).all()
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """:func:`finite_flag` read on the host (one host sync): for the callers that must decide before any collective."""
+    return bool(finite_flag(tensors))
 
 
 @dataclass
@@ -75,7 +86,7 @@ class Verdict:
 
 def agree(
     comm: Communicator,
-    finite: bool,
+    finite: Finite,
     position: int,
     requests: set[str],
     device: torch.device,
@@ -96,7 +107,7 @@ def agree(
 
 def flag_vector(
     comm: Communicator,
-    finite: bool,
+    finite: Finite,
     position: int,
     requests: set[str],
     device: torch.device,
@@ -107,13 +118,18 @@ def flag_vector(
     whether it is summed blocking (:func:`agree`) or in the background (a deferred check), so the two pair up."""
     world, width = comm.world_size, len(fingerprint)
     flags = torch.zeros((2 + width) * world + len(REQUESTS), dtype=torch.float64, device=device)
-    flags[comm.rank] = 0 if finite else 1
+    if isinstance(finite, Tensor):
+        flags[comm.rank] = ~finite  # written on the device: the flag is read with the others, once
+    elif not finite:
+        flags[comm.rank] = 1
     flags[world + comm.rank] = position
     for slot, value in enumerate(fingerprint):
-        flags[(2 + slot) * world + comm.rank] = value
+        if value:  # the vector starts at zero; each slot written is a kernel launch on a GPU
+            flags[(2 + slot) * world + comm.rank] = value
     base = (2 + width) * world
     for slot, name in enumerate(REQUESTS):
-        flags[base + slot] = 1 if name in requests else 0
+        if name in requests:
+            flags[base + slot] = 1
     return flags
 
 

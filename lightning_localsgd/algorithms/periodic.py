@@ -43,8 +43,9 @@ from lightning_localsgd.algorithms.guard import (
     CONSENSUS,
     FINAL,
     ROUND,
-    all_finite,
+    Finite,
     failures_named,
+    finite_flag,
 )
 from lightning_localsgd.algorithms.late_buffers import LateBufferAverage
 from lightning_localsgd.algorithms.managed_set import ManagedSet
@@ -343,7 +344,11 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
 
     def _contribution_is_finite(self) -> bool:
         """Whether what this rank is about to average (its replica and averaged buffers) is finite."""
-        return all_finite(self.flat.buckets) and all_finite(self.averaged_buffers())
+        return bool(self._contribution_finite_flag())
+
+    def _contribution_finite_flag(self) -> Finite:
+        """:meth:`_contribution_is_finite`, left on the device for the flag collective (no host sync of its own)."""
+        return finite_flag(self.flat.buckets) & finite_flag(self.averaged_buffers())
 
     # ------------------------------------------------------------------ consensus
     @property

@@ -22,6 +22,7 @@ from lightning_localsgd.algorithms.guard import (
     REQUESTS,
     ROUND,
     SYNC_POINT_KINDS,
+    Finite,
     Verdict,
     agree,
     flag_vector,
@@ -119,8 +120,9 @@ class SyncGuard:
             return True
         return False
 
-    def _agree(self: PeriodicAlgorithm, finite: bool, step: int, kind: int, where: str) -> list[int]:
-        """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite."""
+    def _agree(self: PeriodicAlgorithm, finite: Finite, step: int, kind: int, where: str) -> list[int]:
+        """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite.
+        ``finite`` may still be on the device: the verdict's read is then the point's only host sync."""
         verdict = agree(
             self.comm,
             finite,
@@ -177,7 +179,7 @@ class SyncGuard:
     def _check_replicas(self: PeriodicAlgorithm, where: str, step: int, kind: int) -> bool:
         """Agree on the replicas' finiteness before averaging them. Raises, or rolls every rank back to the last
         good round (``on_nonfinite="skip_round"``) and returns True."""
-        bad = self._agree(self._contribution_is_finite(), step, kind, where)
+        bad = self._agree(self._contribution_finite_flag(), step, kind, where)
         if not bad:
             return False
         point = self._rollback_point
