@@ -171,7 +171,11 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
     payload = compress_with_feedback(state.compressor, vector, error)
     finite = torch.isfinite(buffer).all().to(torch.float32).reshape(1)
     # At hook time a parameter this rank used has a `.grad` (autograd's, or DDP's bucket view); an unused one has not.
-    had_gradient = torch.tensor([p.grad is not None for p in params], dtype=torch.bool, device=buffer.device)
+    # Written on the device: a list built on the host would be a blocking copy to the GPU in every bucket's hook.
+    had_gradient = torch.ones(len(params), dtype=torch.bool, device=buffer.device)
+    for i, p in enumerate(params):
+        if p.grad is None:
+            had_gradient[i] = False
     message = torch.cat([as_bytes(finite), pack_bits(had_gradient), payload])
     header = _FINITE_BYTES + packed_bits_bytes(len(params))
     gathered = [torch.empty_like(message) for _ in range(world)]
@@ -181,7 +185,7 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
     state.bytes_sent += (world - 1) * message.numel()
 
     def finish(_: Any) -> Tensor:
-        flags = [float(from_bytes(m[:_FINITE_BYTES], torch.float32)) for m in gathered]
+        flags = torch.cat([from_bytes(m[:_FINITE_BYTES], torch.float32) for m in gathered]).tolist()  # one host read
         if all(flag == 1.0 for flag in flags):
             if state.error_feedback:
                 used = torch.stack([unpack_bits(m[_FINITE_BYTES:header], len(params)) for m in gathered]).any(0)

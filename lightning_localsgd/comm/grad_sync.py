@@ -39,7 +39,11 @@ from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 def gradient_flags(params: Sequence[nn.Parameter], dtype: torch.dtype, device: torch.device) -> Tensor:
     """This rank's "had a gradient" flags, one element per parameter: 1 where ``p.grad`` exists, else 0. Summed or
     averaged over the ranks, a flag is 0 exactly where no rank had a gradient."""
-    return torch.tensor([1.0 if p.grad is not None else 0.0 for p in params], dtype=dtype, device=device)
+    flags = torch.ones(len(params), dtype=dtype, device=device)  # on the device: no host-to-device copy
+    for i, p in enumerate(params):
+        if p.grad is None:
+            flags[i] = 0.0
+    return flags
 
 
 def agreed_gradient_flags(params: Sequence[nn.Parameter], comm: Communicator) -> list[bool]:
@@ -50,6 +54,19 @@ def agreed_gradient_flags(params: Sequence[nn.Parameter], comm: Communicator) ->
     flags = gradient_flags(params, torch.float32, params[0].device)
     comm.all_reduce_sum_([flags])
     return [flag > 0 for flag in flags.tolist()]
+
+
+def _read_flags(flags: Sequence[Tensor]) -> list[list[float]]:
+    """Every bucket's flags, read on the host together: one sync per device for all buckets, not one per bucket."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    out: list[list[float]] = [[] for _ in flags]
+    for members in by_device.values():
+        values = torch.cat([flags[i].float() for i in members]).tolist()
+        for i in members:
+            out[i], values = values[: flags[i].numel()], values[flags[i].numel() :]
+    return out
 
 
 class _Bucket:
@@ -201,8 +218,8 @@ class GradientAverager:
                 for bucket in self._buckets:
                     assert bucket.pending is not None
                     bucket.pending.wait()
-                for bucket in self._buckets:
-                    self._unpack(bucket)
+                for bucket, touched in zip(self._buckets, _read_flags([b.flags for b in self._buckets])):
+                    self._unpack(bucket, touched)
         finally:
             self._reset()
 
@@ -265,10 +282,13 @@ class GradientAverager:
     @staticmethod
     def _pack(bucket: _Bucket) -> None:
         with torch.no_grad():
-            for p, view in zip(bucket.params, bucket.views):
+            # Flags written on the device: built on the host, they would be a blocking copy on CUDA in a backward hook.
+            bucket.flags.fill_(1.0)
+            for i, (p, view) in enumerate(zip(bucket.params, bucket.views)):
                 grad = p.grad
                 if grad is None:
                     view.zero_()
+                    bucket.flags[i] = 0.0
                     continue
                 if grad.layout != torch.strided:
                     raise RuntimeError(
@@ -276,11 +296,9 @@ class GradientAverager:
                         "averages dense gradients only (use `sparse=False` in nn.Embedding / EmbeddingBag)."
                     )
                 view.copy_(grad.reshape(-1))
-            bucket.flags.copy_(gradient_flags(bucket.params, bucket.buffer.dtype, torch.device("cpu")))
 
     @staticmethod
-    def _unpack(bucket: _Bucket) -> None:
-        touched = bucket.flags.tolist()  # one host sync per bucket
+    def _unpack(bucket: _Bucket, touched: list[float]) -> None:
         for p, view, flag in zip(bucket.params, bucket.views, touched):
             if flag == 0.0:
                 p.grad = None  # no rank had a gradient: the optimizer skips it everywhere

@@ -145,8 +145,12 @@ class _Blocks:
         return (sums / self.lengths(flat.device, wide)).to(torch.float32)
 
     def lengths(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-        sizes = [float(min(self.block_numel, self.numel - b * self.block_numel)) for b in range(self.count)]
-        return torch.tensor(sizes, device=device, dtype=dtype)
+        # Filled on the device: a list built on the host would be a blocking host-to-device copy on CUDA, per call.
+        lengths = torch.full((self.count,), float(self.block_numel), device=device, dtype=dtype)
+        last = self.numel - (self.count - 1) * self.block_numel
+        if self.count and last != self.block_numel:
+            lengths[-1] = float(last)
+        return lengths
 
     def scale_(self, flat: Tensor, per_block: Tensor) -> Tensor:
         """``flat`` with each block multiplied in place by its value of ``per_block``."""
@@ -219,7 +223,9 @@ class ScaledSign(Compressor):
             whole = block.numel() // 8  # the last block may end inside its last byte
             torch.index_select(signed, 0, codes[b * rows : b * rows + whole], out=block[: 8 * whole].view(whole, 8))
             if whole * 8 < block.numel():
-                block[8 * whole :].copy_(signed[codes[b * rows + whole]][: block.numel() - 8 * whole])
+                # A one-element slice as the row index: a 0-dim index tensor is read on the host (a sync on CUDA).
+                last = codes[b * rows + whole : b * rows + whole + 1]
+                block[8 * whole :].copy_(signed.index_select(0, last)[0, : block.numel() - 8 * whole])
         return out
 
     def compress_values_into(self, tensor: Tensor, out: Tensor) -> Tensor:
