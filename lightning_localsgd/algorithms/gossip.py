@@ -77,8 +77,10 @@ ChunkFn = Callable[[Chunk, Tensor], None]
 
 
 def _write_header(message: Tensor, finite: bool, at: int) -> None:
-    values = [1.0 if finite else 0.0, float(at // _HALF), float(at % _HALF)]
-    message[:_HEADER].copy_(torch.tensor(values, dtype=message.dtype))
+    # Filled on the message's device: a header built on the host would be a blocking copy to the GPU per exchange.
+    message[0] = 1.0 if finite else 0.0
+    message[1] = float(at // _HALF)
+    message[2] = float(at % _HALF)
 
 
 def _describe(at: int) -> str:
@@ -86,9 +88,12 @@ def _describe(at: int) -> str:
     return f"step {step}, gossip round {at % ROUNDS_PER_STEP}"
 
 
-def _read_header(message: Tensor) -> tuple[bool, int]:
-    flag, high, low = message[:_HEADER].tolist()
-    return flag == 1.0, int(high) * _HALF + int(low)
+def _read_headers(messages: Sequence[Tensor]) -> list[tuple[bool, int]]:
+    """Each message's header: finite, position. One host read for all of them (one sync per exchange on a GPU)."""
+    if not messages:
+        return []
+    values = torch.stack([m[:_HEADER] for m in messages]).tolist()
+    return [(flag == 1.0, int(high) * _HALF + int(low)) for flag, high, low in values]
 
 
 def _finite(tensors: Sequence[Tensor]) -> bool:
@@ -311,12 +316,12 @@ class GossipAlgorithm(PeriodicAlgorithm):
         received = self.comm.neighbour_exchange_(message, self.topology.phases(rank), out=out)
         if announce is not None:
             raise nonfinite_error(self.label, where, announce, [rank], self.step)
-        for peer in peers:
-            self._check_header(peer, received[peer], at, where)
+        for peer, header in zip(peers, _read_headers([received[peer] for peer in peers])):
+            self._check_header(peer, header, at, where)
         return [received[peer][_HEADER:] for peer in peers]  # ascending peer order: deterministic sums
 
-    def _check_header(self, peer: int, theirs: Tensor, at: int, where: str) -> None:
-        their_finite, their_at = _read_header(theirs)
+    def _check_header(self, peer: int, header: tuple[bool, int], at: int, where: str) -> None:
+        their_finite, their_at = header
         rank = self.comm.rank
         if not their_finite:
             raise NonFiniteError(

@@ -44,6 +44,8 @@ class Topology:
     weights: Tensor
     shifts: tuple[tuple[int, ...], ...] = ()
     _lambda2: float = field(init=False, repr=False, compare=False, default=0.0)
+    # Each rank's neighbours and weights, read from W once: gossip asks for them several times per step.
+    _rows: tuple[dict[int, float], ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         w = self.weights
@@ -59,6 +61,9 @@ class Topology:
         object.__setattr__(self, "_lambda2", float(eigenvalues[1]) if n > 1 else 0.0)
         if n > 1 and self._lambda2 >= 1 - 1e-9:
             raise ValueError(f"The topology {self.name!r} is not connected (lambda2 = 1): replicas would never agree.")
+        rows = w.tolist()
+        neighbours = tuple({j: v for j, v in enumerate(row) if j != i and v > 0} for i, row in enumerate(rows))
+        object.__setattr__(self, "_rows", neighbours)
         for shift in self.shifts:
             if sorted(shift) != list(range(n)) or any(shift[i] == i for i in range(n)):
                 raise ValueError(f"A shift of {self.name!r} must move every rank to another: {shift}.")
@@ -84,8 +89,7 @@ class Topology:
 
     def neighbours(self, rank: int) -> dict[int, float]:
         """The other ranks ``rank`` exchanges with, in ascending order, with their weights ``W[rank, peer]``."""
-        row = self.weights[rank]
-        return {peer: float(row[peer]) for peer in range(self.size) if peer != rank and row[peer] > 0}
+        return dict(self._rows[rank])  # a copy: callers may change it
 
     def degree(self, rank: int) -> int:
         return len(self.neighbours(rank))
