@@ -282,7 +282,13 @@ class ProcessGroupCommunicator(Communicator):
         self.group = group
         self.timeout = timeout
         self._async_group: Optional[dist.ProcessGroup] = None
+        self._gloo = dist.get_backend(group) == "gloo"  # exactly gloo: "cpu:gloo,cuda:nccl" sends CUDA to NCCL
         super().__init__(dist.get_rank(group), dist.get_world_size(group))
+
+    def _stages_through_host(self, tensor: Tensor) -> bool:
+        """gloo reduces and broadcasts CUDA tensors itself, but its send/recv, all_gather and all_to_all are
+        documented CPU-only (torch's backend table): for those a device tensor goes through a host copy."""
+        return self._gloo and tensor.device.type != "cpu"
 
     def prepare_non_blocking(self) -> None:
         self._non_blocking_group()
@@ -317,11 +323,21 @@ class ProcessGroupCommunicator(Communicator):
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
 
     def _all_gather_(self, tensor: Tensor) -> list[Tensor]:
+        if self._stages_through_host(tensor):
+            return [t.to(tensor.device) for t in self._all_gather_here(tensor.cpu())]
+        return self._all_gather_here(tensor)
+
+    def _all_gather_here(self, tensor: Tensor) -> list[Tensor]:
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(out, tensor.contiguous(), group=self.group)
         return out
 
     def _all_to_all_(self, tensor: Tensor, splits: list[int]) -> list[Tensor]:
+        if self._stages_through_host(tensor):
+            return [t.to(tensor.device) for t in self._all_to_all_here(tensor.cpu(), splits)]
+        return self._all_to_all_here(tensor, splits)
+
+    def _all_to_all_here(self, tensor: Tensor, splits: list[int]) -> list[Tensor]:
         mine = splits[self.rank]
         out = torch.empty(mine * self.world_size, dtype=tensor.dtype, device=tensor.device)
         dist.all_to_all_single(out, tensor, [mine] * self.world_size, splits, group=self.group)
@@ -333,6 +349,15 @@ class ProcessGroupCommunicator(Communicator):
         return received
 
     def _neighbour_exchange_into_(self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]) -> None:
+        if self._stages_through_host(tensor):
+            host = {source: torch.empty_like(buffer, device="cpu") for source, buffer in out.items()}
+            self._neighbour_exchange_here(tensor.cpu(), phases, host)
+            for source, buffer in host.items():
+                out[source].copy_(buffer)
+            return
+        self._neighbour_exchange_here(tensor, phases, out)
+
+    def _neighbour_exchange_here(self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]) -> None:
         # One phase at a time: each link carries one message at once (see Topology.phases for what that bought).
         for send_to, receive_from in phases:
             ops = [
