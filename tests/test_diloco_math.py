@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from plain_references import local_sgd_trajectories
-from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, loss_of, make_layered_model, train_workers
+from sim_utils import DTYPES, SMALL_BUCKET_MB, flat_params, local_step, loss_of, make_layered_model, train_workers
 from torch import nn
 
 from lightning_localsgd.algorithms import DiLoCo
@@ -205,12 +205,7 @@ def test_right_after_a_round_theta_is_stored_once_and_a_resume_matches_the_unint
         algorithm.setup(model, comm, [opt])
         saved = []
         for step in range(6):
-            opt.zero_grad()
-            loss_of(model, rank, step).backward()
-            algorithm.before_optimizer_step(opt)
-            opt.step()
-            algorithm.after_optimizer_step(opt)
-            algorithm.end_step()
+            local_step(algorithm, model, opt, rank, step)
             saved.append(algorithm.state_dict(copy=False))
         # A checkpoint in sync keeps no replica: a fresh run gets the weights from the main file, then the state.
         weights = {k: v.clone() for k, v in model.state_dict().items()}
