@@ -62,7 +62,7 @@ class ManagedSet:
         with torch.no_grad():
             for p in leaving:
                 p.data = p.data.clone()  # its own storage, so the old buckets can be freed
-        self._flat = FlatParameters(params, self.bucket_cap_mb)
+        self._flat = FlatParameters(params, self.bucket_cap_mb, self._fragment_of(params))
         self._relayout_state(old)
         self._on_relayout(old)
         self._rollback_point = None  # laid out for the old set; the next good round keeps a new one

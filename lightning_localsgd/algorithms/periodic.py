@@ -55,7 +55,7 @@ from lightning_localsgd.algorithms.rank_state import RankState
 from lightning_localsgd.algorithms.schedule import PeriodicSchedule
 from lightning_localsgd.algorithms.sync_guard import SyncGuard
 from lightning_localsgd.comm import Communicator, FlatParameters
-from lightning_localsgd.comm.communicator import PendingAllReduce
+from lightning_localsgd.comm.communicator import PendingAllGather, PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.layout import WorldLayout
 
@@ -85,6 +85,9 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
     # Keys of ``state_dict`` that hold the same bits on every rank (DiLoCo's global model and outer optimizer): a
     # checkpoint stores them once, in rank 0's shard, and every rank reads them from there.
     shared_state_keys: tuple[str, ...] = ()
+    # Steps before a round at which that round's transfer starts (Streaming DiLoCo's sync delay): at the end of
+    # step ``s`` with a round after step ``s + round_lead_steps``, :meth:`_start_round_ahead` runs. 0: none.
+    round_lead_steps: int = 0
 
     def __init__(
         self,
@@ -104,7 +107,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         self._optimizers: list[Optimizer] = []
         self._groups = ParamGroupMap()
         self._local_backup: Optional[tuple[list[Tensor], list[Tensor]]] = None
-        self._in_flight: list[PendingAllReduce] = []  # non-blocking transfers started by a round
+        self._in_flight: list[PendingAllReduce | PendingAllGather] = []  # non-blocking transfers started by a round
         self._late_buffers = LateBufferAverage()  # averaged buffers travelling with those transfers
         self._withholding = False  # this round's replica is non-finite: its transfers send zeros (see _start_transfers)
         # Copies of the model that others keep and update from this rank's replica (EMA / SWA callbacks): each
@@ -170,7 +173,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         with failures_named(self.label, "set-up", self.timeout):
             self._check_same_model_on_every_rank(module, trainable)
             broadcast_module_state_(module, comm, src=0)
-            self._flat = FlatParameters(trainable, self.bucket_cap_mb)
+            self._flat = FlatParameters(trainable, self.bucket_cap_mb, self._fragment_of(trainable))
             self.in_sync = True
             self._allocate_state()
             self._on_setup()
@@ -185,6 +188,11 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
     def register_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         """Tell the algorithm which optimizers exist, in a fixed order (their index keys per-optimizer state)."""
         self._optimizers = list(optimizers)
+
+    def _fragment_of(self, params: list[nn.Parameter]) -> Optional[dict[int, int]]:
+        """``id(parameter) -> fragment`` for algorithms that synchronise parts of the model at different rounds
+        (no bucket then spans two fragments; ``FlatParameters.bucket_fragments``); None: the model is one."""
+        return None
 
     def _on_setup(self) -> None:
         """Set up algorithm state beyond the declared buffers, once the flat parameters exist."""
@@ -326,8 +334,32 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
                 self._begin_stage()
             self.in_sync = self.rounds_synchronise
             return True
+        if self.round_lead_steps and self.is_round_after(step + self.round_lead_steps):
+            self._round_ahead(step)
         self.in_sync = False
         return False
+
+    def _round_ahead(self, step: int) -> None:
+        """The next round's transfer, started ``round_lead_steps`` steps early. Its guard travels with it: the
+        flags (finiteness of this replica, position, fingerprint) are summed in the background and judged when the
+        round settles the transfer, before anything it brought is read; a non-finite rank sends zeros."""
+        where = f"round {self.rounds + 1} (its transfer, started {self.round_lead_steps} step(s) early)"
+        with failures_named(self.label, where, self.timeout):
+            self.flat.ensure_views()
+            with phase("round/settle"):
+                self._settle_in_flight()
+            with phase("round/guard"):
+                check = self._start_deferred_check(where, step)
+            with phase("round/start"):
+                self._withholding = not check.finite
+                try:
+                    self._start_round_ahead()
+                finally:
+                    self._withholding = False
+            self._deferred_check = check
+
+    def _start_round_ahead(self) -> None:
+        """Start the next round's transfer (see :attr:`round_lead_steps`); the round itself reads what it brought."""
 
     def _defers_round_check(self) -> bool:
         """Whether this round's guard travels with its transfer (checked one round later) instead of blocking.

@@ -154,6 +154,21 @@ class Communicator(ABC):
             pending._join = self._start_all_reduce_sum_(tensor, pending._on_complete)
         return pending
 
+    def start_all_gather_(self, tensor: Tensor) -> PendingAllGather:
+        """Start gathering every rank's ``tensor`` without blocking; ``.wait()`` returns them in rank order.
+
+        On the non-blocking transfers' group, queued behind the transfers started before it (a compressed payload
+        that cannot be summed travels while training goes on). Counted as :meth:`all_gather_`. Do not touch
+        ``tensor`` until ``.wait()`` returns.
+        """
+        pending = PendingAllGather(self, tensor)
+        if self.world_size > 1:
+            self.stats.collectives += 1
+            self.stats.bytes_sent += (self.world_size - 1) * tensor.numel() * tensor.element_size()
+            pending._started = time.perf_counter()
+            pending._gather = self._start_all_gather_(tensor.contiguous(), pending._on_complete)
+        return pending
+
     def start_all_reduce_sum_in_order_(self, tensor: Tensor) -> Callable[[], None]:
         """Start summing ``tensor`` in place without blocking, ordered with this communicator's *blocking*
         collectives (not on the non-blocking transfers' group): a rank that issues a blocking collective at that
@@ -189,6 +204,11 @@ class Communicator(ABC):
     @abstractmethod
     def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
         """Start a sum all-reduce; call ``on_complete`` when it finishes; return a function that waits for it."""
+
+    @abstractmethod
+    def _start_all_gather_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], list[Tensor]]:
+        """Start an all-gather on the non-blocking group; call ``on_complete`` when it finishes; return a function
+        that waits for it and returns every rank's tensor in rank order."""
 
     @abstractmethod
     def _start_all_reduce_sum_in_order_(self, tensor: Tensor) -> Callable[[], None]:
@@ -236,20 +256,36 @@ def _check_receive_buffers(tensor: Tensor, sources: list[int], out: dict[int, Te
             )
 
 
-class PendingAllReduce:
-    """A non-blocking mean all-reduce in flight; :meth:`wait` finishes it (division included) and times the wait."""
+class _PendingTransfer:
+    """A non-blocking collective in flight: times the wait (what training lost) and the time in flight."""
 
     def __init__(self, comm: Communicator, tensor: Tensor) -> None:
         self.comm = comm
         self.tensor = tensor
         self._started = 0.0
         self._completed: Optional[float] = None
-        self._join: Optional[Callable[[], None]] = None
         self.done = comm.world_size == 1
 
     def _on_complete(self) -> None:
         # Runs on the communication thread when the transfer ends: that is the in-flight time.
         self._completed = time.perf_counter()
+
+    def _count_wait(self, start: float) -> None:
+        self.comm._wait_for_device([self.tensor])
+        waited = time.perf_counter() - start
+        stats = self.comm.stats
+        stats.seconds += waited
+        stats.wait_seconds += waited
+        stats.background_seconds += (self._completed or time.perf_counter()) - self._started
+        self.done = True
+
+
+class PendingAllReduce(_PendingTransfer):
+    """A non-blocking mean all-reduce in flight; :meth:`wait` finishes it (division included) and times the wait."""
+
+    def __init__(self, comm: Communicator, tensor: Tensor) -> None:
+        super().__init__(comm, tensor)
+        self._join: Optional[Callable[[], None]] = None
 
     def wait(self) -> Tensor:
         if self.done:
@@ -257,15 +293,30 @@ class PendingAllReduce:
         start = time.perf_counter()
         assert self._join is not None
         self._join()
-        self.comm._wait_for_device([self.tensor])
-        waited = time.perf_counter() - start
+        self._count_wait(start)
         self.tensor.div_(self.comm.world_size)
-        stats = self.comm.stats
-        stats.seconds += waited
-        stats.wait_seconds += waited
-        stats.background_seconds += (self._completed or time.perf_counter()) - self._started
-        self.done = True
         return self.tensor
+
+
+class PendingAllGather(_PendingTransfer):
+    """A non-blocking all-gather in flight; :meth:`wait` returns every rank's tensor in rank order (this rank's is
+    the tensor it sent) and times the wait."""
+
+    def __init__(self, comm: Communicator, tensor: Tensor) -> None:
+        super().__init__(comm, tensor)
+        self._gather: Optional[Callable[[], list[Tensor]]] = None
+        self._result: list[Tensor] = [tensor]
+
+    def wait(self) -> list[Tensor]:
+        if self.done:
+            return self._result
+        start = time.perf_counter()
+        assert self._gather is not None
+        gathered = self._gather()
+        gathered[self.comm.rank] = self.tensor
+        self._result = gathered
+        self._count_wait(start)
+        return gathered
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -309,6 +360,21 @@ class ProcessGroupCommunicator(Communicator):
         with contextlib.suppress(RuntimeError):  # a backend without futures: only the wait time is measured
             work.get_future().then(lambda _: on_complete())
         return work.wait
+
+    def _start_all_gather_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], list[Tensor]]:
+        staged = self._stages_through_host(tensor)  # gloo's all_gather is CPU-only
+        sent = tensor.cpu() if staged else tensor
+        out = [torch.empty_like(sent) for _ in range(self.world_size)]
+        work = dist.all_gather(out, sent, group=self._non_blocking_group(), async_op=True)
+        assert work is not None
+        with contextlib.suppress(RuntimeError):  # a backend without futures: only the wait time is measured
+            work.get_future().then(lambda _: on_complete())
+
+        def gather() -> list[Tensor]:
+            work.wait()
+            return [t.to(tensor.device) for t in out] if staged else out
+
+        return gather
 
     def _all_reduce_sum_(self, tensor: Tensor) -> None:
         # SUM then divide: gloo has no AVG reduction.

@@ -9,8 +9,9 @@ so they are packed into one temporary tensor per dtype for their collective.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import groupby
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -79,9 +80,17 @@ class FlatParameters:
         params: the parameters to manage, in a deterministic order (the same on every rank), all on one device
             and each dense in memory (not an expanded or sliced view).
         bucket_cap_mb: largest bucket size in MiB; a single larger parameter gets a bucket of its own.
+        fragment_of: ``id(parameter) -> fragment index`` (0, 1, ... in parameter order), for algorithms that
+            synchronise parts of the model at different times (Streaming DiLoCo): no bucket holds parameters of two
+            fragments, and :attr:`bucket_fragments` says whose each bucket is. Default: one fragment.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> None:
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        fragment_of: Optional[Mapping[int, int]] = None,
+    ) -> None:
         self.params: list[nn.Parameter] = list(dict.fromkeys(params))  # drop tied duplicates, keep order
         self.index_of: dict[int, int] = {id(p): i for i, p in enumerate(self.params)}  # id(parameter) -> index
         if not self.params:
@@ -101,18 +110,23 @@ class FlatParameters:
         self._slots: list[tuple[int, int]] = [(0, 0)] * len(self.params)
         sizes: list[int] = []
         templates: list[Tensor] = []
-        for group in _grouped_by_layout(self.params):
-            used_bytes = cap_bytes  # forces a new bucket for each layout group
-            for i in group:
-                p = self.params[i]
-                nbytes = p.numel() * p.element_size()
-                if used_bytes + nbytes > cap_bytes and used_bytes > 0:
-                    sizes.append(0)
-                    templates.append(p)
-                    used_bytes = 0
-                self._slots[i] = (len(sizes) - 1, sizes[-1])
-                sizes[-1] += p.numel()
-                used_bytes += nbytes
+        self.bucket_fragments: list[int] = []  # the fragment each bucket belongs to
+        fragment = [0 if fragment_of is None else fragment_of[id(p)] for p in self.params]
+        for f in sorted(set(fragment)):
+            members = [i for i in range(len(self.params)) if fragment[i] == f]
+            for group in _grouped_by_layout([self.params[i] for i in members]):
+                used_bytes = cap_bytes  # forces a new bucket for each layout group
+                for i in (members[j] for j in group):
+                    p = self.params[i]
+                    nbytes = p.numel() * p.element_size()
+                    if used_bytes + nbytes > cap_bytes and used_bytes > 0:
+                        sizes.append(0)
+                        templates.append(p)
+                        self.bucket_fragments.append(f)
+                        used_bytes = 0
+                    self._slots[i] = (len(sizes) - 1, sizes[-1])
+                    sizes[-1] += p.numel()
+                    used_bytes += nbytes
         self.buckets: list[Tensor] = [torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(sizes, templates)]
         self._expected_ptrs: list[int] = []
         self.rehome()

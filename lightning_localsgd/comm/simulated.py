@@ -155,6 +155,11 @@ class SimulatedCommunicator(Communicator):
         _sum_into(self.group, self.rank, tensor, self.group.reserve(self.rank))
 
     def _start_all_reduce_sum_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], None]:
+        return self._start_transfer(lambda group, seq: _sum_into(group, self.rank, tensor, seq), on_complete)
+
+    def _start_transfer(
+        self, run: Callable[[SimulatedGroup, int], None], on_complete: Callable[[], None]
+    ) -> Callable[[], None]:
         # A thread of its own on a group of its own: the transfer really runs while the worker computes.
         if self.async_group is None:
             raise RuntimeError("This simulated worker has no group for non-blocking collectives (see run_simulated).")
@@ -167,7 +172,7 @@ class SimulatedCommunicator(Communicator):
             try:
                 if previous is not None:
                     previous.join()  # complete in issue order, as a real process group's queue does
-                _sum_into(group, self.rank, tensor, seq)
+                run(group, seq)
                 on_complete()
             except BaseException as error:  # re-raised by join
                 errors.append(error)
@@ -182,6 +187,22 @@ class SimulatedCommunicator(Communicator):
                 raise errors[0]
 
         return join
+
+    def _start_all_gather_(self, tensor: Tensor, on_complete: Callable[[], None]) -> Callable[[], list[Tensor]]:
+        gathered: list[Tensor] = []
+
+        def gather(group: SimulatedGroup, seq: int) -> None:
+            values = group.exchange(self.rank, tensor.clone(), seq)
+            _check_same_layout(values, self.rank, "all-gather")
+            gathered.extend(values)
+
+        join = self._start_transfer(gather, on_complete)
+
+        def wait() -> list[Tensor]:
+            join()
+            return list(gathered)
+
+        return wait
 
     def _start_all_reduce_sum_in_order_(self, tensor: Tensor) -> Callable[[], None]:
         # Numbered on the blocking group now, at issue time, so that it pairs with what the other workers issue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import pickle
 from pathlib import Path
 
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--server", default=None, help="liec_sgd: 'sharded' or 'replicated'")
     parser.add_argument("--block-size-mb", type=float, default=None, help="liec_sgd: MiB per compression block")
     parser.add_argument("--fit-again", type=int, default=0, help="then a second fit on the same Trainer to this step")
+    parser.add_argument("--options", default=None, help="more strategy keyword arguments, as a JSON object")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -235,6 +237,8 @@ def main() -> None:
         options["inter_period"] = args.inter_period
     if args.stage_steps:
         options.update(first_stage_steps=args.stage_steps, period_growth="identical")
+    if args.options:
+        options.update(json.loads(args.options))
     strategy = StrategyRegistry[args.strategy]["strategy"](**period, warmup_steps=args.warmup, **options)
     callbacks = step_checkpoints(out, args.ckpt_every)
     trainer = L.Trainer(
