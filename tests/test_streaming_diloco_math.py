@@ -19,9 +19,9 @@ LR, MOMENTUM = 0.05, 0.9
 OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9
 # make_layered_model: Linear(5, 8), Tanh, Linear(8, 8), Tanh, Linear(8, 1): three layers of 48, 72 and 9 elements.
 LAYER_SIZES = (48, 72, 9)
-# Fragments of whole layers, by hand: with 2, the first closes once it holds half of the 129 elements (after the
-# second layer); with 3, a layer each.
-FRAGMENT_LAYERS = {1: [[0, 1, 2]], 2: [[0, 1], [2]], 3: [[0], [1], [2]]}
+# Fragments of whole layers, by hand: with 2, the share is 64.5 elements; the second layer would overshoot it by 55.5
+# where the first falls short by 16.5, so the first layer is a fragment alone; with 3, a layer each.
+FRAGMENT_LAYERS = {1: [[0, 1, 2]], 2: [[0], [1, 2]], 3: [[0], [1], [2]]}
 
 
 def layer_slices() -> list[slice]:
@@ -244,10 +244,10 @@ def test_bytes_sent_are_the_compressed_payloads():
     _, compressed = ours(world, 8, period=4, fragments=2, sync_delay=1, compressor="sign", bucket_cap_mb=25)
     _, plain = ours(world, 8, period=4, fragments=2, sync_delay=1, bucket_cap_mb=25)  # same rounds and flags
     assert compressed[0].comm.stats.rounds == plain[0].comm.stats.rounds == 4
-    # 4 rounds, fragments of 120 and 9 elements: all-gathered payloads of one float32 scale and the packed signs,
+    # 4 rounds, fragments of 48 and 81 elements: all-gathered payloads of one float32 scale and the packed signs,
     # sent to the 2 other ranks, instead of a float64 ring all-reduce (2 (N - 1) / N of the bytes per rank)
-    payloads = [4 + math.ceil(120 / 8), 4 + math.ceil(9 / 8)]
-    ring = [2 * (world - 1) * 8 * n // world for n in (120, 9)]
+    payloads = [4 + math.ceil(48 / 8), 4 + math.ceil(81 / 8)]
+    ring = [2 * (world - 1) * 8 * n // world for n in (48, 81)]
     difference = plain[0].comm.stats.bytes_sent - compressed[0].comm.stats.bytes_sent
     assert difference == 2 * (sum(ring) - (world - 1) * sum(payloads))
 

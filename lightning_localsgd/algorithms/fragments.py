@@ -31,9 +31,10 @@ def layer_units(params: Sequence[nn.Parameter], names: dict[int, str]) -> list[l
 def split_into_fragments(params: Sequence[nn.Parameter], names: dict[int, str], fragments: int) -> dict[int, int]:
     """``id(parameter) -> fragment`` for ``fragments`` contiguous groups of whole layers of about equal size.
 
-    Greedy from the first layer: a fragment closes once it holds at least its share of what is left (the remaining
-    elements over the remaining fragments), so one huge layer (an embedding) makes a fragment of its own and the
-    rest is shared evenly; every fragment gets at least one layer.
+    From the first layer on, a fragment's share is what is left over the fragments left. The next layer joins the
+    open fragment unless that would overshoot its share by more than the fragment now falls short of it; every
+    fragment gets at least one layer. One huge layer (an embedding) thus makes a fragment of its own and the rest
+    is shared evenly.
     """
     units = layer_units(params, names)
     if fragments > len(units):
@@ -41,17 +42,19 @@ def split_into_fragments(params: Sequence[nn.Parameter], names: dict[int, str], 
             f"`fragments={fragments}` is more than the {len(units)} layer(s) with trainable parameters: a fragment "
             f"is a group of whole layers. Use at most {len(units)} fragments."
         )
-    sizes = [sum(p.numel() for p in unit) for unit in units]
     assignment: dict[int, int] = {}
-    fragment, held, left = 0, 0, sum(sizes)
-    for i, (unit, size) in enumerate(zip(units, sizes)):
+    fragment, held, left = 0, 0, sum(p.numel() for p in params)
+    for i, unit in enumerate(units):
+        size = sum(p.numel() for p in unit)
+        later = fragments - fragment - 1  # fragments still to open after this one
+        share = left / (fragments - fragment)
+        must_close = len(units) - i == later  # each later fragment needs one of the layers left
+        overshoots = held + size - share > share - held
+        if held and later and (must_close or overshoots):
+            fragment, left, held = fragment + 1, left - held, 0
         for p in unit:
             assignment[id(p)] = fragment
         held += size
-        units_left, fragments_left = len(units) - i - 1, fragments - fragment - 1
-        share = left / (fragments - fragment)
-        if fragments_left and (held >= share or units_left == fragments_left):
-            fragment, left, held = fragment + 1, left - held, 0
     return assignment
 
 
