@@ -98,6 +98,37 @@ PEERS: tuple[Peer, ...] = (
 )
 DEFAULT_PERIOD = 32  # for registered strategies of ours that no row names
 
+# Streaming DiLoCo (issue 28): the model in 4 fragments, each synchronised every 32 steps, 8 steps apart, its
+# transfer started 2 steps before it is merged. Run by benchmarks/streaming_diloco.py beside "Lightning DDP" and
+# "diloco, period 32"; kept out of PEERS, which slow_link runs in full, because each is a variant of one strategy.
+STREAMING_OPTIONS: dict[str, Any] = {"period": 32, "fragments": 4, "sync_delay": 2}
+STREAMING_PEERS: tuple[Peer, ...] = (
+    Peer("streaming diloco, F = 4, tau = 2", "lightning", "diloco", dict(STREAMING_OPTIONS), ours=True),
+    Peer(
+        "streaming diloco, F = 4, tau = 2, int4",
+        "lightning",
+        "diloco",
+        {**STREAMING_OPTIONS, "compressor": "int4"},
+        ours=True,
+    ),
+    # SparseLoCo (arXiv 2508.15706): top-64 of every 4096 values, 2-bit values. Its error feedback with decay
+    # takes the place of the outer Nesterov momentum, so the outer step is plain SGD at lr 1 (options given
+    # replace the default lr 0.7, momentum 0.9, Nesterov) and the error decays by 0.95 a round.
+    Peer(
+        "streaming diloco, F = 4, tau = 2, sparse top-k",
+        "lightning",
+        "diloco",
+        {
+            **STREAMING_OPTIONS,
+            "compressor": "sparse_topk",
+            "compressor_options": {"k": 64, "chunk_numel": 4096},
+            "outer_optimizer_options": {"lr": 1.0},
+            "error_decay": 0.95,
+        },
+        ours=True,
+    ),
+)
+
 
 def ours_registered() -> list[str]:
     """Registered strategy names whose class comes from this package."""

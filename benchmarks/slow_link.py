@@ -59,7 +59,7 @@ def run_peer(peer: Peer, lab: NetLab, args: argparse.Namespace, run_dir: Path, p
         argv = [sys.executable, "-m", "benchmarks.worker", "--peer", json.dumps(peer.__dict__)]
         argv += ["--workload", args.workload, "--rank", str(rank), "--world-size", str(world_size)]
         argv += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
-        argv += ["--out", str(run_dir)]
+        argv += ["--seed", str(getattr(args, "seed", 0)), "--out", str(run_dir)]  # overlap_sweep's args: no seed
         log = open(run_dir / f"log{rank}.txt", "w")  # noqa: SIM115  (closed below, after the process ends)
         wrapped = lab.ranks[rank].wrap(argv) if world_size > 1 else argv  # no link needed without peers
         procs.append(subprocess.Popen(wrapped, env=rank_env(lab, rank, world_size, port), stdout=log, stderr=log))
@@ -81,36 +81,45 @@ def run_peer(peer: Peer, lab: NetLab, args: argparse.Namespace, run_dir: Path, p
         raise RuntimeError(f"rank {failed[0]} exited {procs[failed[0]].returncode}: {' '.join(tail)[:200]}")
 
 
-def measure(lab: Optional[NetLab], args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+def lab_port(lab: NetLab, index: int) -> int:
+    return 29611 + index if lab.shaped else free_port()  # fresh namespaces: no one else there
+
+
+def measure_peer(
+    peer: Peer, lab: Optional[NetLab], args: argparse.Namespace, run_dir: Path, port: int
+) -> dict[str, Any]:
+    """Run one peer (``lab`` None: use its saved run) and score it: its table row, or ``{"label", "error"}``."""
     workload = WORKLOADS[args.workload]
-    rows = []
+    print(f"-- {peer.label}", flush=True)
+    try:
+        if lab is not None:
+            run_peer(peer, lab, args, run_dir, port)
+        elif not (run_dir / "rank0.json").exists():
+            raise RuntimeError("no saved run")
+    except (RuntimeError, subprocess.TimeoutExpired) as error:
+        print(f"   FAILED: {error} (logs in {run_dir})", flush=True)
+        return {"label": peer.label, "error": str(error).splitlines()[0][:120]}
+    ranks = report.load_ranks(run_dir)
+    curve_file = run_dir / "curve.json"
+    if lab is not None or not curve_file.exists():
+        # independent processes: their average means nothing, rank 0's own model is the curve
+        scored = ranks[:1] if peer.kind == "compute_pair" else ranks
+        curve_file.write_text(json.dumps(report.curve(workload, run_dir, scored)))
+        if not args.keep_snapshots:  # hundreds of MB per peer for the MLP; the curve is what they were for
+            for snapshot in run_dir.glob("rank*.pt"):
+                snapshot.unlink()
+    points = json.loads(curve_file.read_text())
+    r = report.row(peer.label, ranks, points, args.target_loss, args.target_acc)
+    print(f"   {r['steps_per_s']:.1f} steps/s, {r['mb_per_step']:.3f} MB/step, final loss {r['final_loss']:.3f}")
+    return r
+
+
+def measure(lab: Optional[NetLab], args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     peers = [p for p in runnable_peers(args.smoke) if not args.only or any(o in p.label for o in args.only)]
+    rows = []
     for i, peer in enumerate(peers):
-        run_dir = out / "runs" / peer.slug
-        port = 29611 + i if lab is not None and lab.shaped else free_port()  # fresh namespaces: no one else there
-        print(f"-- {peer.label}", flush=True)
-        try:
-            if lab is not None:
-                run_peer(peer, lab, args, run_dir, port)
-            elif not (run_dir / "rank0.json").exists():
-                raise RuntimeError("no saved run")
-        except (RuntimeError, subprocess.TimeoutExpired) as error:
-            print(f"   FAILED: {error} (logs in {run_dir})", flush=True)
-            rows.append({"label": peer.label, "error": str(error).splitlines()[0][:120]})
-            continue
-        ranks = report.load_ranks(run_dir)
-        curve_file = run_dir / "curve.json"
-        if lab is not None or not curve_file.exists():
-            # independent processes: their average means nothing, rank 0's own model is the curve
-            scored = ranks[:1] if peer.kind == "compute_pair" else ranks
-            curve_file.write_text(json.dumps(report.curve(workload, run_dir, scored)))
-            if not args.keep_snapshots:  # hundreds of MB per peer for the MLP; the curve is what they were for
-                for snapshot in run_dir.glob("rank*.pt"):
-                    snapshot.unlink()
-        points = json.loads(curve_file.read_text())
-        rows.append(report.row(peer.label, ranks, points, args.target_loss, args.target_acc))
-        r = rows[-1]
-        print(f"   {r['steps_per_s']:.1f} steps/s, {r['mb_per_step']:.3f} MB/step, final loss {r['final_loss']:.3f}")
+        port = lab_port(lab, i) if lab is not None else 0  # 0: a saved run, no port
+        rows.append(measure_peer(peer, lab, args, out / "runs" / peer.slug, port))
     return rows
 
 
@@ -128,6 +137,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900, help="seconds one peer may take")
     parser.add_argument("--out", type=Path, default=REPO / "results")
     parser.add_argument("--smoke", action="store_true", help="loopback, a few steps, one peer of each kind")
+    parser.add_argument("--seed", type=int, default=0, help="the initial weights' seed (the data's order is fixed)")
     parser.add_argument("--only", nargs="*", default=[], help="run the rows whose label contains one of these")
     parser.add_argument("--keep-snapshots", action="store_true", help="keep the replicas' rank*.pt files")
     parser.add_argument("--report-only", action="store_true", help="redo table and plots from the saved runs")
@@ -148,7 +158,8 @@ def interrupted(signum: int, frame: Any) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     signal.signal(signal.SIGTERM, interrupted)
-    out = args.out / f"{args.workload}-{args.link}{'-smoke' if args.smoke else ''}"
+    seed = f"-seed{args.seed}" if args.seed else ""  # seed 0: the runs' directory as before the option
+    out = args.out / f"{args.workload}-{args.link}{seed}{'-smoke' if args.smoke else ''}"
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:  # the lab's notice is the one of the run that produced the data
         notice = json.loads((out / "results.json").read_text())["notice"]
