@@ -276,3 +276,18 @@ def test_bad_streaming_arguments_are_refused_up_front():
 
     with pytest.raises(ValueError, match="more than the 3 layer"):
         run_simulated(1, worker)
+
+
+def test_a_bfloat16_model_keeps_theta_and_the_error_in_float32_and_resumes_exactly():
+    options = {"period": 4, "fragments": 2, "sync_delay": 1, "compressor": "sign", "error_feedback": True}
+
+    def run_bf16(cut=None):
+        return train_workers(lambda: DiLoCo(**options), 2, 10, dtype=torch.bfloat16, cut=cut)
+
+    straight, resumed = run_bf16(), run_bf16(cut=5)
+    for (a, algorithm), (b, _) in zip(straight, resumed):
+        assert all(t.dtype == torch.float32 for t in algorithm.global_params)
+        assert all(e.dtype == torch.float32 for e in algorithm.state_buckets("pseudo_gradient_error"))
+        assert torch.isfinite(a[-1]["params"]).all()
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x["params"], y["params"])
