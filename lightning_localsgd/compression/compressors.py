@@ -13,6 +13,8 @@ into a float32 vector, and :meth:`~Compressor.payload_bytes` says what crosses t
   SGD via Gradient Quantization and Encoding", Alistarh et al., arXiv 1610.02132), one signed byte per element.
 * :class:`NoCompression`: float32 as it is; the check that a compressed algorithm without compression is the
   uncompressed one.
+* ``int8`` / ``int4`` (per-block quantisation) and ``sparse_topk`` (SparseLoCo's chunked top-k), for DiLoCo's
+  pseudo-gradients: :mod:`~lightning_localsgd.compression.quantizers`, registered here.
 
 Compressors are plain values (picklable, built from a name and keyword arguments in YAML through
 :func:`make_compressor`); a random one keeps its generator's state in :meth:`~Compressor.state_dict`.
@@ -367,11 +369,19 @@ class NoCompression(Compressor):
         return from_bytes(payload, torch.float32)
 
 
-COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (ScaledSign, TopK, QSGD, NoCompression)}
+# The quantisers subclass `Compressor`, so their module is imported here, below the classes it needs: the package's
+# __init__ imports this module first, whichever module a caller names, so no import cycle is left half done.
+from lightning_localsgd.compression.quantizers import Int4Quantizer, Int8Quantizer, SparseTopK  # noqa: E402
+
+COMPRESSORS: dict[str, type[Compressor]] = {
+    c.name: c for c in (ScaledSign, TopK, QSGD, NoCompression, Int8Quantizer, Int4Quantizer, SparseTopK)
+}
 
 
 def make_compressor(name: str, **options: Any) -> Compressor:
-    """A compressor by name (``"sign"``, ``"topk"``, ``"qsgd"``, ``"none"``) and its keyword arguments."""
+    """A compressor by name and its keyword arguments: ``"sign"``, ``"topk"``, ``"qsgd"``, ``"none"`` (this
+    module), ``"int8"``, ``"int4"`` (``block_numel``) and ``"sparse_topk"`` (``chunk_numel``, ``k``,
+    ``value_bits``) (:mod:`~lightning_localsgd.compression.quantizers`)."""
     if name not in COMPRESSORS:
         raise ValueError(f"`compressor` must be one of {', '.join(map(repr, COMPRESSORS))}; got {name!r}.")
     try:
