@@ -46,6 +46,26 @@ def scaled_sign(v: torch.Tensor) -> torch.Tensor:
     return v.abs().mean() * torch.where(v < 0, -1.0, 1.0).to(v.dtype)
 
 
+def int4(v: torch.Tensor) -> torch.Tensor:
+    """One block (the fragments here are far below 4096 elements): codes round(v / s) in [-7, 7], s = max |v| / 7."""
+    v32 = v.float()
+    scale = v32.abs().max() / 7
+    return (torch.round(v32 / scale).clamp(-7, 7) * scale).to(v.dtype)
+
+
+def sparse_top8_2bit(v: torch.Tensor) -> torch.Tensor:
+    """One chunk: the 8 largest |v|, each replaced by the nearest of the 2-bit levels -m, -m/3, m/3, m (m: their
+    largest magnitude), zero elsewhere."""
+    v32 = v.float()
+    picked = v32.abs().topk(8).indices
+    m = v32[picked].abs().max()
+    levels = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]) * m
+    nearest = levels[(v32[picked].unsqueeze(1) - levels).abs().argmin(dim=1)]
+    out = torch.zeros_like(v32)
+    out[picked] = nearest
+    return out.to(v.dtype)
+
+
 def reference(world, steps, period, fragments, delay, alpha, compress=None, error_decay=None):
     """Every worker's flat parameters after each step, by the paper's algorithm.
 
@@ -291,3 +311,35 @@ def test_a_bfloat16_model_keeps_theta_and_the_error_in_float32_and_resumes_exact
         assert torch.isfinite(a[-1]["params"]).all()
         for x, y in zip(a, b, strict=True):
             assert torch.equal(x["params"], y["params"])
+
+
+@pytest.mark.parametrize(
+    ("compressor", "options", "compress", "decay"),
+    [
+        ("int4", {}, int4, None),
+        ("int8", {}, None, None),
+        ("sparse_topk", {"k": 8}, sparse_top8_2bit, 0.95),
+    ],
+)
+def test_quantised_and_sparse_pseudo_gradients_follow_the_reference(compressor, options, compress, decay):
+    period, world, steps = 4, 3, 21
+    extra = {"error_decay": decay} if decay is not None else {}
+    got, _ = ours(
+        world,
+        steps,
+        period=period,
+        fragments=2,
+        sync_delay=1,
+        compressor=compressor,
+        compressor_options=options,
+        bucket_cap_mb=25,
+        **extra,
+    )
+    if compress is None:  # int8: within its quantisation error of full precision, and not equal to it
+        plain = reference(world, steps, period, 2, 1, 0.0)
+        gap = (got[0][-1] - plain[0][-1]).abs().max()
+        assert 0 < gap < 1e-2
+        return
+    want = reference(world, steps, period, 2, 1, 0.0, compress=compress, error_decay=decay)
+    for rank in range(world):
+        torch.testing.assert_close(got[rank][-1], want[rank][-1], atol=1e-6, rtol=1e-6)
