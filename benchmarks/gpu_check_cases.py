@@ -30,6 +30,8 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "detag": ("detag", {"check_every": 4}),
     "diloco": ("diloco", {"period": 4}),
     "diloco_overlap_theta_on_cpu": ("diloco", {"period": 4, "global_device": "cpu", "overlap": True}),
+    # Streaming DiLoCo: a fragment's int4 payload all-gathered without blocking, one step before its outer step
+    "streaming_diloco_int4": ("diloco", {"period": 4, "fragments": 2, "sync_delay": 1, "compressor": "int4"}),
     "stl_sgd": ("stl_sgd", {"first_period": 2, "first_stage_steps": 4}),
     "hierarchical_local_sgd": ("hierarchical_local_sgd", {"intra_period": 2, "inter_period": 4}),
 }

@@ -17,6 +17,8 @@ STREAMING = {"fragments": 2, "sync_delay": 1}
 CASES = {
     "streaming": STREAMING,
     "sign": {**STREAMING, "compressor": "sign", "error_feedback": True, "error_decay": 0.9},
+    "int4": {**STREAMING, "compressor": "int4", "compressor_options": {"block_numel": 64}},
+    "sparse_topk": {**STREAMING, "compressor": "sparse_topk", "compressor_options": {"k": 4, "chunk_numel": 32}},
 }
 PARAMETER_KEYS = ("body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "head.weight", "head.bias")
 
