@@ -170,3 +170,14 @@ def test_algorithm_state_lines_up_with_channels_last_parameters_element_by_eleme
 
     for got, want in zip(train(torch.channels_last), train(torch.contiguous_format)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_buckets_never_span_two_fragments_and_say_whose_they_are():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    params = list(model.parameters())
+    fragment_of = {id(p): (0 if i < 2 else 1) for i, p in enumerate(params)}  # layer 0 | layers 1 and 2
+    flat = FlatParameters(params, bucket_cap_mb=1.0, fragment_of=fragment_of)  # the cap alone would make one bucket
+    assert flat.bucket_fragments == [0, 1]
+    assert [b.numel() for b in flat.buckets] == [20, 20 + 10]
+    whole = FlatParameters([p.detach().clone().requires_grad_() for p in params], bucket_cap_mb=1.0)
+    assert whole.bucket_fragments == [0] and [b.numel() for b in whole.buckets] == [50]
