@@ -127,6 +127,15 @@ STREAMING_PEERS: tuple[Peer, ...] = (
         },
         ours=True,
     ),
+    # Sparse top-k with the outer Nesterov step kept: 4 times SparseLoCo's density (top-256 of 4096, about 1/28 of
+    # float32) and error feedback without decay, for runs too short for SparseLoCo's momentum-free setting.
+    Peer(
+        "streaming diloco, F = 4, tau = 2, sparse top-k 1/16, Nesterov",
+        "lightning",
+        "diloco",
+        {**STREAMING_OPTIONS, "compressor": "sparse_topk", "compressor_options": {"k": 256, "chunk_numel": 4096}},
+        ours=True,
+    ),
 )
 
 
