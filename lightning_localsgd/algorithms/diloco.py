@@ -251,18 +251,14 @@ class DiLoCo(PeriodicAlgorithm):
         with torch.no_grad():
             if self.overlap:
                 self._delayed_round()
-            elif not self.streaming:
-                super()._round()  # x_mean, in the buckets; normalisation statistics averaged
-                self._outer_step(0, self.flat.buckets)
-                for theta, bucket in zip(self.global_params, self.flat.buckets):
-                    bucket.copy_(theta)
-            elif self.fragments > 1 and self.sync_delay == 0 and self.merge_alpha == 0 and self.codec is None:
-                self._fragment_round_in_place(self._next_fragment())
+            elif self.sync_delay == 0 and self.merge_alpha == 0 and self.codec is None:
+                self._fragment_round_in_place(self._next_fragment())  # one fragment: DiLoCo's round
             else:
                 self._fragment_round(self._next_fragment())
 
     def _fragment_round_in_place(self, fragment: int) -> None:
-        """The blocking round on one fragment: its buckets averaged in place, the outer step, x_f <- theta_f."""
+        """The blocking round on one fragment: its buckets averaged in place (normalisation statistics with them),
+        the outer step on theta_f - mean, and x_f <- theta_f."""
         indices = self._buckets_of(fragment)
         buckets = [self.flat.buckets[b] for b in indices]
         average_replica_(buckets, self.averaged_buffers(), self.comm)
