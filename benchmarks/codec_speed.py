@@ -1,6 +1,6 @@
 """Encode and decode cost of the compressors against a memcpy of the same float32 bytes, on this machine.
 
-    python -m benchmarks.codec_speed [--mib 5 64] [--threads 1] [--repeats 7]
+    python -m benchmarks.codec_speed [--mib 5 64] [--threads 1] [--repeats 7] [--compressors sign int4 sparse_topk]
 
 For each size it times ``encode`` and ``decode`` of every compressor and a copy of the float32 input into a buffer
 allocated once (the memcpy bound: the least a pass over the data costs), medians over ``--repeats`` runs after one
@@ -19,6 +19,17 @@ from collections.abc import Callable
 import torch
 
 from lightning_localsgd.compression.compressors import NoCompression, ScaledSign, TopK
+from lightning_localsgd.compression.quantizers import Int4Quantizer, Int8Quantizer, SparseTopK
+
+# The per-step exchanges' compressors, then DiLoCo's pseudo-gradient compressors (at their defaults).
+COMPRESSORS: dict[str, Callable[[], object]] = {
+    "sign": ScaledSign,
+    "topk 1%": lambda: TopK(0.01),
+    "none": NoCompression,
+    "int8": Int8Quantizer,
+    "int4": Int4Quantizer,
+    "sparse_topk": SparseTopK,
+}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -36,9 +47,10 @@ def main() -> None:
     parser.add_argument("--mib", type=float, nargs="+", default=[5.0, 64.0], help="float32 input sizes in MiB")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compressors", nargs="+", default=list(COMPRESSORS), choices=list(COMPRESSORS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    compressors = {"sign": ScaledSign(), "topk 1%": TopK(0.01), "none": NoCompression()}
+    compressors = {name: COMPRESSORS[name]() for name in args.compressors}
     print(f"threads {args.threads}, medians of {args.repeats}; ms per MiB of float32 input (x: ratio to memcpy)")
     print("| MiB | compressor | encode | decode | decode_into | encode + decode_into | memcpy | ratio to memcpy |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")

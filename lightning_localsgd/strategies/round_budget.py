@@ -28,7 +28,7 @@ def world_period(algorithm: PeriodicAlgorithm) -> tuple[str, int]:
         return "inter_period", int(inter)  # node averages alone leave the nodes apart
     if hasattr(algorithm.schedule, "first_stage_steps"):
         return "first_period", algorithm.period  # STL-SGD: the current stage's period
-    return "period", algorithm.period
+    return "period", getattr(algorithm, "outer_period", algorithm.period)  # Streaming DiLoCo: H, not H / fragments
 
 
 def world_round_after(algorithm: PeriodicAlgorithm, step: int) -> bool:
