@@ -12,8 +12,8 @@ Update rule, per rank i, with global parameters theta kept apart from the replic
 Normalisation statistics are averaged at the round, as in Local SGD. With an outer SGD of lr 1 and no momentum,
 theta <- theta - (theta - x_mean) = x_mean: Local SGD (tested step for step).
 
-``overlap=True``: the delayed outer step of Streaming DiLoCo ("Streaming DiLoCo with overlapping communication",
-Douillard et al., arXiv 2501.18512), built like CoCoD-SGD's rounds. At a round's start each rank keeps its replica
+``overlap=True``: a delayed outer step, built like CoCoD-SGD's rounds (this package's own schedule, not the one of
+Streaming DiLoCo below). At a round's start each rank keeps its replica
 ``s_i`` and starts a non-blocking all-reduce of it; the ``period`` inner steps run meanwhile; at the round's end
     theta <- outer step on theta with gradient (theta - mean_j s_j)      (the previous round's progress)
     x_i  <- theta + (x_i - s_i)                                          (keep this round's own progress)
@@ -22,7 +22,8 @@ never coincide (each keeps its own progress), so evaluation and checkpoints use 
 of lr 1 and no momentum this is CoCoD-SGD (tested step for step), normalisation statistics included (they travel
 with the transfer, ``late_buffers.py``). Memory: two more copies of the model.
 
-Streaming DiLoCo (same paper), ``fragments=F``, ``sync_delay=tau``, ``merge_alpha=alpha``: the model is cut into F
+Streaming DiLoCo ("Streaming DiLoCo with overlapping communication", Douillard et al., arXiv 2501.18512),
+``fragments=F``, ``sync_delay=tau``, ``merge_alpha=alpha``: the model is cut into F
 fragments of whole layers (``fragments.py``), each with its own slice of theta and its own outer optimizer. A round
 comes every ``period / F`` steps and synchronises one fragment, in turn, so each is synchronised every ``period``
 steps and the link carries 1/F of the model at a time. ``tau`` steps before fragment f's round each rank snapshots
