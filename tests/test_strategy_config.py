@@ -157,6 +157,34 @@ def test_a_misspelt_keyword_in_a_cli_config_is_still_refused_by_the_parser(tmp_p
         LightningCLI(BoringModel, BoringDataModule, run=False, args=["--config", str(config)])
 
 
+def test_streaming_diloco_takes_its_fragments_and_compressor_from_yaml_and_fabric():
+    config = ["--config", str(EXAMPLES / "streaming_diloco.yaml")]
+    algorithm = LightningCLI(BoringModel, BoringDataModule, run=False, args=config).trainer.strategy.algorithm
+    assert (algorithm.outer_period, algorithm.period, algorithm.fragments, algorithm.sync_delay) == (32, 16, 2, 2)
+    assert algorithm.codec.compressor.name == "int4" and algorithm.codec.compressor.block_numel == 4096
+    assert not algorithm.codec.error_feedback and not algorithm.rounds_synchronise
+    args = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=lightning_localsgd.DiLoCoStrategy",
+        "--trainer.strategy.period=12",
+        "--trainer.strategy.fragments=3",
+        "--trainer.strategy.merge_alpha=0.5",
+        "--trainer.strategy.compressor=sparse_topk",
+        "--trainer.strategy.compressor_options={k: 8, chunk_numel: 256}",
+        "--trainer.strategy.error_decay=0.95",
+    ]
+    algorithm = LightningCLI(BoringModel, BoringDataModule, run=False, args=args).trainer.strategy.algorithm
+    assert (algorithm.period, algorithm.merge_alpha, algorithm.codec.error_decay) == (4, 0.5, 0.95)
+    assert algorithm.codec.error_feedback and algorithm.codec.compressor.k == 8
+    from lightning_localsgd.fabric import DiLoCoStrategy as FabricDiLoCo
+
+    fabric = FabricDiLoCo(period=8, fragments=2, sync_delay=1, compressor="int8")
+    assert (fabric.algorithm.fragments, fabric.algorithm.round_lead_steps) == (2, 1)
+    with pytest.raises(ValueError, match="multiple of `fragments=3`"):
+        FabricDiLoCo(period=8, fragments=3)
+
+
 def test_a_misspelt_strategy_name_gets_lightnings_error_and_the_docs_list_ours():
     # Lightning checks strategy names itself with no hook for a suggestion (docs/entry_points.md says so and
     # lists this package's names, which must all be registered with both the Trainer and Fabric).
