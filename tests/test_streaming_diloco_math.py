@@ -32,13 +32,7 @@ def layer_slices() -> list[slice]:
 def fragment_index(fragments: int) -> list[torch.Tensor]:
     """The flat positions (in parameter order) of each fragment's elements."""
     slices = layer_slices()
-    return [
-        torch.cat([torch.arange(slices[i].start, slices[i].stop) for i in layers]) for layers in fragments_of(fragments)
-    ]
-
-
-def fragments_of(fragments: int) -> list[list[int]]:
-    return FRAGMENT_LAYERS[fragments]
+    return [torch.cat([torch.arange(slices[i].start, slices[i].stop) for i in f]) for f in FRAGMENT_LAYERS[fragments]]
 
 
 def scaled_sign(v: torch.Tensor) -> torch.Tensor:
