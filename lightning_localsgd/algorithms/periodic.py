@@ -21,7 +21,7 @@ per-step gradient exchange (``gradient_exchange.py``) and the managed parameter 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Optional
@@ -310,15 +310,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
                 with phase("round/settle"):
                     self._settle_in_flight()  # judges the previous round's deferred check, if any
                 if self._defers_round_check():
-                    with phase("round/guard"):
-                        check = self._start_deferred_check(where, step)  # before the transfer: completes first
-                    with phase("round/update"):
-                        self._withholding = not check.finite
-                        try:
-                            self._round()
-                        finally:
-                            self._withholding = False
-                    self._deferred_check = check  # judged by the next settle, before the transfer is read
+                    self._with_deferred_check(where, step, self._round, "round/update")
                 else:
                     with phase("round/guard"):
                         if self._check_replicas(where, step, ROUND):
@@ -348,15 +340,21 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
             self.flat.ensure_views()
             with phase("round/settle"):
                 self._settle_in_flight()
-            with phase("round/guard"):
-                check = self._start_deferred_check(where, step)
-            with phase("round/start"):
-                self._withholding = not check.finite
-                try:
-                    self._start_round_ahead()
-                finally:
-                    self._withholding = False
-            self._deferred_check = check
+            self._with_deferred_check(where, step, self._start_round_ahead, "round/start")
+
+    def _with_deferred_check(self, where: str, step: int, start: Callable[[], None], label: str) -> None:
+        """Run ``start`` (which starts a transfer) with this replica's flags summed in the background: started first,
+        so they complete first; a non-finite rank's transfer sends zeros; judged by the next settle, before anything
+        the transfer brought is read."""
+        with phase("round/guard"):
+            check = self._start_deferred_check(where, step)
+        with phase(label):
+            self._withholding = not check.finite
+            try:
+                start()
+            finally:
+                self._withholding = False
+        self._deferred_check = check
 
     def _start_round_ahead(self) -> None:
         """Start the next round's transfer (see :attr:`round_lead_steps`); the round itself reads what it brought."""
