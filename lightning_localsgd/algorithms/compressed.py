@@ -53,6 +53,11 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
     """A :class:`PeriodicAlgorithm` whose local steps exchange compressed gradients (see the module docstring)."""
 
     exchanges_every_step = True
+    sharding_refused_because = (
+        "it compresses and exchanges the whole gradient across the replicas at every step, which FSDP2's per-step "
+        "reduce-scatter inside a group would have to be replaced by; with replica groups, only periodic averaging "
+        "(local_sgd, vrl_sgd, diloco, overlap_local_sgd, cocod_sgd, stl_sgd) is supported"
+    )
 
     def __init__(
         self,

@@ -156,6 +156,11 @@ class GossipAlgorithm(PeriodicAlgorithm):
     """
 
     rounds_synchronise = False  # gossip brings replicas closer, never to one model
+    sharding_refused_because = (
+        "its replicas mix with their neighbours at every step and never meet in one model, so there is no "
+        "round to split over the shards; with replica groups, only periodic averaging (local_sgd, vrl_sgd, diloco, "
+        "overlap_local_sgd, cocod_sgd, stl_sgd) is supported"
+    )
 
     def __init__(
         self,

@@ -41,6 +41,11 @@ class HierarchicalLocalSGD(PeriodicAlgorithm):
         warmup_steps, bucket_cap_mb, buffers: as :class:`PeriodicAlgorithm`.
     """
 
+    sharding_refused_because = (
+        "replica groups are its node level already: FSDP2 inside a node is the synchronous inner level, so use "
+        "local_sgd (or diloco) with `shard_size` = the ranks per node instead"
+    )
+
     def __init__(
         self,
         intra_period: int = 4,

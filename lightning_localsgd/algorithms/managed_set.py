@@ -60,9 +60,9 @@ class ManagedSet:
         if average_leaving and leaving:
             mean_packed_([p.data for p in leaving], self.comm)
         with torch.no_grad():
-            for p in leaving:
+            for p in leaving if not old.in_place else ():  # in place, the buckets are the parameters' own memory
                 p.data = p.data.clone()  # its own storage, so the old buckets can be freed
-        self._flat = FlatParameters(params, self.bucket_cap_mb, self._fragment_of(params))
+        self._flat = self._build_flat(params)
         self._relayout_state(old)
         self._on_relayout(old)
         self._rollback_point = None  # laid out for the old set; the next good round keeps a new one

@@ -58,6 +58,7 @@ from lightning_localsgd.comm import Communicator, FlatParameters
 from lightning_localsgd.comm.communicator import PendingAllGather, PendingAllReduce
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.layout import WorldLayout
+from lightning_localsgd.comm.local_shards import LocalShards
 
 
 class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
@@ -88,6 +89,9 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
     # Steps before a round at which that round's transfer starts (Streaming DiLoCo's sync delay): at the end of
     # step ``s`` with a round after step ``s + round_lead_steps``, :meth:`_start_round_ahead` runs. 0: none.
     round_lead_steps: int = 0
+    # Why the algorithm cannot run on the local shards of an FSDP2 module (``shard_size > 1``); None: it can, as a
+    # round only averages each shard over the ranks that hold the same shard, and a local step needs nothing more.
+    sharding_refused_because: Optional[str] = None
 
     def __init__(
         self,
@@ -173,7 +177,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         with failures_named(self.label, "set-up", self.timeout):
             self._check_same_model_on_every_rank(module, trainable)
             broadcast_module_state_(module, comm, src=0)
-            self._flat = FlatParameters(trainable, self.bucket_cap_mb, self._fragment_of(trainable))
+            self._flat = self._build_flat(trainable)
             self.in_sync = True
             self._allocate_state()
             self._on_setup()
@@ -188,6 +192,18 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
     def register_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         """Tell the algorithm which optimizers exist, in a fixed order (their index keys per-optimizer state)."""
         self._optimizers = list(optimizers)
+
+    def _build_flat(self, params: list[nn.Parameter]) -> FlatParameters:
+        """The managed parameters' buckets: re-homed into flat storage, or left in place where the module is this
+        rank's shards of an FSDP2 module (FSDP2 owns that memory; see ``comm/local_shards.py``)."""
+        shards = self.module if isinstance(self.module, LocalShards) else None
+        return FlatParameters(
+            params,
+            self.bucket_cap_mb,
+            self._fragment_of(params),
+            in_place=shards is not None,
+            aliases=shards.aliases if shards is not None else None,
+        )
 
     def _fragment_of(self, params: list[nn.Parameter]) -> Optional[dict[int, int]]:
         """``id(parameter) -> fragment`` for algorithms that synchronise parts of the model at different rounds
@@ -499,5 +515,7 @@ class PeriodicAlgorithm(GradientExchange, ManagedSet, SyncGuard, RankState):
         return len(self._optimizers) - 1
 
     def _managed_params_of(self, optimizer: Optimizer) -> list[nn.Parameter]:
-        managed = self.flat.index_of
-        return [p for group in optimizer.param_groups for p in group["params"] if id(p) in managed]
+        # The managed objects themselves: where the optimizer holds stand-ins (FSDP2's DTensors for local shards),
+        # the algorithm works on the parameters it manages.
+        managed, params = self.flat.index_of, self.flat.params
+        return [params[managed[id(p)]] for group in optimizer.param_groups for p in group["params"] if id(p) in managed]

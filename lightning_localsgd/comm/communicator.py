@@ -325,14 +325,23 @@ class ProcessGroupCommunicator(Communicator):
     Args:
         group: the process group for blocking collectives (default: the world).
         timeout: timeout of the extra group created for non-blocking collectives.
+        non_blocking_group: that extra group, same ranks as ``group``, created by the caller. Needed where ``group``
+            is one of several disjoint groups (replica groups' shard groups): ``new_group`` is collective over the
+            whole world, so the ranks of every such group must create all of them together, not each its own on
+            first use. Default: created on first use.
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Optional[timedelta] = None) -> None:
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup] = None,
+        timeout: Optional[timedelta] = None,
+        non_blocking_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ProcessGroupCommunicator needs an initialised torch.distributed process group.")
         self.group = group
         self.timeout = timeout
-        self._async_group: Optional[dist.ProcessGroup] = None
+        self._async_group: Optional[dist.ProcessGroup] = non_blocking_group
         self._gloo = dist.get_backend(group) == "gloo"  # exactly gloo: "cpu:gloo,cuda:nccl" sends CUDA to NCCL
         super().__init__(dist.get_rank(group), dist.get_world_size(group))
 

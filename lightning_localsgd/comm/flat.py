@@ -83,6 +83,11 @@ class FlatParameters:
         fragment_of: ``id(parameter) -> fragment index`` (0, 1, ... in parameter order), for algorithms that
             synchronise parts of the model at different times (Streaming DiLoCo): no bucket holds parameters of two
             fragments, and :attr:`bucket_fragments` says whose each bucket is. Default: one fragment.
+        in_place: leave every parameter in its own memory and make each its own bucket (a view of it), instead of
+            re-homing: for memory someone else owns, such as FSDP2's local shards (``comm/local_shards.py``). A
+            round then costs one collective per parameter.
+        aliases: ``id(other tensor) -> id(parameter)``: other objects that stand for a parameter (the ``DTensor``
+            an optimizer holds for a local shard); :attr:`index_of` maps them to the parameter's index.
     """
 
     def __init__(
@@ -90,9 +95,15 @@ class FlatParameters:
         params: Iterable[nn.Parameter],
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         fragment_of: Optional[Mapping[int, int]] = None,
+        in_place: bool = False,
+        aliases: Optional[Mapping[int, int]] = None,
     ) -> None:
         self.params: list[nn.Parameter] = list(dict.fromkeys(params))  # drop tied duplicates, keep order
         self.index_of: dict[int, int] = {id(p): i for i, p in enumerate(self.params)}  # id(parameter) -> index
+        self.in_place = in_place
+        for other, param in (aliases or {}).items():
+            if param in self.index_of:
+                self.index_of[other] = self.index_of[param]
         if not self.params:
             raise ValueError("There are no trainable parameters to synchronise (none has `requires_grad=True`).")
         _check_one_device(self.params)
@@ -112,7 +123,7 @@ class FlatParameters:
         templates: list[Tensor] = []
         self.bucket_fragments: list[int] = []  # the fragment each bucket belongs to
         fragment = [0 if fragment_of is None else fragment_of[id(p)] for p in self.params]
-        for f in sorted(set(fragment)):
+        for f in sorted(set(fragment)) if not in_place else ():
             members = [i for i in range(len(self.params)) if fragment[i] == f]
             for group in _grouped_by_layout([self.params[i] for i in members]):
                 used_bytes = cap_bytes  # forces a new bucket for each layout group
@@ -127,7 +138,15 @@ class FlatParameters:
                     self._slots[i] = (len(sizes) - 1, sizes[-1])
                     sizes[-1] += p.numel()
                     used_bytes += nbytes
-        self.buckets: list[Tensor] = [torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(sizes, templates)]
+        if in_place:
+            for i, p in enumerate(self.params):
+                if not p.is_contiguous():
+                    raise ValueError(f"Parameter {i} must be contiguous to be its own bucket; strides {p.stride()}.")
+                self._slots[i] = (i, 0)
+            self.bucket_fragments = fragment
+            self.buckets: list[Tensor] = [p.detach().view(-1) for p in self.params]
+        else:
+            self.buckets = [torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(sizes, templates)]
         self._expected_ptrs: list[int] = []
         self.rehome()
 
@@ -167,7 +186,12 @@ class FlatParameters:
         """Copy every parameter's current value into its slice and make the parameter a view of it.
 
         The parameter gets back the layout it had when this object was built, whatever layout its replacement had.
+        In place (``in_place=True``), the buckets are the parameters' own memory: there is nothing to copy, and a
+        parameter given new memory cannot follow (:meth:`ensure_views` raises).
         """
+        if self.in_place:
+            self._expected_ptrs = [p.data_ptr() for p in self.params]
+            return
         with torch.no_grad():
             for p, view in zip(self.params, self.views_of(self.buckets)):
                 view.copy_(p.detach())
@@ -177,6 +201,11 @@ class FlatParameters:
     def ensure_views(self) -> bool:
         """Re-home parameters whose storage was replaced (``module.to``, ``p.data = ...``). Returns True if it did."""
         intact = all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._expected_ptrs))
+        if not intact and self.in_place:
+            raise RuntimeError(
+                "A parameter's memory was replaced (`module.to(...)`, `p.data = ...`) while the algorithm keeps it in "
+                "place (FSDP2's local shards): its state no longer matches the model. Move the module before `fit`."
+            )
         if not intact:
             self.rehome()
         return not intact

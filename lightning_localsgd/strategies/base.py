@@ -15,6 +15,7 @@ It translates Lightning's life cycle into the algorithm's moments and nothing mo
 
 from __future__ import annotations
 
+import secrets
 import signal
 import warnings
 from datetime import timedelta
@@ -47,6 +48,7 @@ from lightning_localsgd._validation import (
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
+from lightning_localsgd.comm.local_shards import LocalShards, like_sharded
 from lightning_localsgd.driving import comm_metrics, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
@@ -71,6 +73,17 @@ from lightning_localsgd.strategies.safety import (
     prepare_training_data,
     restore_patched_hooks,
     warn_about_per_step_collectives,
+)
+from lightning_localsgd.strategies.sharded_checkpoint import MODEL_KEY, load_consensus_into, save_consensus
+from lightning_localsgd.strategies.sharding import (
+    ShardLayers,
+    build_mesh,
+    check_layout,
+    check_shard_options,
+    local_optimizer_state,
+    replicate_groups,
+    shard_module,
+    sharded_optimizer_state,
 )
 from lightning_localsgd.strategies.weight_averaging import weight_averaging_copies
 
@@ -102,6 +115,15 @@ class LocalUpdateStrategy(DDPStrategy):
             run started on one node only), instead of waiting for ``timeout``.
         comm_progress_bar: show ``comm/rounds`` and ``comm/mb_sent`` in the progress bar (with
             ``log_comm_metrics``).
+        shard_size: ranks per replica group (consecutive ranks, normally one node). Above 1, PyTorch's FSDP2
+            (``fully_shard``) shards the model inside each group, reduce-scattering gradients every step there, and
+            the algorithm runs across groups on each rank's shards: a round averages shard ``k`` over the ranks
+            that hold it. 1 (default): a full replica per rank. See ``sharding.py``.
+        shard_layers: with ``shard_size`` > 1, the module classes (names or classes) each sharded on its own, as
+            Lightning FSDP's ``auto_wrap_policy``; then every direct child of the LightningModule is. Ignored where
+            ``configure_model`` shards the module itself (over ``self.device_mesh["shard"]``).
+        shard_param_dtype: with ``shard_size`` > 1, ``"bf16"`` or ``"fp16"``: FSDP2 gathers parameters and computes
+            in that dtype and reduce-scatters in float32 (``MixedPrecisionPolicy``); the shards stay float32.
         timeout: as in ``DDPStrategy``: Lightning's own collectives, and the process group's once every rank has
             arrived (seconds or a ``timedelta``; Lightning's default, 30 minutes).
         Remaining arguments: as :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -117,6 +139,9 @@ class LocalUpdateStrategy(DDPStrategy):
         collective_timeout: float = 600.0,
         init_timeout: float = 300.0,
         comm_progress_bar: bool = True,
+        shard_size: int = 1,
+        shard_layers: ShardLayers = None,
+        shard_param_dtype: Optional[str] = None,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[Any]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -148,6 +173,12 @@ class LocalUpdateStrategy(DDPStrategy):
         self.log_comm_metrics = check_bool("log_comm_metrics", log_comm_metrics)
         self.comm_progress_bar = check_bool("comm_progress_bar", comm_progress_bar)
         self.init_timeout = timedelta(seconds=check_positive_float("init_timeout", init_timeout))
+        self.shard_size, self.shard_layers, self._shard_param_dtype = check_shard_options(
+            shard_size, shard_layers, shard_param_dtype, algorithm, type(self).__name__
+        )
+        self._device_mesh: Optional[Any] = None
+        self._local_shards: Optional[LocalShards] = None  # what the algorithm runs on, with shard_size > 1
+        self._world_communicator: Optional[ProcessGroupCommunicator] = None  # checkpoints agree over every rank
         self._active = False  # the algorithm drives the model (between setup and teardown of a fit)
         self._stepped_this_batch = False
         self._pending_rank_state: Optional[Any] = None
@@ -168,6 +199,19 @@ class LocalUpdateStrategy(DDPStrategy):
         """This rank's communication counters (rounds, collectives, bytes sent, seconds)."""
         return self.algorithm.comm.stats if self.algorithm.is_set_up else CommStats()
 
+    @property
+    def device_mesh(self) -> Any:
+        """With ``shard_size`` > 1, the ``("replicate", "shard")`` mesh (from ``setup_environment`` on): a
+        ``configure_model`` that shards the module itself uses ``self.device_mesh["shard"]``."""
+        if self._device_mesh is None:
+            raise RuntimeError(f"{type(self).__name__} has a device mesh only with `shard_size` > 1, once set up.")
+        return self._device_mesh
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return self.shard_size > 1  # the weights are read into the sharded module, in place
+
     # ------------------------------------------------------------------ set-up
     @override
     def _setup_model(self, model: Module) -> Module:
@@ -185,6 +229,20 @@ class LocalUpdateStrategy(DDPStrategy):
             self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
             layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank, node_rank=self.node_rank)
             self.algorithm.create_groups(layout, self.collective_timeout)
+            if self.shard_size > 1:
+                self._world_communicator = self._communicator
+                groups = self.world_size // self.shard_size
+                replicas, background = replicate_groups(
+                    groups, self.shard_size, self.global_rank, self.collective_timeout
+                )
+                self._communicator = ProcessGroupCommunicator(replicas, self.collective_timeout, background)
+        if self.shard_size > 1:
+            if self._local_shards is None:
+                name = type(self).__name__
+                shard_module(self.model, self.device_mesh, self.shard_layers, self._shard_param_dtype, name)
+                self._local_shards = LocalShards(self.model)
+            self.algorithm.setup(self._local_shards, self._communicator)
+            return
         self.algorithm.setup(self.model, self._communicator)
 
     @override
@@ -200,10 +258,15 @@ class LocalUpdateStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         check_supported_device(self.root_device, type(self).__name__)
         super().setup_environment()
+        if self.shard_size > 1 and self._device_mesh is None:
+            groups = check_layout(self.world_size, self.shard_size, self.num_processes, type(self).__name__)
+            self._device_mesh = build_mesh(self.root_device.type, groups, self.shard_size)
+            if self.lightning_module is not None:  # `configure_model` may shard the module over its "shard" dim
+                self.lightning_module._device_mesh = self._device_mesh
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        check_supported_model(self.model, type(self).__name__)
+        check_supported_model(self.model, type(self).__name__, fsdp_allowed=self.shard_size > 1)
         if trainer.state.fn == TrainerFn.FITTING and self._layer_sync is not None:
             rank_zero_warn(
                 f"`sync_batchnorm=True` all-reduces BatchNorm statistics at every forward pass, which undoes what "
@@ -223,7 +286,7 @@ class LocalUpdateStrategy(DDPStrategy):
         trainer.callbacks.insert(0, self._round_callback)
         self._patched_trainer = trainer
         self._requeue = defer_signals(trainer, self.algorithm)
-        prepare_training_data(trainer, self.algorithm.comm, type(self).__name__)
+        prepare_training_data(trainer, self._world_communicator or self.algorithm.comm, type(self).__name__)
         warn_about_per_step_collectives(trainer, type(self).__name__)
         self._synced_step_logs = SyncedStepLogCheck(type(self).__name__)
         self._round_budget = RoundBudgetCheck(self.algorithm, type(self).__name__)
@@ -274,7 +337,14 @@ class LocalUpdateStrategy(DDPStrategy):
         def closure_then_synchronise() -> Any:
             self.algorithm.before_backward(optimizer)  # warm-up: gradients travel while backward runs
             result = closure()  # forward + backward (automatic), or nothing (manual: backward already ran)
-            self.algorithm.before_optimizer_step(optimizer)
+            if self._local_shards is None:
+                self.algorithm.before_optimizer_step(optimizer)
+                return result
+            self._local_shards.pull_gradients()  # the algorithm sees this rank's gradient shards
+            try:
+                self.algorithm.before_optimizer_step(optimizer)
+            finally:
+                self._local_shards.push_gradients()
             return result
 
         def run_step() -> Any:
@@ -341,6 +411,9 @@ class LocalUpdateStrategy(DDPStrategy):
             return state
         module = self.lightning_module
         tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        shards = self._local_shards
+        if shards is not None:  # the consensus of this rank's shards, placed as the sharded parameters are
+            values = {id(real): like_sharded(values[id(proxy)], real) for real, proxy in shards.pairs()} | values
         by_name = {name: values[id(t)] for name, t in tensors if id(t) in values}
         return {key: by_name.get(key, value) for key, value in state.items()}
 
@@ -349,9 +422,11 @@ class LocalUpdateStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
         section: Optional[dict[str, Any]] = None
+        sharded = self._world_communicator is not None
         if self._active and "optimizer_states" in checkpoint:  # a full checkpoint, not weights only
             # Each rank writes its own shard (no tensor travels to rank 0); the main file only names them.
-            # Written at once: live tensors, no copies. Rank 0's optimizer states are in the main file already.
+            # Written at once: live tensors, no copies. Rank 0's optimizer states are in the main file already
+            # (with replica groups they are rank 0's shards only, and every rank writes its own).
             scaler = grad_scaler_of(self.precision_plugin)
             mine = rank_payload(
                 self.algorithm,
@@ -359,11 +434,21 @@ class LocalUpdateStrategy(DDPStrategy):
                 scaler,
                 drop_replica=True,
                 copy=False,
-                optimizers_in_main_file=self.is_global_zero,
-                shared_in_rank_0=not self.is_global_zero,
+                optimizers_in_main_file=self.is_global_zero and not sharded,
+                shared_in_rank_0=not self.is_global_zero and not sharded,
             )
-            section = write_shards(self.algorithm.comm, mine, filepath, type(self).__name__)
+            if sharded:
+                mine["optimizer_states"] = [local_optimizer_state(optimizer) for optimizer in self.optimizers]
+                checkpoint["optimizer_states"] = []
+            section = write_shards(self._world_communicator or self.algorithm.comm, mine, filepath, type(self).__name__)
             checkpoint[CHECKPOINT_KEY] = section
+        if sharded and "state_dict" in checkpoint:  # the weights, written by every rank (sharded_checkpoint.py)
+            assert self._world_communicator is not None
+            if section is None:  # weights only: the ranks still agree on one name for this save's folder
+                token = self._world_communicator.all_gather_object(secrets.token_hex(8))[0]
+                section = checkpoint[CHECKPOINT_KEY] = {"strategy": type(self).__name__, "token": token}
+            section[MODEL_KEY] = save_consensus(checkpoint.pop("state_dict"), filepath, section["token"])
+            checkpoint["state_dict"] = {}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
         if section is not None and self.is_global_zero:
             remove_stale_shards(filepath, section["token"])  # the main file now names this save's shards
@@ -375,6 +460,11 @@ class LocalUpdateStrategy(DDPStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, **extra)
         section = checkpoint.pop(CHECKPOINT_KEY, None)
         self._pending_rank_state = None
+        if isinstance(section, dict) and MODEL_KEY in section:  # weights written by every rank of a sharded run
+            load_consensus_into(self.lightning_module, checkpoint_path, section)
+            checkpoint["state_dict"] = None  # read already, in place (see `load_model_state_dict`)
+            if "shards" not in section:
+                section = None
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
             return checkpoint  # evaluation needs the (consensus) weights only, not the shards
@@ -384,8 +474,15 @@ class LocalUpdateStrategy(DDPStrategy):
         return checkpoint
 
     @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if checkpoint.get("state_dict", {}) is None:
+            return  # a sharded run's weights, read into the module by `load_checkpoint`
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        super().load_optimizer_state_dict(checkpoint)
+        if self._world_communicator is None:  # with replica groups, every rank's optimizer state is in its shard
+            super().load_optimizer_state_dict(checkpoint)
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is not None:  # the first strategy hook after Lightning restored its loops, before they run
             complete_batch_end_restart(trainer)
@@ -394,6 +491,9 @@ class LocalUpdateStrategy(DDPStrategy):
             return
         # A shard saved in sync has no replica: the module keeps the main file's consensus weights, loaded before.
         scaler = grad_scaler_of(self.precision_plugin)
+        if self._world_communicator is not None:
+            saved = state["optimizer_states"] or []
+            state["optimizer_states"] = [sharded_optimizer_state(s, o) for s, o in zip(saved, self.optimizers)]
         restore_rank_payload(state, self.algorithm, self.optimizers, scaler, self.root_device)
         if state.get("rng") is not None:
             # Restored as at the save. Right for a resume at an epoch's end: the next epoch's data iterator draws

@@ -56,8 +56,9 @@ def check_supported_device(device: torch.device, strategy: str) -> None:
         )
 
 
-def check_supported_model(model: Optional[nn.Module], strategy: str) -> None:
-    """Refuse models that are sharded or already wrapped by another data-parallel engine."""
+def check_supported_model(model: Optional[nn.Module], strategy: str, fsdp_allowed: bool = False) -> None:
+    """Refuse models that are sharded (unless the strategy has replica groups, ``fsdp_allowed``) or already wrapped
+    by another data-parallel engine."""
     if model is None:
         return
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -65,11 +66,12 @@ def check_supported_model(model: Optional[nn.Module], strategy: str) -> None:
 
     for name, module in model.named_modules():
         where = f"`{name}`" if name else "the model"
-        if isinstance(module, (FullyShardedDataParallel, FSDPModule)):
+        if isinstance(module, FullyShardedDataParallel) or (isinstance(module, FSDPModule) and not fsdp_allowed):
             raise ValueError(
                 f"{where} is sharded with FSDP, but {strategy} keeps a full replica per rank and averages it. "
-                "Local-update strategies do not combine with FSDP: drop the FSDP wrapping/`fully_shard` from "
-                "the module, or use Lightning's `FSDPStrategy` without local updates."
+                "Shard inside replica groups instead: set `shard_size` (FSDP2 `fully_shard` over "
+                "`self.device_mesh['shard']` in `configure_model`, or let the strategy shard by `shard_layers`); "
+                "the FSDP1 wrapper `FullyShardedDataParallel` is not supported."
             )
         if isinstance(module, DistributedDataParallel):
             raise ValueError(

@@ -1,0 +1,155 @@
+"""One CPU run through ``Trainer.fit`` with replica groups (``--shard-size S`` > 1) or its unsharded equivalent.
+
+The data make the two comparable: replica group ``g`` sees the batch ``X[g, t]`` (8 samples) at step ``t``. With
+``--shard-size 2`` the group's two ranks take 4 samples each (FSDP2 averages their gradients, which for a mean
+loss is the gradient of the 8); unsharded (``--shard-size 1``, one rank per group) the rank takes all 8. Started
+as torchrun starts ranks (``tests/dist_utils.run_ranks``). Rank 0 saves ``<out>/result.pt``: the full consensus
+after ``fit`` (gathered for the comparison only), each rank's bytes sent across groups, and what validation saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_localsgd  # noqa: F401 - registers the strategy names
+from lightning_localsgd.comm.local_shards import is_sharded
+
+GROUP_BATCH = 8
+
+
+class GroupData(Dataset):
+    """Step ``t`` of group ``g``: rows ``[part * n, (part + 1) * n)`` of the group's batch ``X[g, t]``."""
+
+    def __init__(self, group: int, part: int, parts: int, steps: int) -> None:
+        g = torch.Generator().manual_seed(100 + group)
+        self.x = torch.randn(steps, GROUP_BATCH, 6, generator=g) + group
+        self.y = (self.x[..., :2] * (group + 1)).sin()
+        n = GROUP_BATCH // parts
+        self.rows = slice(part * n, (part + 1) * n)
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, t: int):
+        return self.x[t, self.rows], self.y[t, self.rows]
+
+
+class Net(L.LightningModule):
+    def __init__(self, optimizer: str, shard_size: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        # Odd widths: FSDP2's shards are uneven (5 rows -> 3 + 2, 3 -> 2 + 1, 1 -> 1 + 0).
+        self.body = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh())
+        self.head = nn.Linear(3, 2)
+        self.optimizer_name = optimizer
+        self.shard_size = shard_size
+        self.validated: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x[0]), y[0])
+
+    def validation_step(self, batch, batch_idx):
+        x, _ = batch
+        self(x[0])
+        self.validated.append(full_state(self))
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+    def _data(self, steps: int) -> DataLoader:
+        rank = self.global_rank
+        group, part = divmod(rank, self.shard_size)
+        return DataLoader(GroupData(group, part, self.shard_size, steps), batch_size=1)
+
+    def train_dataloader(self):
+        return self._data(400)
+
+    def val_dataloader(self):
+        return self._data(1)
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter in full (a gather inside the replica group for sharded ones; collective)."""
+    return {name: (p.full_tensor() if is_sharded(p) else p).detach().clone() for name, p in module.named_parameters()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", default="local_sgd")
+    parser.add_argument("--shard-size", type=int, default=2)
+    parser.add_argument("--shard-layers", nargs="*", default=None)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--max-steps", type=int, default=12)
+    parser.add_argument("--period", type=int, default=4)
+    parser.add_argument("--overlap", action="store_true")
+    parser.add_argument("--val-every", type=int, default=None)
+    parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    world = int(os.environ["WORLD_SIZE"])
+
+    options: dict = {"period": args.period}
+    if args.strategy == "diloco":
+        options.update(
+            outer_optimizer="SGD",
+            outer_optimizer_options={"lr": 0.7, "momentum": 0.9, "nesterov": True},
+            overlap=args.overlap,
+        )
+    if args.strategy == "stl_sgd":
+        options = {"first_period": 2, "first_stage_steps": 4, "proximal": 0.5}
+    if args.shard_size > 1:
+        options.update(shard_size=args.shard_size, shard_layers=args.shard_layers)
+    strategy_class = L.pytorch.strategies.StrategyRegistry[args.strategy]["strategy"]
+    strategy = strategy_class(**options)
+    callbacks = []
+    if args.ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1, filename="{step}")
+        )
+    model = Net(args.optimizer, args.shard_size)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        val_check_interval=args.val_every,
+        limit_val_batches=1 if args.val_every else 0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, ckpt_path=args.resume)
+    final = full_state(model)
+    stats = strategy.comm_stats
+    sent = [None] * world
+    dist.all_gather_object(sent, {"bytes": stats.bytes_sent, "rounds": stats.rounds})
+    if trainer.is_global_zero:
+        torch.save({"final": final, "sent": sent, "validated": model.validated}, out / "result.pt")
+    print(f"finished: {trainer.global_step} steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()
