@@ -40,6 +40,7 @@ from lightning_localsgd.strategies import (
     STLSGDStrategy,
     VRLSGDStrategy,
 )
+from lightning_localsgd.strategies.sharded_checkpoint import consolidate_checkpoint
 
 __version__ = "0.1.0"
 
@@ -77,6 +78,7 @@ __all__ = [
     "VRLSGDStrategy",
     "__version__",
     "apply_dropit",
+    "consolidate_checkpoint",
     "fabric",
     "hooks",
     "remove_dropit",

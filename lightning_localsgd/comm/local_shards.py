@@ -22,10 +22,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-try:  # torch >= 2.5; older versions have no FSDP2 and nothing here is used there
+try:  # torch >= 2.6; older versions have no public FSDP2 and nothing here is used there
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch < 2.5
-    DTensor = None  # type: ignore[assignment,misc]
+except ImportError:  # pragma: no cover - older torch
+    DTensor = FSDPModule = None  # type: ignore[assignment,misc]
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -77,6 +78,16 @@ class LocalShards(nn.Module):
         for name, buffer in module.named_buffers(remove_duplicate=False):
             self._place(name, buffer, as_buffer=True, persistent=name in persistent)
         self._pulled: dict[int, Tensor | None] = {}
+        self._fsdp_modules = [sub for sub in module.modules() if FSDPModule is not None and isinstance(sub, FSDPModule)]
+
+    def reshard(self) -> None:
+        """Free every gathered (unsharded) parameter, so the next forward gathers the shards anew.
+
+        FSDP2 keeps a root module's gathered parameters after a forward without backward (evaluation): a later
+        forward would reuse them and miss what was written into the shards since (the consensus swapped in or out).
+        """
+        for sub in self._fsdp_modules:
+            sub.reshard()
 
     def _place(self, name: str, tensor: Tensor, as_buffer: bool, persistent: bool = True) -> None:
         *path, leaf = name.split(".")

@@ -375,12 +375,18 @@ class LocalUpdateStrategy(DDPStrategy):
     @override
     def on_validation_start(self) -> None:
         if self._active:
+            self._reshard()
             self.algorithm.enter_consensus()
 
     @override
     def on_validation_end(self) -> None:
         if self._active:
+            self._reshard()  # training's next forward gathers the restored replica, not what evaluation gathered
             self.algorithm.exit_consensus()
+
+    def _reshard(self) -> None:
+        if self._local_shards is not None:
+            self._local_shards.reshard()
 
     on_test_start = on_validation_start
     on_test_end = on_validation_end
@@ -390,6 +396,7 @@ class LocalUpdateStrategy(DDPStrategy):
     @override
     def on_train_end(self) -> None:
         if self._active:
+            self._reshard()
             self.algorithm.finalize()
             trainer = self.lightning_module.trainer if self.lightning_module is not None else None
             if trainer is None:

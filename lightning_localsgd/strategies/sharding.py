@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_int
-from lightning_localsgd.comm.local_shards import is_sharded, like_sharded, sharded_parameters
+from lightning_localsgd.comm.local_shards import FSDPModule, is_sharded, like_sharded, sharded_parameters
 
 ShardLayers = Union[Sequence[Union[str, type]], None]
 _PARAM_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -55,6 +55,10 @@ def check_shard_options(
                 f"`shard_size` > 1, got shard_size={shard_size}."
             )
         return shard_size, layers, None
+    if FSDPModule is None:
+        raise ValueError(
+            f"`shard_size` > 1 needs FSDP2 (`fully_shard`), torch >= 2.6; got {torch.__version__}."
+        )
     reason = algorithm.sharding_refused_because
     if reason is not None:
         raise ValueError(f"{strategy} cannot run with `shard_size` > 1: {reason}.")

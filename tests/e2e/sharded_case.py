@@ -4,7 +4,8 @@ The data make the two comparable: replica group ``g`` sees the batch ``X[g, t]``
 ``--shard-size 2`` the group's two ranks take 4 samples each (FSDP2 averages their gradients, which for a mean
 loss is the gradient of the 8); unsharded (``--shard-size 1``, one rank per group) the rank takes all 8. Started
 as torchrun starts ranks (``tests/dist_utils.run_ranks``). Rank 0 saves ``<out>/result.pt``: the full consensus
-after ``fit`` (gathered for the comparison only), each rank's bytes sent across groups, and what validation saw.
+after ``fit`` (gathered for the comparison only) and each rank's bytes and rounds across groups; every rank saves
+what its validation saw in ``<out>/validated<rank>.pt``.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def main() -> None:
     stats = strategy.comm_stats
     sent = [None] * world
     dist.all_gather_object(sent, {"bytes": stats.bytes_sent, "rounds": stats.rounds})
+    torch.save(model.validated, out / f"validated{trainer.global_rank}.pt")  # the consensus each rank evaluated
     if trainer.is_global_zero:
-        torch.save({"final": final, "sent": sent, "validated": model.validated}, out / "result.pt")
+        torch.save({"final": final, "sent": sent}, out / "result.pt")
     print(f"finished: {trainer.global_step} steps", flush=True)
 
 

@@ -1,0 +1,120 @@
+"""Replica groups through ``Trainer.fit``: 4 processes as 2 groups x 2 shards against 2 unsharded processes.
+
+The central claim: sharding inside a group changes memory and bytes, never the result. Each replica group of the
+sharded run sees the same batches as one rank of the unsharded run (``tests/e2e/sharded_case.py``), so the
+consensus after ``fit`` and what validation evaluated must agree to float rounding, and each rank's bytes across
+groups must be its shard's share of the model's: the expected shard sizes come from FSDP2's documented layout
+(``torch.chunk`` along dim 0), computed here independently.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from dist_utils import run_ranks
+
+CASE = Path(__file__).parent / "e2e" / "sharded_case.py"
+# The model of sharded_case.py: parameter shapes in order.
+SHAPES = [(5, 6), (5,), (3, 5), (3,), (2, 3), (2,)]
+SHARD_SIZE = 2
+
+
+def shard_numel(shape: tuple[int, ...], k: int, shards: int) -> int:
+    """Elements of shard ``k`` of a parameter: FSDP2 chunks dim 0 as ``torch.chunk`` does (the last ones may be short
+    or empty)."""
+    rows = shape[0]
+    per = math.ceil(rows / shards)
+    mine = max(0, min(rows, (k + 1) * per) - k * per)
+    return mine * math.prod(shape[1:])
+
+
+def run(out: Path, world: int, *args: str) -> dict:
+    proc = run_ranks(CASE, out, *args, world=world, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    result = torch.load(out / "result.pt", weights_only=False)
+    result["validated"] = [torch.load(out / f"validated{r}.pt", weights_only=False) for r in range(world)]
+    return result
+
+
+def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=atol), (name, (a[name] - b[name]).abs().max())
+
+
+CASES = {
+    "local_sgd": ["--strategy", "local_sgd"],
+    "local_sgd-adam": ["--strategy", "local_sgd", "--optimizer", "adam"],
+    "vrl_sgd": ["--strategy", "vrl_sgd"],
+    "diloco": ["--strategy", "diloco"],
+    "diloco-overlap": ["--strategy", "diloco", "--overlap"],
+    "overlap_local_sgd": ["--strategy", "overlap_local_sgd"],
+    "cocod_sgd": ["--strategy", "cocod_sgd"],
+    "stl_sgd": ["--strategy", "stl_sgd"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sharded_groups_train_the_same_model_as_unsharded_ranks_with_a_shard_of_the_bytes(
+    case: str, tmp_path: Path
+) -> None:
+    args = [*CASES[case], "--val-every", "6"]
+    sharded = run(tmp_path / "sharded", 4, *args, "--shard-size", str(SHARD_SIZE), "--shard-layers", "Linear")
+    plain = run(tmp_path / "plain", 2, *args, "--shard-size", "1")
+
+    assert_same_model(sharded["final"], plain["final"])
+    # Validation evaluated the consensus: the same on every rank of both runs, at each validation.
+    assert len(plain["validated"][0]) == 2
+    for rank_validated in [*sharded["validated"], *plain["validated"]]:
+        for seen, expected in zip(rank_validated, plain["validated"][0]):
+            assert_same_model(seen, expected)
+
+    # Bytes across groups: rank (g, k) sends shard k's share of what unsharded rank g sends for the model, the
+    # same number T of model transfers (rounds, set-up broadcast, final average) for both shards of a group; the
+    # guard's flags cost the same on every rank and cancel in the difference.
+    full = sum(math.prod(s) for s in SHAPES)
+    rounds = plain["sent"][0]["rounds"]
+    assert rounds >= 2 and all(s["rounds"] == rounds for s in sharded["sent"])
+    for group in range(2):
+        transfers = set()
+        for k in range(SHARD_SIZE):
+            mine = sum(shard_numel(s, k, SHARD_SIZE) for s in SHAPES)
+            saved = plain["sent"][group]["bytes"] - sharded["sent"][group * SHARD_SIZE + k]["bytes"]
+            assert saved % (4 * (full - mine)) == 0, (group, k, saved)
+            transfers.add(saved // (4 * (full - mine)))
+        assert len(transfers) == 1 and transfers.pop() >= rounds
+
+
+def test_mid_period_resume_from_a_sharded_checkpoint_is_exact_and_its_weights_load_in_one_process(
+    tmp_path: Path,
+) -> None:
+    from lightning_localsgd import consolidate_checkpoint
+
+    args = ["--strategy", "vrl_sgd", "--optimizer", "adam", "--shard-size", "2", "--max-steps", "12"]
+    whole = run(tmp_path / "whole", 4, *args, "--ckpt-every", "6", "--val-every", "6")
+    checkpoint = tmp_path / "whole" / "ckpt" / "step=6.ckpt"  # rounds after steps 1, 5, 9: mid-period
+    resumed = run(tmp_path / "resumed", 4, *args, "--resume", str(checkpoint))
+    for name, value in whole["final"].items():
+        assert torch.equal(value, resumed["final"][name]), name
+
+    # Nothing gathered to rank 0: the main file holds no weights, each rank wrote its own part.
+    main = torch.load(checkpoint, weights_only=False)
+    assert main["state_dict"] == {}
+    assert main["optimizer_states"] == []
+    shards = checkpoint.parent / "step=6.ckpt.shards"
+    assert len(list(shards.glob("rank*-of-4.*.pt"))) == 4
+
+    # The consolidated weights are the consensus validation evaluated at step 6, and load into the plain module.
+    consolidate_checkpoint(checkpoint, tmp_path / "plain.ckpt")
+    plain = torch.load(tmp_path / "plain.ckpt", weights_only=False)
+    assert_same_model(plain["state_dict"], whole["validated"][0][0], atol=0)
+    import sys
+
+    sys.path.insert(0, str(CASE.parent))
+    from sharded_case import Net
+
+    net = Net("sgd", 1)
+    net.load_state_dict(plain["state_dict"])
