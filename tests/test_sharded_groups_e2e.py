@@ -72,9 +72,9 @@ def test_sharded_groups_train_the_same_model_as_unsharded_ranks_with_a_shard_of_
         for seen, expected in zip(rank_validated, plain["validated"][0]):
             assert_same_model(seen, expected)
 
-    # Bytes across groups: rank (g, k) sends shard k's share of what unsharded rank g sends for the model, the
-    # same number T of model transfers (rounds, set-up broadcast, final average) for both shards of a group; the
-    # guard's flags cost the same on every rank and cancel in the difference.
+    # Bytes across groups: rank (g, k) sends shard k's share of the model, the same number T of model transfers
+    # (rounds, set-up broadcast, final average) for both shards of a group, and nothing else (the guard's flags go
+    # over the world, counted apart). Unsharded rank g sends T whole models plus its flags.
     full = sum(math.prod(s) for s in SHAPES)
     rounds = plain["sent"][0]["rounds"]
     assert rounds >= 2 and all(s["rounds"] == rounds for s in sharded["sent"])
@@ -82,10 +82,13 @@ def test_sharded_groups_train_the_same_model_as_unsharded_ranks_with_a_shard_of_
         transfers = set()
         for k in range(SHARD_SIZE):
             mine = sum(shard_numel(s, k, SHARD_SIZE) for s in SHAPES)
-            saved = plain["sent"][group]["bytes"] - sharded["sent"][group * SHARD_SIZE + k]["bytes"]
-            assert saved % (4 * (full - mine)) == 0, (group, k, saved)
-            transfers.add(saved // (4 * (full - mine)))
-        assert len(transfers) == 1 and transfers.pop() >= rounds
+            sent = sharded["sent"][group * SHARD_SIZE + k]["bytes"]
+            assert sent % (4 * mine) == 0, (group, k, sent, mine)
+            transfers.add(sent // (4 * mine))
+        assert len(transfers) == 1
+        count = transfers.pop()
+        assert count >= rounds
+        assert plain["sent"][group]["bytes"] >= count * 4 * full
 
 
 def test_mid_period_resume_from_a_sharded_checkpoint_is_exact_and_its_weights_load_in_one_process(
@@ -118,3 +121,22 @@ def test_mid_period_resume_from_a_sharded_checkpoint_is_exact_and_its_weights_lo
 
     net = Net("sgd", 1)
     net.load_state_dict(plain["state_dict"])
+
+
+def test_a_non_finite_shard_stops_every_rank_of_every_group_naming_its_group(tmp_path: Path) -> None:
+    # Rank 3's shard turns NaN after step 6; FSDP2's next gather spreads it to rank 2's gradients (same group). The
+    # round's flags go over the whole world, so rank 0 and 1 (whose shard group saw nothing) stop too, not hang.
+    args = ["--strategy", "local_sgd", "--shard-size", "2", "--nan", "3", "6"]
+    proc = run_ranks(CASE, tmp_path, *args, world=4, timeout=120)
+    assert proc.returncode != 0
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(4)]
+    for log in logs:
+        assert "NonFiniteError" in log and "ranks [2, 3] held inf/NaN parameters" in log, log[-2000:]
+
+
+def test_a_world_that_shard_size_does_not_divide_is_refused_on_every_rank(tmp_path: Path) -> None:
+    proc = run_ranks(CASE, tmp_path, "--strategy", "local_sgd", "--shard-size", "2", world=3, timeout=120)
+    assert proc.returncode != 0
+    for r in range(3):
+        log = (tmp_path / f"rank{r}.log").read_text()
+        assert "cannot be split into replica groups of shard_size=2" in log, log[-2000:]

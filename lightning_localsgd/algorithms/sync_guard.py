@@ -35,6 +35,7 @@ from lightning_localsgd.errors import RanksDisagreeError
 
 if TYPE_CHECKING:
     from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
+    from lightning_localsgd.comm import Communicator
 
 ResumeWith = Literal["round", "local_phase"]
 
@@ -99,6 +100,18 @@ class SyncGuard:
         self.rounds_rolled_back = 0
         self._rollback_point: Optional[RollbackPoint] = None
         self._deferred_check: Optional[DeferredCheck] = None  # a round's flags in flight (see _start_deferred_check)
+        self._guard_comm: Optional[Communicator] = None
+
+    @property
+    def guard_comm(self: PeriodicAlgorithm) -> Communicator:
+        """Whom the flags of a synchronisation point go to: the algorithm's ranks, or every rank of the world where
+        the algorithm runs over some of them (replica groups: each shard's ranks average alone, but a non-finite
+        shard, a stop request or a rank out of step must stop every rank of every group alike)."""
+        return self._guard_comm if self._guard_comm is not None else self.comm
+
+    def set_guard_communicator(self, comm: Optional[Communicator]) -> None:
+        """Agree at synchronisation points over ``comm`` (a superset of the algorithm's ranks; None: its own)."""
+        self._guard_comm = comm
 
     def set_nonfinite_policy(self, policy: str) -> None:
         """``"raise"``: stop with :class:`~lightning_localsgd.errors.NonFiniteError` naming the rank and step.
@@ -124,7 +137,7 @@ class SyncGuard:
         """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite.
         ``finite`` may still be on the device: the verdict's read is then the point's only host sync."""
         verdict = agree(
-            self.comm,
+            self.guard_comm,
             finite,
             position(step, kind),
             self.requests_pending,
@@ -154,7 +167,7 @@ class SyncGuard:
         fingerprint = self._fingerprint()
         finite = self._contribution_is_finite()
         flags = flag_vector(
-            self.comm,
+            self.guard_comm,
             finite,
             position(step, ROUND),
             self.requests_pending,
@@ -162,7 +175,7 @@ class SyncGuard:
             fingerprint,
         )
         self.requests_pending = set()  # on their way: agreed when the flags are judged
-        wait = self.comm.start_all_reduce_sum_in_order_(flags)
+        wait = self.guard_comm.start_all_reduce_sum_in_order_(flags)
         return DeferredCheck(flags, wait, where, step, len(fingerprint), finite)
 
     def _judge_deferred_check(self: PeriodicAlgorithm) -> None:
@@ -172,7 +185,7 @@ class SyncGuard:
         if check is None:
             return
         check.wait()
-        bad = self._accept(read_verdict(check.flags, self.comm.world_size, check.width), check.where)
+        bad = self._accept(read_verdict(check.flags, self.guard_comm.world_size, check.width), check.where)
         if bad:
             raise nonfinite_error(self.label, check.where, "parameters", bad, check.step)
 

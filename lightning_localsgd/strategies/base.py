@@ -236,6 +236,7 @@ class LocalUpdateStrategy(DDPStrategy):
                     groups, self.shard_size, self.global_rank, self.collective_timeout
                 )
                 self._communicator = ProcessGroupCommunicator(replicas, self.collective_timeout, background)
+                self.algorithm.set_guard_communicator(self._world_communicator)
         if self.shard_size > 1:
             if self._local_shards is None:
                 name = type(self).__name__

@@ -56,9 +56,7 @@ def check_shard_options(
             )
         return shard_size, layers, None
     if FSDPModule is None:
-        raise ValueError(
-            f"`shard_size` > 1 needs FSDP2 (`fully_shard`), torch >= 2.6; got {torch.__version__}."
-        )
+        raise ValueError(f"`shard_size` > 1 needs FSDP2 (`fully_shard`), torch >= 2.6; got {torch.__version__}.")
     reason = algorithm.sharding_refused_because
     if reason is not None:
         raise ValueError(f"{strategy} cannot run with `shard_size` > 1: {reason}.")

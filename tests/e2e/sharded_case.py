@@ -55,6 +55,7 @@ class Net(L.LightningModule):
         self.optimizer_name = optimizer
         self.shard_size = shard_size
         self.validated: list[dict[str, torch.Tensor]] = []
+        self.poison = (-1, -1)  # (rank, step): that rank's shard turns NaN after that step
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -62,6 +63,12 @@ class Net(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.mse_loss(self(x[0]), y[0])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        nan_rank, nan_step = self.poison
+        if self.global_rank == nan_rank and self.trainer.global_step == nan_step:
+            with torch.no_grad():  # this rank's shard of the first layer's weight only
+                self.body[0].weight.to_local()[0, 0] = float("nan")
 
     def validation_step(self, batch, batch_idx):
         x, _ = batch
@@ -103,6 +110,7 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--nan", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -127,6 +135,7 @@ def main() -> None:
             ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1, filename="{step}")
         )
     model = Net(args.optimizer, args.shard_size)
+    model.poison = tuple(args.nan)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world,
