@@ -79,6 +79,7 @@ from lightning_localsgd.strategies.sharding import (
     ShardLayers,
     build_mesh,
     check_layout,
+    check_no_averaged_buffers,
     check_shard_options,
     local_optimizer_state,
     replicate_groups,
@@ -240,6 +241,7 @@ class LocalUpdateStrategy(DDPStrategy):
         if self.shard_size > 1:
             if self._local_shards is None:
                 name = type(self).__name__
+                check_no_averaged_buffers(self.model, self.algorithm.buffers, name)
                 shard_module(self.model, self.device_mesh, self.shard_layers, self._shard_param_dtype, name)
                 self._local_shards = LocalShards(self.model)
             self.algorithm.setup(self._local_shards, self._communicator)

@@ -182,6 +182,21 @@ def check_user_sharding(module: nn.Module, mesh: Any, strategy: str) -> None:
             )
 
 
+def check_no_averaged_buffers(module: nn.Module, selection: Any, strategy: str) -> None:
+    """Refuse buffers the algorithm would average (BatchNorm statistics): FSDP2 leaves them each rank's own inside
+    a group, so a round over the groups would still leave the ranks of one group evaluating different models."""
+    from lightning_localsgd.algorithms.buffers import averaged_buffers
+
+    names = [name for name, _ in averaged_buffers(module, selection)]
+    if names:
+        raise ValueError(
+            f"{strategy}: with `shard_size` > 1 the buffers {names[:4]} would differ between the ranks of a replica "
+            "group (FSDP2 does not synchronise buffers), so evaluation and checkpoints would not be one consensus. "
+            "Use normalisation without running statistics (LayerNorm, GroupNorm, RMSNorm), or pass `buffers='none'` "
+            "to keep them each rank's own knowingly."
+        )
+
+
 def _each_state_tensor(optimizer_state: dict[str, Any], optimizer: Optimizer, convert: Any) -> dict[str, Any]:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
