@@ -90,6 +90,28 @@ def test_sharded_groups_train_the_same_model_as_unsharded_ranks_with_a_shard_of_
         assert count >= rounds
         assert plain["sent"][group]["bytes"] >= count * 4 * full
 
+    # The logged split: across groups, the algorithm's bytes; inside a group, FSDP2's.
+    for sent in sharded["sent"]:
+        assert sent["metrics"]["comm/intra_group_mb"] == pytest.approx(12 * INTRA_BYTES_PER_BATCH / 1e6, rel=1e-6)
+        assert sent["metrics"]["comm/inter_group_mb"] == pytest.approx(sent["bytes"] / 1e6, rel=1e-6)
+    assert "comm/intra_group_mb" not in plain["sent"][0]["metrics"]
+
+
+# FSDP2's traffic per rank and training batch for `--shard-layers Linear`: each Linear its own unit (gathered for
+# forward and again for backward: inner units reshard after forward), `head` a root of its own (gathered once);
+# gradients reduce-scattered; dim 0 padded to a multiple of 2; ring: (S - 1) / S of the padded float32 tensor.
+PADDED = {"body.0": 3 * 2 * 6 + 3 * 2, "body.2": 2 * 2 * 5 + 2 * 2, "head": 1 * 2 * 3 + 1 * 2}
+INTRA_BYTES_PER_BATCH = sum(n * 4 * (gathers + 1) for n, gathers in zip(PADDED.values(), (2, 2, 1))) // 2
+
+
+def test_the_intra_group_bytes_logged_are_what_fsdp2_sent(tmp_path: Path) -> None:
+    # Counted from the all-gathers and reduce-scatters FSDP2 called (sharded_case.py wraps them).
+    args = ["--strategy", "local_sgd", "--shard-size", "2", "--shard-layers", "Linear"]
+    sharded = run(tmp_path, 4, *args)
+    for sent in sharded["sent"]:
+        assert sent["fsdp_bytes"] == 12 * INTRA_BYTES_PER_BATCH
+        assert sent["metrics"]["comm/intra_group_mb"] == pytest.approx(sent["fsdp_bytes"] / 1e6, rel=1e-6)
+
 
 def test_mid_period_resume_from_a_sharded_checkpoint_is_exact_and_its_weights_load_in_one_process(
     tmp_path: Path,

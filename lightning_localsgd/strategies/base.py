@@ -81,6 +81,7 @@ from lightning_localsgd.strategies.sharding import (
     check_layout,
     check_no_averaged_buffers,
     check_shard_options,
+    intra_group_bytes_per_batch,
     local_optimizer_state,
     replicate_groups,
     shard_module,
@@ -180,6 +181,7 @@ class LocalUpdateStrategy(DDPStrategy):
         self._device_mesh: Optional[Any] = None
         self._local_shards: Optional[LocalShards] = None  # what the algorithm runs on, with shard_size > 1
         self._world_communicator: Optional[ProcessGroupCommunicator] = None  # checkpoints agree over every rank
+        self._intra_group_bytes_per_batch: Optional[int] = None
         self._active = False  # the algorithm drives the model (between setup and teardown of a fit)
         self._stepped_this_batch = False
         self._pending_rank_state: Optional[Any] = None
@@ -364,7 +366,22 @@ class LocalUpdateStrategy(DDPStrategy):
             self._stepped_this_batch = False
             self._end_step(trainer)
         if self.log_comm_metrics:
-            log_step_metrics(trainer, comm_metrics(self.algorithm), self.comm_progress_bar)
+            log_step_metrics(trainer, self._comm_metrics(trainer), self.comm_progress_bar)
+
+    def _comm_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """``comm/*``; with replica groups also split into ``comm/inter_group_mb`` (the algorithm's, across groups:
+        ``comm/mb_sent``) and ``comm/intra_group_mb`` (FSDP2's inside the group, estimated from the layout)."""
+        metrics = comm_metrics(self.algorithm)
+        if self._local_shards is None or not metrics:
+            return metrics
+        if self._intra_group_bytes_per_batch is None:
+            self._intra_group_bytes_per_batch = intra_group_bytes_per_batch(
+                self.model, self.shard_size, self._shard_param_dtype
+            )
+        batches = trainer.fit_loop.total_batch_idx + 1  # restored on resume, as the algorithm's counters are
+        metrics["comm/inter_group_mb"] = metrics["comm/mb_sent"]
+        metrics["comm/intra_group_mb"] = batches * self._intra_group_bytes_per_batch / 1e6
+        return metrics
 
     def _end_step(self, trainer: pl.Trainer) -> None:
         self.algorithm.end_step()
@@ -405,7 +422,7 @@ class LocalUpdateStrategy(DDPStrategy):
             if trainer is None:
                 return
             if self.log_comm_metrics:
-                log_final_metrics(trainer, comm_metrics(self.algorithm))
+                log_final_metrics(trainer, self._comm_metrics(trainer))
             self._round_budget.at_end(trainer)
 
     # ------------------------------------------------------------------ checkpoints

@@ -15,6 +15,7 @@ shards (a ``DTensor`` pickles its mesh, and every group's optimizer state differ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Optional, Union
@@ -195,6 +196,31 @@ def check_no_averaged_buffers(module: nn.Module, selection: Any, strategy: str) 
             "Use normalisation without running statistics (LayerNorm, GroupNorm, RMSNorm), or pass `buffers='none'` "
             "to keep them each rank's own knowingly."
         )
+
+
+def intra_group_bytes_per_batch(module: nn.Module, shard_size: int, param_dtype: Optional[torch.dtype]) -> int:
+    """What FSDP2 sends inside a replica group per training batch, per rank, from the layout (an estimate: FSDP2
+    counts nothing itself). Each sharded unit's own parameters are all-gathered for forward and, unless the unit is
+    a root (kept gathered after forward), again for backward; their gradients are reduce-scattered. A ring
+    all-gather or reduce-scatter sends ``(S - 1) / S`` of the full tensor per rank."""
+    units = [sub for sub in module.modules() if FSDPModule is not None and isinstance(sub, FSDPModule)]
+    owned: dict[int, nn.Module] = {}
+    for unit in units:  # outer units first: an inner unit takes its parameters over
+        for p in unit.parameters():
+            owned[id(p)] = unit
+    inner = {id(sub) for unit in units for sub in unit.modules() if sub is not unit}
+    total = 0.0
+    for unit in units:
+        params = [p for p in unit.parameters() if owned[id(p)] is unit]
+        # FSDP2 pads dim 0 to a multiple of the shard count, and the padding travels too.
+        numel = sum(math.ceil(p.shape[0] / shard_size) * shard_size * p[0].numel() for p in params if p.dim())
+        if not numel:
+            continue
+        gathered = torch.empty(0, dtype=param_dtype or params[0].dtype).element_size()
+        reduced = 4 if param_dtype is not None else params[0].element_size()
+        gathers = 2 if id(unit) in inner else 1
+        total += (shard_size - 1) / shard_size * numel * (gathers * gathered + reduced)
+    return int(total)
 
 
 def _each_state_tensor(optimizer_state: dict[str, Any], optimizer: Optimizer, convert: Any) -> dict[str, Any]:

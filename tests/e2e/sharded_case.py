@@ -25,6 +25,28 @@ import lightning_localsgd  # noqa: F401 - registers the strategy names
 from lightning_localsgd.comm.local_shards import is_sharded
 
 GROUP_BATCH = 8
+FSDP_BYTES = [0]  # what this rank sent in FSDP2's all-gathers and reduce-scatters (ring: (S - 1) / S of the full)
+COUNTING = [True]  # training only: `comm/intra_group_mb` counts training batches
+
+
+def count_fsdp_traffic() -> None:
+    """Count the bytes of FSDP2's collectives, which it calls as ``dist.all_gather_single`` /
+    ``dist.reduce_scatter_single``, from their tensors' sizes."""
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+
+    def counted_gather(*args, **kwargs):
+        sent = args[1] if len(args) > 1 else kwargs.get("input_tensor", kwargs.get("input"))
+        size = dist.get_world_size(kwargs["group"])
+        FSDP_BYTES[0] += (size - 1) * sent.numel() * sent.element_size() * COUNTING[0]
+        return gather(*args, **kwargs)
+
+    def counted_scatter(*args, **kwargs):
+        kept = args[0] if args else kwargs["output"]
+        size = dist.get_world_size(kwargs["group"])
+        FSDP_BYTES[0] += (size - 1) * kept.numel() * kept.element_size() * COUNTING[0]
+        return scatter(*args, **kwargs)
+
+    dist.all_gather_single, dist.reduce_scatter_single = counted_gather, counted_scatter
 
 
 class GroupData(Dataset):
@@ -70,6 +92,12 @@ class Net(L.LightningModule):
             with torch.no_grad():  # this rank's shard of the first layer's weight only
                 self.body[0].weight.to_local()[0, 0] = float("nan")
 
+    def on_validation_start(self):
+        COUNTING[0] = False
+
+    def on_validation_end(self):
+        COUNTING[0] = True
+
     def validation_step(self, batch, batch_idx):
         x, _ = batch
         self(x[0])
@@ -113,6 +141,7 @@ def main() -> None:
     parser.add_argument("--nan", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    count_fsdp_traffic()
     out = Path(args.out)
     world = int(os.environ["WORLD_SIZE"])
 
@@ -155,7 +184,9 @@ def main() -> None:
     final = full_state(model)
     stats = strategy.comm_stats
     sent = [None] * world
-    dist.all_gather_object(sent, {"bytes": stats.bytes_sent, "rounds": stats.rounds})
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
+    mine = {"bytes": stats.bytes_sent, "rounds": stats.rounds, "metrics": metrics, "fsdp_bytes": FSDP_BYTES[0]}
+    dist.all_gather_object(sent, mine)
     torch.save(model.validated, out / f"validated{trainer.global_rank}.pt")  # the consensus each rank evaluated
     if trainer.is_global_zero:
         torch.save({"final": final, "sent": sent}, out / "result.pt")
