@@ -45,6 +45,12 @@ def test_strategies_without_a_sharded_form_refuse_shard_size_saying_why(strategy
         ({"shard_param_dtype": "bf16"}, "need `shard_size` > 1"),
         ({"shard_size": 2, "shard_param_dtype": "int8"}, "shard_param_dtype"),
         ({"shard_size": 2, "shard_layers": [3]}, "module class names"),
+        ({"shard_size": 2, "shard_activation_checkpointing": True}, "name the layers"),
+        ({"shard_layers": ["Linear"], "shard_activation_checkpointing": True}, "need `shard_size` > 1"),
+        (
+            {"shard_size": 2, "shard_layers": ["Linear"], "shard_activation_checkpointing": "yes"},
+            "must be True or False",
+        ),
     ],
 )
 def test_bad_sharding_knobs_are_refused_before_any_process_starts(options: dict, message: str) -> None:

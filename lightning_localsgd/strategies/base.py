@@ -126,6 +126,8 @@ class LocalUpdateStrategy(DDPStrategy):
             ``configure_model`` shards the module itself (over ``self.device_mesh["shard"]``).
         shard_param_dtype: with ``shard_size`` > 1, ``"bf16"`` or ``"fp16"``: FSDP2 gathers parameters and computes
             in that dtype and reduce-scatters in float32 (``MixedPrecisionPolicy``); the shards stay float32.
+        shard_activation_checkpointing: with ``shard_layers``, recompute those layers' activations in backward
+            instead of keeping them (less memory, about one more forward of compute).
         timeout: as in ``DDPStrategy``: Lightning's own collectives, and the process group's once every rank has
             arrived (seconds or a ``timedelta``; Lightning's default, 30 minutes).
         Remaining arguments: as :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -144,6 +146,7 @@ class LocalUpdateStrategy(DDPStrategy):
         shard_size: int = 1,
         shard_layers: ShardLayers = None,
         shard_param_dtype: Optional[str] = None,
+        shard_activation_checkpointing: bool = False,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[Any]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -176,8 +179,9 @@ class LocalUpdateStrategy(DDPStrategy):
         self.comm_progress_bar = check_bool("comm_progress_bar", comm_progress_bar)
         self.init_timeout = timedelta(seconds=check_positive_float("init_timeout", init_timeout))
         self.shard_size, self.shard_layers, self._shard_param_dtype = check_shard_options(
-            shard_size, shard_layers, shard_param_dtype, algorithm, type(self).__name__
+            shard_size, shard_layers, shard_param_dtype, shard_activation_checkpointing, algorithm, type(self).__name__
         )
+        self.shard_activation_checkpointing = shard_activation_checkpointing
         self._device_mesh: Optional[Any] = None
         self._local_shards: Optional[LocalShards] = None  # what the algorithm runs on, with shard_size > 1
         self._world_communicator: Optional[ProcessGroupCommunicator] = None  # checkpoints agree over every rank
@@ -244,7 +248,14 @@ class LocalUpdateStrategy(DDPStrategy):
             if self._local_shards is None:
                 name = type(self).__name__
                 check_no_averaged_buffers(self.model, self.algorithm.buffers, name)
-                shard_module(self.model, self.device_mesh, self.shard_layers, self._shard_param_dtype, name)
+                shard_module(
+                    self.model,
+                    self.device_mesh,
+                    self.shard_layers,
+                    self._shard_param_dtype,
+                    name,
+                    self.shard_activation_checkpointing,
+                )
                 self._local_shards = LocalShards(self.model)
             self.algorithm.setup(self._local_shards, self._communicator)
             return

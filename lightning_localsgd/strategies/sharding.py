@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_localsgd._validation import check_int
+from lightning_localsgd._validation import check_bool, check_int
 from lightning_localsgd.comm.local_shards import FSDPModule, is_sharded, like_sharded, sharded_parameters
 
 ShardLayers = Union[Sequence[Union[str, type]], None]
@@ -33,10 +33,21 @@ _PARAM_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": tor
 
 
 def check_shard_options(
-    shard_size: int, shard_layers: ShardLayers, shard_param_dtype: Optional[str], algorithm: Any, strategy: str
+    shard_size: int,
+    shard_layers: ShardLayers,
+    shard_param_dtype: Optional[str],
+    activation_checkpointing: bool,
+    algorithm: Any,
+    strategy: str,
 ) -> tuple[int, tuple[Union[str, type], ...], Optional[torch.dtype]]:
     """Validate the sharding knobs up front (before any process starts); returns them normalised."""
     check_int("shard_size", shard_size, 1)
+    check_bool("shard_activation_checkpointing", activation_checkpointing)
+    if activation_checkpointing and not shard_layers:
+        raise ValueError(
+            "`shard_activation_checkpointing=True` recomputes the activations of the `shard_layers` in backward; "
+            "name the layers (e.g. shard_layers=['TransformerBlock'])."
+        )
     layers = tuple(shard_layers or ())
     for layer in layers:
         if not (isinstance(layer, str) and layer) and not (isinstance(layer, type) and issubclass(layer, nn.Module)):
@@ -50,9 +61,10 @@ def check_shard_options(
             f"computes in that dtype, reduce-scatters in float32); got {shard_param_dtype!r}."
         )
     if shard_size == 1:
-        if layers or shard_param_dtype is not None:
+        if layers or shard_param_dtype is not None or activation_checkpointing:
             raise ValueError(
-                "`shard_layers` and `shard_param_dtype` shape the FSDP2 sharding inside a replica group; they need "
+                "`shard_layers`, `shard_param_dtype` and `shard_activation_checkpointing` shape the FSDP2 sharding "
+                "inside a replica group; they need "
                 f"`shard_size` > 1, got shard_size={shard_size}."
             )
         return shard_size, layers, None
@@ -125,10 +137,13 @@ def shard_module(
     layers: tuple[Union[str, type], ...],
     param_dtype: Optional[torch.dtype],
     strategy: str,
+    activation_checkpointing: bool = False,
 ) -> None:
     """``fully_shard`` every sub-module of a class in ``layers``, then every direct child that holds parameters,
-    over the ``"shard"`` sub-mesh. The LightningModule itself is not sharded: Lightning calls ``training_step``, not
-    its ``forward``, so FSDP2's hooks on it would never run; each child is the root of its own sharded tree.
+    over the ``"shard"`` sub-mesh; with ``activation_checkpointing``, the ``layers`` recompute their activations in
+    backward (torch's composable ``checkpoint``: parameter names unchanged). The LightningModule itself is not
+    sharded: Lightning calls ``training_step``, not its ``forward``, so FSDP2's hooks on it would never run; each
+    child is the root of its own sharded tree.
 
     A module the user sharded already (in ``configure_model``, over ``device_mesh["shard"]``) is left as it is.
     """
@@ -156,6 +171,11 @@ def shard_module(
     inner = [sub for sub in module.modules() if sub is not module and _matches(sub, layers)]
     roots = [child for child in module.children() if any(True for _ in child.parameters())]
     try:
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            for sub in inner:
+                checkpoint(sub)
         for sub in [*inner, *(child for child in roots if child not in inner)]:
             fully_shard(sub, **options)
     except Exception as error:

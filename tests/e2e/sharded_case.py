@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=2)
     parser.add_argument("--shard-layers", nargs="*", default=None)
     parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--param-dtype", default=None, help="FSDP2 mixed precision: bf16 / fp16")
+    parser.add_argument("--checkpoint-activations", action="store_true")
     parser.add_argument("--max-steps", type=int, default=12)
     parser.add_argument("--period", type=int, default=4)
     parser.add_argument("--overlap", action="store_true")
@@ -156,6 +158,7 @@ def main() -> None:
         options = {"first_period": 2, "first_stage_steps": 4, "proximal": 0.5}
     if args.shard_size > 1:
         options.update(shard_size=args.shard_size, shard_layers=args.shard_layers)
+        options.update(shard_param_dtype=args.param_dtype, shard_activation_checkpointing=args.checkpoint_activations)
     strategy_class = L.pytorch.strategies.StrategyRegistry[args.strategy]["strategy"]
     strategy = strategy_class(**options)
     callbacks = []
@@ -165,6 +168,15 @@ def main() -> None:
         )
     model = Net(args.optimizer, args.shard_size)
     model.poison = tuple(args.nan)
+    forwards = [0]  # calls of the first layer's forward: recomputed in backward under activation checkpointing
+    first = model.body[0]
+    plain_forward = first.forward
+
+    def counted_forward(x):  # the recomputation calls `forward` itself, past any module hook
+        forwards[0] += 1
+        return plain_forward(x)
+
+    first.forward = counted_forward
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world,
@@ -186,6 +198,7 @@ def main() -> None:
     sent = [None] * world
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
     mine = {"bytes": stats.bytes_sent, "rounds": stats.rounds, "metrics": metrics, "fsdp_bytes": FSDP_BYTES[0]}
+    mine["forwards"] = forwards[0]
     dist.all_gather_object(sent, mine)
     torch.save(model.validated, out / f"validated{trainer.global_rank}.pt")  # the consensus each rank evaluated
     if trainer.is_global_zero:
