@@ -62,13 +62,15 @@ CASES = {
 def test_sharded_groups_train_the_same_model_as_unsharded_ranks_with_a_shard_of_the_bytes(
     case: str, tmp_path: Path
 ) -> None:
-    args = [*CASES[case], "--val-every", "6"]
+    args = [*CASES[case], "--val-every", "6", "--validate-after"]
     sharded = run(tmp_path / "sharded", 4, *args, "--shard-size", str(SHARD_SIZE), "--shard-layers", "Linear")
     plain = run(tmp_path / "plain", 2, *args, "--shard-size", "1")
 
     assert_same_model(sharded["final"], plain["final"])
-    # Validation evaluated the consensus: the same on every rank of both runs, at each validation.
-    assert len(plain["validated"][0]) == 2
+    # Validation evaluated the consensus: the same on every rank of both runs, at each validation (steps 6 and 12,
+    # then `trainer.validate` after `fit`, which evaluates the model `fit` left).
+    assert len(plain["validated"][0]) == 3
+    assert_same_model(sharded["validated"][0][-1], sharded["final"], atol=0)
     for rank_validated in [*sharded["validated"], *plain["validated"]]:
         for seen, expected in zip(rank_validated, plain["validated"][0]):
             assert_same_model(seen, expected)
@@ -91,9 +93,9 @@ def test_sharded_groups_train_the_same_model_as_unsharded_ranks_with_a_shard_of_
         assert count >= rounds
         assert plain["sent"][group]["bytes"] >= count * 4 * full
 
-    # Activation checkpointing recomputes each forward in backward (12 batches, 2 validations).
+    # Activation checkpointing recomputes each forward in backward (12 batches, 3 validations).
     recomputed = "--checkpoint-activations" in args
-    assert [s["forwards"] for s in sharded["sent"]] == [(24 if recomputed else 12) + 2] * 4
+    assert [s["forwards"] for s in sharded["sent"]] == [(24 if recomputed else 12) + 3] * 4
 
     # The logged split: across groups, the algorithm's bytes; inside a group, FSDP2's.
     for sent in sharded["sent"]:

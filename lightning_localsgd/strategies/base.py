@@ -48,7 +48,7 @@ from lightning_localsgd._validation import (
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
-from lightning_localsgd.comm.local_shards import LocalShards, like_sharded
+from lightning_localsgd.comm.local_shards import LocalShards, like_sharded, sharded_parameters
 from lightning_localsgd.driving import comm_metrics, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
@@ -288,6 +288,14 @@ class LocalUpdateStrategy(DDPStrategy):
                 f"`sync_batchnorm=True` all-reduces BatchNorm statistics at every forward pass, which undoes what "
                 f"{type(self).__name__} saves; its float buffers are averaged at every round already."
             )
+        if trainer.state.fn != TrainerFn.FITTING and sharded_parameters(self.model):
+            # Evaluating the module a sharded `fit` left: every group holds the consensus already, and DDP's
+            # broadcast of the module's tensors cannot take unevenly sharded DTensors.
+            assert self.accelerator is not None
+            self.accelerator.setup(trainer)
+            self.model_to_device()
+            self.setup_precision_plugin()
+            return
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return

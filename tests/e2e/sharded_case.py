@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--validate-after", action="store_true", help="`trainer.validate` after `fit`")
     parser.add_argument("--nan", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -193,10 +194,12 @@ def main() -> None:
         num_sanity_val_steps=0,
     )
     trainer.fit(model, ckpt_path=args.resume)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
+    if args.validate_after:
+        trainer.validate(model)  # evaluates the consensus left by `fit`: recorded in `model.validated`
     final = full_state(model)
     stats = strategy.comm_stats
     sent = [None] * world
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
     mine = {"bytes": stats.bytes_sent, "rounds": stats.rounds, "metrics": metrics, "fsdp_bytes": FSDP_BYTES[0]}
     mine["forwards"] = forwards[0]
     dist.all_gather_object(sent, mine)
