@@ -48,7 +48,7 @@ from lightning_localsgd._validation import (
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
-from lightning_localsgd.comm.local_shards import LocalShards, like_sharded, sharded_parameters
+from lightning_localsgd.comm.local_shards import like_sharded, sharded_parameters
 from lightning_localsgd.driving import comm_metrics, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
@@ -77,14 +77,8 @@ from lightning_localsgd.strategies.safety import (
 from lightning_localsgd.strategies.sharded_checkpoint import MODEL_KEY, load_consensus_into, save_consensus
 from lightning_localsgd.strategies.sharding import (
     ShardLayers,
-    build_mesh,
-    check_layout,
-    check_no_averaged_buffers,
-    check_shard_options,
-    intra_group_bytes_per_batch,
     local_optimizer_state,
-    replicate_groups,
-    shard_module,
+    replica_groups,
     sharded_optimizer_state,
 )
 from lightning_localsgd.strategies.weight_averaging import weight_averaging_copies
@@ -178,14 +172,10 @@ class LocalUpdateStrategy(DDPStrategy):
         self.log_comm_metrics = check_bool("log_comm_metrics", log_comm_metrics)
         self.comm_progress_bar = check_bool("comm_progress_bar", comm_progress_bar)
         self.init_timeout = timedelta(seconds=check_positive_float("init_timeout", init_timeout))
-        self.shard_size, self.shard_layers, self._shard_param_dtype = check_shard_options(
+        self._groups = replica_groups(  # None with shard_size=1
             shard_size, shard_layers, shard_param_dtype, shard_activation_checkpointing, algorithm, type(self).__name__
         )
-        self.shard_activation_checkpointing = shard_activation_checkpointing
-        self._device_mesh: Optional[Any] = None
-        self._local_shards: Optional[LocalShards] = None  # what the algorithm runs on, with shard_size > 1
-        self._world_communicator: Optional[ProcessGroupCommunicator] = None  # checkpoints agree over every rank
-        self._intra_group_bytes_per_batch: Optional[int] = None
+        self.shard_size = shard_size
         self._active = False  # the algorithm drives the model (between setup and teardown of a fit)
         self._stepped_this_batch = False
         self._pending_rank_state: Optional[Any] = None
@@ -210,14 +200,14 @@ class LocalUpdateStrategy(DDPStrategy):
     def device_mesh(self) -> Any:
         """With ``shard_size`` > 1, the ``("replicate", "shard")`` mesh (from ``setup_environment`` on): a
         ``configure_model`` that shards the module itself uses ``self.device_mesh["shard"]``."""
-        if self._device_mesh is None:
+        if self._groups is None or self._groups.mesh is None:
             raise RuntimeError(f"{type(self).__name__} has a device mesh only with `shard_size` > 1, once set up.")
-        return self._device_mesh
+        return self._groups.mesh
 
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
-        return self.shard_size > 1  # the weights are read into the sharded module, in place
+        return self._groups is not None  # the weights are read into the sharded module, in place
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -236,28 +226,13 @@ class LocalUpdateStrategy(DDPStrategy):
             self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
             layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank, node_rank=self.node_rank)
             self.algorithm.create_groups(layout, self.collective_timeout)
-            if self.shard_size > 1:
-                self._world_communicator = self._communicator
-                groups = self.world_size // self.shard_size
-                replicas, background = replicate_groups(
-                    groups, self.shard_size, self.global_rank, self.collective_timeout
+            if self._groups is not None:  # the algorithm averages over the ranks holding this rank's shard
+                self._communicator = self._groups.communicator(
+                    self._communicator, self.global_rank, self.collective_timeout
                 )
-                self._communicator = ProcessGroupCommunicator(replicas, self.collective_timeout, background)
-                self.algorithm.set_guard_communicator(self._world_communicator)
-        if self.shard_size > 1:
-            if self._local_shards is None:
-                name = type(self).__name__
-                check_no_averaged_buffers(self.model, self.algorithm.buffers, name)
-                shard_module(
-                    self.model,
-                    self.device_mesh,
-                    self.shard_layers,
-                    self._shard_param_dtype,
-                    name,
-                    self.shard_activation_checkpointing,
-                )
-                self._local_shards = LocalShards(self.model)
-            self.algorithm.setup(self._local_shards, self._communicator)
+                self.algorithm.set_guard_communicator(self._groups.world)
+        if self._groups is not None:
+            self.algorithm.setup(self._groups.shard(self.model, self.algorithm.buffers), self._communicator)
             return
         self.algorithm.setup(self.model, self._communicator)
 
@@ -274,15 +249,14 @@ class LocalUpdateStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         check_supported_device(self.root_device, type(self).__name__)
         super().setup_environment()
-        if self.shard_size > 1 and self._device_mesh is None:
-            groups = check_layout(self.world_size, self.shard_size, self.num_processes, type(self).__name__)
-            self._device_mesh = build_mesh(self.root_device.type, groups, self.shard_size)
+        if self._groups is not None:
+            mesh = self._groups.build_mesh(self.world_size, self.num_processes, self.root_device.type)
             if self.lightning_module is not None:  # `configure_model` may shard the module over its "shard" dim
-                self.lightning_module._device_mesh = self._device_mesh
+                self.lightning_module._device_mesh = mesh
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        check_supported_model(self.model, type(self).__name__, fsdp_allowed=self.shard_size > 1)
+        check_supported_model(self.model, type(self).__name__, fsdp_allowed=self._groups is not None)
         if trainer.state.fn == TrainerFn.FITTING and self._layer_sync is not None:
             rank_zero_warn(
                 f"`sync_batchnorm=True` all-reduces BatchNorm statistics at every forward pass, which undoes what "
@@ -310,7 +284,8 @@ class LocalUpdateStrategy(DDPStrategy):
         trainer.callbacks.insert(0, self._round_callback)
         self._patched_trainer = trainer
         self._requeue = defer_signals(trainer, self.algorithm)
-        prepare_training_data(trainer, self._world_communicator or self.algorithm.comm, type(self).__name__)
+        world = self._groups.world if self._groups is not None else None
+        prepare_training_data(trainer, world or self.algorithm.comm, type(self).__name__)
         warn_about_per_step_collectives(trainer, type(self).__name__)
         self._synced_step_logs = SyncedStepLogCheck(type(self).__name__)
         self._round_budget = RoundBudgetCheck(self.algorithm, type(self).__name__)
@@ -361,14 +336,15 @@ class LocalUpdateStrategy(DDPStrategy):
         def closure_then_synchronise() -> Any:
             self.algorithm.before_backward(optimizer)  # warm-up: gradients travel while backward runs
             result = closure()  # forward + backward (automatic), or nothing (manual: backward already ran)
-            if self._local_shards is None:
+            shards = self._groups.shards if self._groups is not None else None
+            if shards is None:
                 self.algorithm.before_optimizer_step(optimizer)
                 return result
-            self._local_shards.pull_gradients()  # the algorithm sees this rank's gradient shards
+            shards.pull_gradients()  # the algorithm sees this rank's gradient shards
             try:
                 self.algorithm.before_optimizer_step(optimizer)
             finally:
-                self._local_shards.push_gradients()
+                shards.push_gradients()
             return result
 
         def run_step() -> Any:
@@ -391,15 +367,11 @@ class LocalUpdateStrategy(DDPStrategy):
         """``comm/*``; with replica groups also split into ``comm/inter_group_mb`` (the algorithm's, across groups:
         ``comm/mb_sent``) and ``comm/intra_group_mb`` (FSDP2's inside the group, estimated from the layout)."""
         metrics = comm_metrics(self.algorithm)
-        if self._local_shards is None or not metrics:
+        if self._groups is None or self._groups.shards is None or not metrics:
             return metrics
-        if self._intra_group_bytes_per_batch is None:
-            self._intra_group_bytes_per_batch = intra_group_bytes_per_batch(
-                self.model, self.shard_size, self._shard_param_dtype
-            )
         batches = trainer.fit_loop.total_batch_idx + 1  # restored on resume, as the algorithm's counters are
         metrics["comm/inter_group_mb"] = metrics["comm/mb_sent"]
-        metrics["comm/intra_group_mb"] = batches * self._intra_group_bytes_per_batch / 1e6
+        metrics["comm/intra_group_mb"] = self._groups.intra_group_megabytes(self.model, batches)
         return metrics
 
     def _end_step(self, trainer: pl.Trainer) -> None:
@@ -424,8 +396,8 @@ class LocalUpdateStrategy(DDPStrategy):
             self.algorithm.exit_consensus()
 
     def _reshard(self) -> None:
-        if self._local_shards is not None:
-            self._local_shards.reshard()
+        if self._groups is not None:
+            self._groups.reshard()
 
     on_test_start = on_validation_start
     on_test_end = on_validation_end
@@ -457,7 +429,7 @@ class LocalUpdateStrategy(DDPStrategy):
             return state
         module = self.lightning_module
         tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-        shards = self._local_shards
+        shards = self._groups.shards if self._groups is not None else None
         if shards is not None:  # the consensus of this rank's shards, placed as the sharded parameters are
             values = {id(real): like_sharded(values[id(proxy)], real) for real, proxy in shards.pairs()} | values
         by_name = {name: values[id(t)] for name, t in tensors if id(t) in values}
@@ -468,7 +440,8 @@ class LocalUpdateStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
         section: Optional[dict[str, Any]] = None
-        sharded = self._world_communicator is not None
+        world = self._groups.world if self._groups is not None else None
+        sharded = world is not None
         if self._active and "optimizer_states" in checkpoint:  # a full checkpoint, not weights only
             # Each rank writes its own shard (no tensor travels to rank 0); the main file only names them.
             # Written at once: live tensors, no copies. Rank 0's optimizer states are in the main file already
@@ -486,12 +459,12 @@ class LocalUpdateStrategy(DDPStrategy):
             if sharded:
                 mine["optimizer_states"] = [local_optimizer_state(optimizer) for optimizer in self.optimizers]
                 checkpoint["optimizer_states"] = []
-            section = write_shards(self._world_communicator or self.algorithm.comm, mine, filepath, type(self).__name__)
+            section = write_shards(world or self.algorithm.comm, mine, filepath, type(self).__name__)
             checkpoint[CHECKPOINT_KEY] = section
         if sharded and "state_dict" in checkpoint:  # the weights, written by every rank (sharded_checkpoint.py)
-            assert self._world_communicator is not None
+            assert world is not None
             if section is None:  # weights only: the ranks still agree on one name for this save's folder
-                token = self._world_communicator.all_gather_object(secrets.token_hex(8))[0]
+                token = world.all_gather_object(secrets.token_hex(8))[0]
                 section = checkpoint[CHECKPOINT_KEY] = {"strategy": type(self).__name__, "token": token}
             section[MODEL_KEY] = save_consensus(checkpoint.pop("state_dict"), filepath, section["token"])
             checkpoint["state_dict"] = {}
@@ -527,7 +500,7 @@ class LocalUpdateStrategy(DDPStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if self._world_communicator is None:  # with replica groups, every rank's optimizer state is in its shard
+        if self._groups is None or self._groups.world is None:  # else every rank's optimizer state is in its shard
             super().load_optimizer_state_dict(checkpoint)
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is not None:  # the first strategy hook after Lightning restored its loops, before they run
@@ -537,7 +510,7 @@ class LocalUpdateStrategy(DDPStrategy):
             return
         # A shard saved in sync has no replica: the module keeps the main file's consensus weights, loaded before.
         scaler = grad_scaler_of(self.precision_plugin)
-        if self._world_communicator is not None:
+        if self._groups is not None and self._groups.world is not None:
             saved = state["optimizer_states"] or []
             state["optimizer_states"] = [sharded_optimizer_state(s, o) for s, o in zip(saved, self.optimizers)]
         restore_rank_payload(state, self.algorithm, self.optimizers, scaler, self.root_device)

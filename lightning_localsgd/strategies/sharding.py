@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_bool, check_int
-from lightning_localsgd.comm.local_shards import FSDPModule, is_sharded, like_sharded, sharded_parameters
+from lightning_localsgd.comm.local_shards import FSDPModule, LocalShards, is_sharded, like_sharded, sharded_parameters
 
 ShardLayers = Union[Sequence[Union[str, type]], None]
 _PARAM_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -272,3 +272,77 @@ def sharded_optimizer_state(saved: dict[str, Any], optimizer: Optimizer) -> dict
         return value
 
     return _each_state_tensor(saved, optimizer, to_sharded)
+
+
+def replica_groups(
+    shard_size: int,
+    shard_layers: ShardLayers,
+    shard_param_dtype: Optional[str],
+    activation_checkpointing: bool,
+    algorithm: Any,
+    strategy: str,
+) -> Optional[ReplicaGroups]:
+    """The checked knobs as :class:`ReplicaGroups`, or None for ``shard_size=1`` (a full replica per rank)."""
+    size, layers, dtype = check_shard_options(
+        shard_size, shard_layers, shard_param_dtype, activation_checkpointing, algorithm, strategy
+    )
+    return ReplicaGroups(size, layers, dtype, activation_checkpointing, strategy) if size > 1 else None
+
+
+class ReplicaGroups:
+    """One strategy's replica groups (the Trainer's or Fabric's): the knobs, the mesh, the communicators and the
+    local shards the algorithm runs on. Built from the checked knobs of :func:`check_shard_options`."""
+
+    def __init__(
+        self,
+        shard_size: int,
+        layers: tuple[Union[str, type], ...],
+        param_dtype: Optional[torch.dtype],
+        activation_checkpointing: bool,
+        strategy: str,
+    ) -> None:
+        self.shard_size = shard_size
+        self.layers = layers
+        self.param_dtype = param_dtype
+        self.activation_checkpointing = activation_checkpointing
+        self.strategy = strategy
+        self.mesh: Optional[Any] = None
+        self.shards: Optional[LocalShards] = None
+        self.world: Optional[Any] = None  # the communicator over every rank: the guard's and the checkpoints'
+        self._intra_bytes_per_batch: Optional[int] = None
+
+    def build_mesh(self, world_size: int, num_processes: int, device_type: str) -> Any:
+        """Collective, once the process group exists: the ``("replicate", "shard")`` mesh."""
+        if self.mesh is None:
+            groups = check_layout(world_size, self.shard_size, num_processes, self.strategy)
+            self.mesh = build_mesh(device_type, groups, self.shard_size)
+        return self.mesh
+
+    def communicator(self, world: Any, rank: int, timeout: timedelta) -> Any:
+        """Collective: the algorithm's communicator, over the ranks that hold this rank's shard; ``world`` (over
+        every rank) becomes the guard's, so a non-finite shard or a stop request reaches every group alike."""
+        from lightning_localsgd.comm import ProcessGroupCommunicator
+
+        self.world = world
+        groups = world.world_size // self.shard_size
+        replicas, background = replicate_groups(groups, self.shard_size, rank, timeout)
+        return ProcessGroupCommunicator(replicas, timeout, background)
+
+    def shard(self, module: nn.Module, buffers: Any) -> LocalShards:
+        """Shard ``module`` inside the groups (unless ``configure_model`` did) and return its local shards."""
+        if self.shards is None:
+            assert self.mesh is not None, "build the mesh first"
+            check_no_averaged_buffers(module, buffers, self.strategy)
+            shard_module(module, self.mesh, self.layers, self.param_dtype, self.strategy, self.activation_checkpointing)
+            self.shards = LocalShards(module)
+        return self.shards
+
+    def reshard(self) -> None:
+        if self.shards is not None:
+            self.shards.reshard()
+
+    def intra_group_megabytes(self, module: nn.Module, batches: int) -> float:
+        """FSDP2's traffic inside the group over ``batches`` training batches (:func:`intra_group_bytes_per_batch`)."""
+        if self._intra_bytes_per_batch is None:
+            self._intra_bytes_per_batch = intra_group_bytes_per_batch(module, self.shard_size, self.param_dtype)
+        return batches * self._intra_bytes_per_batch / 1e6
