@@ -115,6 +115,12 @@ class LocalShards(nn.Module):
     def proxy_of(self, real: Tensor) -> nn.Parameter:
         return self._proxies[id(real)]
 
+    def as_sharded(self, values: dict[int, Tensor]) -> dict[int, Tensor]:
+        """``values`` (by ``id(proxy)``: e.g. the consensus of the shards) keyed by ``id(real parameter)`` too, each
+        placed as its real parameter is, for a state dict of the real module."""
+        placed = {id(real): like_sharded(values[id(proxy)], real) for real, proxy in self._pairs if id(proxy) in values}
+        return {**values, **placed}
+
     def follow_requires_grad(self) -> None:
         """A layer frozen or unfrozen on the real module is frozen or unfrozen here too."""
         for real, proxy in self._pairs:

@@ -48,6 +48,8 @@ from lightning_localsgd.strategies.safety import (
     check_supported_optimizers,
     grad_scaler_of,
 )
+from lightning_localsgd.strategies.sharded_checkpoint import MODEL_KEY, load_consensus_into, save_consensus
+from lightning_localsgd.strategies.sharding import ReplicaGroups, local_optimizer_state, sharded_optimizer_state
 
 
 class _NothingToSkip(_BackwardSyncControl):
@@ -70,6 +72,9 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         on_nonfinite: ``"raise"`` or ``"skip_round"``, as for the Trainer's strategies.
         collective_timeout: seconds a collective of the algorithm may wait for a peer before the run stops.
         init_timeout: seconds every rank has to start and check in at start-up; then an error says which are missing.
+        groups: replica groups (``shard_size`` > 1: FSDP2 inside each group), as the named strategies build them from
+            ``shard_size=...``; None: a full replica per rank. Call ``fabric.setup_module(model)``, then build the
+            optimizer from the sharded ``model.parameters()`` and ``fabric.setup_optimizers(optimizer)``.
         Remaining arguments: as Fabric's :class:`~lightning.fabric.strategies.DDPStrategy`.
     """
 
@@ -87,6 +92,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Union[float, timedelta, None] = default_pg_timeout,
         start_method: str = "popen",
+        groups: Optional[ReplicaGroups] = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -111,6 +117,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         self._communicator: Optional[ProcessGroupCommunicator] = None
         # During a save: the consensus values that differ from the module's tensors (see `consensus_state`).
         self._saving_consensus: Optional[dict[int, Tensor]] = None
+        self._groups = groups
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -131,6 +138,26 @@ class FabricLocalUpdateStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         check_supported_device(self.root_device, type(self).__name__)
         super().setup_environment()
+        if self._groups is not None:
+            self._groups.build_mesh(self.world_size, self.num_processes, self.root_device.type)
+
+    @property
+    def device_mesh(self) -> Any:
+        """With ``shard_size`` > 1, the ``("replicate", "shard")`` mesh (after ``fabric.launch()``)."""
+        if self._groups is None or self._groups.mesh is None:
+            raise RuntimeError(f"{type(self).__name__} has a device mesh only with `shard_size` > 1, once launched.")
+        return self._groups.mesh
+
+    @override
+    def setup_module_and_optimizers(self, module: nn.Module, optimizers: list[Optimizer], scheduler: Any = None) -> Any:
+        if self._groups is not None and optimizers:
+            raise ValueError(
+                f"{type(self).__name__} with `shard_size` > 1 shards the model in `fabric.setup_module`, which gives "
+                "it new (sharded) parameters: an optimizer built before holds the old ones. Call `model = "
+                "fabric.setup_module(model)`, then build the optimizer from `model.parameters()` and pass it to "
+                "`fabric.setup_optimizers(optimizer)`."
+            )
+        return super().setup_module_and_optimizers(module, optimizers, scheduler)
 
     @override
     def _setup_distributed(self) -> None:
@@ -149,16 +176,22 @@ class FabricLocalUpdateStrategy(DDPStrategy):
                 "(e.g. `nn.ModuleDict({'generator': g, 'discriminator': d})`) and call `fabric.setup(container, "
                 "optimizer_g, optimizer_d)` once."
             )
-        check_supported_model(module, name)
+        check_supported_model(module, name, fsdp_allowed=self._groups is not None)
         if self._communicator is None:
             group = dist.new_group(timeout=self.collective_timeout)
             self._communicator = ProcessGroupCommunicator(group, timeout=self.collective_timeout)
             layout = WorldLayout(self.num_nodes, self.num_processes, self.global_rank, node_rank=self.node_rank)
             self.algorithm.create_groups(layout, self.collective_timeout)
+            if self._groups is not None:  # the algorithm averages over the ranks holding this rank's shard
+                self._communicator = self._groups.communicator(
+                    self._communicator, self.global_rank, self.collective_timeout
+                )
+                self.algorithm.set_guard_communicator(self._groups.world)
         scaler = grad_scaler_of(self.precision)
         self.algorithm.gradients_may_overflow = scaler is not None
         self.algorithm.grad_scale = scaler.get_scale if scaler is not None else None
-        self.algorithm.setup(module, self._communicator, self._optimizers)
+        runs_on = self._groups.shard(module, self.algorithm.buffers) if self._groups is not None else module
+        self.algorithm.setup(runs_on, self._communicator, self._optimizers)
         self._module = module
         return module
 
@@ -194,12 +227,12 @@ class FabricLocalUpdateStrategy(DDPStrategy):
 
             def closure_then_exchange() -> Any:
                 result = closure()
-                self.algorithm.before_optimizer_step(optimizer)
+                self._before_optimizer_step(optimizer)
                 return result
 
             kwargs["closure"] = closure_then_exchange
         else:
-            self.algorithm.before_optimizer_step(optimizer)
+            self._before_optimizer_step(optimizer)
 
         def run_step() -> Any:
             return super(FabricLocalUpdateStrategy, self).optimizer_step(optimizer, **kwargs)
@@ -209,6 +242,21 @@ class FabricLocalUpdateStrategy(DDPStrategy):
             self.algorithm.end_step()
         return output
 
+    def _before_optimizer_step(self, optimizer: Optimizer) -> None:
+        shards = self._groups.shards if self._groups is not None else None
+        if shards is None:
+            self.algorithm.before_optimizer_step(optimizer)
+            return
+        shards.pull_gradients()  # the algorithm sees this rank's gradient shards
+        try:
+            self.algorithm.before_optimizer_step(optimizer)
+        finally:
+            shards.push_gradients()
+
+    def _reshard(self) -> None:
+        if self._groups is not None:  # the next forward gathers what the shards hold now (see LocalShards.reshard)
+            self._groups.reshard()
+
     # ------------------------------------------------------------------ consensus
     @contextmanager
     def consensus(self) -> Iterator[None]:
@@ -217,12 +265,17 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         if not self._active:
             yield
             return
-        with self.algorithm.consensus():
-            yield
+        self._reshard()
+        try:
+            with self.algorithm.consensus():
+                yield
+        finally:
+            self._reshard()  # training's next forward gathers the replica back, not what evaluation gathered
 
     def finalize(self) -> None:
         """Collective, at the end of training: every rank keeps the average of the replicas."""
         if self._active:
+            self._reshard()
             self.algorithm.finalize()
 
     # ------------------------------------------------------------------ checkpoints
@@ -235,6 +288,8 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         if values is None:  # inside the consensus: copies, the replica comes back after
             return {key: value.detach().clone() if torch.is_tensor(value) else value for key, value in state.items()}
         # A save, written at once: the consensus where it differs from the module's tensors, which stay as they are.
+        if self._groups is not None and self._groups.shards is not None:
+            values = self._groups.shards.as_sharded(values)
         tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         by_name = {name: values[id(t)] for name, t in tensors if id(t) in values}
         return {key: by_name.get(key, value) for key, value in state.items()}
@@ -256,20 +311,60 @@ class FabricLocalUpdateStrategy(DDPStrategy):
             self._saving_consensus = None
         # Each rank writes its own shard (no tensor travels to rank 0); the main file names them.
         scaler = grad_scaler_of(self.precision)
+        world = self._groups.world if self._groups is not None else None
         mine = rank_payload(  # written at once; what every rank holds alike only in rank 0's shard
             self.algorithm,
             self._optimizers,
             scaler,
             drop_replica=True,
             copy=False,
-            shared_in_rank_0=not self.is_global_zero,
+            shared_in_rank_0=not self.is_global_zero and world is None,
         )
-        section = write_shards(self.algorithm.comm, mine, path, type(self).__name__)
+        if world is not None:  # replica groups: every rank's optimizer state (its shards) in its own shard only
+            mine["optimizer_states"] = [local_optimizer_state(optimizer) for optimizer in self._optimizers]
+        section = write_shards(world or self.algorithm.comm, mine, path, type(self).__name__)
+        if world is not None:  # the weights, written by every rank (strategies/sharded_checkpoint.py)
+            modules = [key for key, obj in state.items() if isinstance(obj, nn.Module)]
+            weights = {key: converted.pop(key) for key in modules}
+            section[MODEL_KEY] = save_consensus(weights, path, section["token"])
+            converted.update({key: {} for key in modules})
+            converted.update({key: None for key, obj in state.items() if isinstance(obj, Optimizer)})
         converted[CHECKPOINT_KEY] = section
         if self.is_global_zero:
             self.checkpoint_io.save_checkpoint(checkpoint=converted, path=path, storage_options=storage_options)
             remove_stale_shards(path, section["token"])
         return None
+
+    def _load_sharded(self, path: _PATH, state: dict[str, Any], weights_only: Optional[bool]) -> dict[str, Any]:
+        """``load_checkpoint`` of a checkpoint written with replica groups: the weights through DCP into the (sharded)
+        modules in place, each rank's optimizer state from its own shard, the rest from the main file."""
+        extra = {} if weights_only is None else {"weights_only": weights_only}
+        checkpoint = self.checkpoint_io.load_checkpoint(path, **extra)
+        section = checkpoint.pop(CHECKPOINT_KEY, None)
+        if not isinstance(section, dict) or MODEL_KEY not in section:
+            raise ValueError(f"{type(self).__name__}: {str(path)!r} was not written with `shard_size` > 1.")
+        modules = {key: obj for key, obj in state.items() if isinstance(obj, nn.Module) and key in checkpoint}
+        load_consensus_into(modules, path, section)
+        for name, obj in state.copy().items():
+            if name not in checkpoint:
+                continue
+            value = checkpoint.pop(name)
+            if isinstance(obj, (nn.Module, Optimizer)):
+                continue  # the weights are in, the optimizers' states come from this rank's shard below
+            if callable(getattr(obj, "load_state_dict", None)):
+                obj.load_state_dict(value)
+            else:
+                state[name] = value
+        if not self._active:
+            return checkpoint
+        rank_state = read_rank_state(section, path, self.global_rank, self.world_size, type(self).__name__)
+        if rank_state is not None:
+            saved = rank_state["optimizer_states"] or []
+            rank_state["optimizer_states"] = [sharded_optimizer_state(s, o) for s, o in zip(saved, self._optimizers)]
+            restore_rank_payload(
+                rank_state, self.algorithm, self._optimizers, grad_scaler_of(self.precision), self.root_device
+            )
+        return checkpoint
 
     @override
     def load_checkpoint(
@@ -282,6 +377,9 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         restores = isinstance(state, dict) and bool(state)
         if restores and self._active:
             self.algorithm.exit_consensus()
+        if restores and self._groups is not None:
+            assert isinstance(state, dict)
+            return self._load_sharded(path, state, weights_only)
         # `weights_only` reaches strategies from Lightning 2.6 on; before, it is never given and the parent takes none.
         extra = {} if weights_only is None else {"weights_only": weights_only}
         remainder = super().load_checkpoint(path, state, strict=strict, **extra)

@@ -53,6 +53,7 @@ class NamedFabricStrategy(FabricLocalUpdateStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
+            groups=spec._groups,
         )
 
     @classmethod

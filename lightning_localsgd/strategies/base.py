@@ -48,7 +48,7 @@ from lightning_localsgd._validation import (
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm import CommStats, ProcessGroupCommunicator
 from lightning_localsgd.comm.layout import WorldLayout
-from lightning_localsgd.comm.local_shards import like_sharded, sharded_parameters
+from lightning_localsgd.comm.local_shards import sharded_parameters
 from lightning_localsgd.driving import comm_metrics, rank_payload, restore_rank_payload, step_and_follow
 from lightning_localsgd.strategies.checkpointing import (
     CHECKPOINT_KEY,
@@ -431,7 +431,7 @@ class LocalUpdateStrategy(DDPStrategy):
         tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         shards = self._groups.shards if self._groups is not None else None
         if shards is not None:  # the consensus of this rank's shards, placed as the sharded parameters are
-            values = {id(real): like_sharded(values[id(proxy)], real) for real, proxy in shards.pairs()} | values
+            values = shards.as_sharded(values)
         by_name = {name: values[id(t)] for name, t in tensors if id(t) in values}
         return {key: by_name.get(key, value) for key, value in state.items()}
 
@@ -466,7 +466,8 @@ class LocalUpdateStrategy(DDPStrategy):
             if section is None:  # weights only: the ranks still agree on one name for this save's folder
                 token = world.all_gather_object(secrets.token_hex(8))[0]
                 section = checkpoint[CHECKPOINT_KEY] = {"strategy": type(self).__name__, "token": token}
-            section[MODEL_KEY] = save_consensus(checkpoint.pop("state_dict"), filepath, section["token"])
+            weights = {"state_dict": checkpoint.pop("state_dict")}
+            section[MODEL_KEY] = save_consensus(weights, filepath, section["token"])
             checkpoint["state_dict"] = {}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
         if section is not None and self.is_global_zero:
@@ -480,7 +481,7 @@ class LocalUpdateStrategy(DDPStrategy):
         section = checkpoint.pop(CHECKPOINT_KEY, None)
         self._pending_rank_state = None
         if isinstance(section, dict) and MODEL_KEY in section:  # weights written by every rank of a sharded run
-            load_consensus_into(self.lightning_module, checkpoint_path, section)
+            load_consensus_into({"state_dict": self.lightning_module}, checkpoint_path, section)
             checkpoint["state_dict"] = None  # read already, in place (see `load_model_state_dict`)
             if "shards" not in section:
                 section = None

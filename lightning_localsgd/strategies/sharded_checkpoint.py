@@ -34,18 +34,20 @@ def model_path(main_path: _PATH, section: dict[str, Any]) -> str:
     return os.path.join(os.path.dirname(str(main_path)), *section[MODEL_KEY].split("/"))
 
 
-def save_consensus(state_dict: dict[str, Any], main_path: _PATH, token: str) -> str:
-    """Write the module's (consensus) state dict with DCP; collective over the world. Returns the section entry."""
+def save_consensus(state_dicts: dict[str, dict[str, Any]], main_path: _PATH, token: str) -> str:
+    """Write modules' (consensus) state dicts, by the checkpoint key each goes under (the Trainer's
+    ``"state_dict"``, Fabric's user keys), with DCP; collective over the world. Returns the section entry."""
     import torch.distributed.checkpoint as dcp
 
     relative = model_relpath(final_path(main_path), token)
     folder = os.path.join(os.path.dirname(final_path(main_path)), *relative.split("/"))
-    dcp.save({"state_dict": state_dict}, checkpoint_id=folder)
+    dcp.save(state_dicts, checkpoint_id=folder)
     return relative
 
 
-def load_consensus_into(module: nn.Module, main_path: _PATH, section: dict[str, Any]) -> None:
-    """Read the consensus weights into ``module`` in place, sharded (``DTensor`` parameters) or whole."""
+def load_consensus_into(modules: dict[str, nn.Module], main_path: _PATH, section: dict[str, Any]) -> None:
+    """Read the consensus weights into ``modules`` (by checkpoint key) in place, sharded (``DTensor`` parameters) or
+    whole."""
     import torch.distributed.checkpoint as dcp
 
     folder = model_path(main_path, section)
@@ -54,18 +56,17 @@ def load_consensus_into(module: nn.Module, main_path: _PATH, section: dict[str, 
             f"The checkpoint {str(main_path)!r} is incomplete: its weights folder {folder!r} is missing. Copy the "
             f"folder {shard_folder(main_path)!r} along with the main file."
         )
-    target = module.state_dict()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        dcp.load({"state_dict": target}, checkpoint_id=folder)
-    else:
-        dcp.load({"state_dict": target}, checkpoint_id=folder, no_dist=True)
-    module.load_state_dict(target)  # a no-op for tensors DCP filled in place; needed for any it replaced
+    targets = {key: module.state_dict() for key, module in modules.items()}
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    dcp.load(targets, checkpoint_id=folder, no_dist=not distributed)
+    for key, module in modules.items():
+        module.load_state_dict(targets[key])  # a no-op for tensors DCP filled in place; needed for any it replaced
 
 
 def consolidate_checkpoint(main_path: _PATH, output_path: _PATH) -> None:
-    """Write ``output_path``: the checkpoint at ``main_path`` (written with ``shard_size > 1``) as a plain Lightning
-    checkpoint, the consensus weights in full in its ``state_dict`` and without per-rank state. One process, no
-    process group; needs the memory of one whole model.
+    """Write ``output_path``: the checkpoint at ``main_path`` (written with ``shard_size > 1``) as a plain one, the
+    consensus weights in full (under ``state_dict`` for the Trainer's, under the model's own key for ``fabric.save``)
+    and without per-rank state. One process, no process group; needs the memory of one whole model.
 
     Then ``MyModule.load_from_checkpoint(output_path)`` (or ``torch.load(output_path)["state_dict"]``) as usual.
     """
@@ -78,9 +79,11 @@ def consolidate_checkpoint(main_path: _PATH, output_path: _PATH) -> None:
     staged = str(output_path) + ".weights.tmp"
     dcp_to_torch_save(model_path(main_path, section), staged)
     try:
-        weights = torch.load(staged, map_location="cpu", weights_only=False)["state_dict"]
+        weights = torch.load(staged, map_location="cpu", weights_only=False)
     finally:
         os.remove(staged)
-    checkpoint["state_dict"] = weights
+    checkpoint.update(weights)
     checkpoint.pop("optimizer_states", None)  # per rank and per shard: meaningless for one whole model
+    for key in [key for key, value in checkpoint.items() if value is None]:
+        del checkpoint[key]  # Fabric's optimizers: their states are per rank
     torch.save(checkpoint, str(output_path))
