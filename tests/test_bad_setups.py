@@ -38,7 +38,9 @@ class ShardedBlock(FullyShardedDataParallel):
 
 def test_a_model_with_an_fsdp_block_is_refused():
     model = nn.Sequential(nn.Linear(2, 2), ShardedBlock())
-    with pytest.raises(ValueError, match=r"`1` is sharded with FSDP.*do not combine with FSDP"):
+    with pytest.raises(
+        ValueError, match=r"`1` is sharded with FSDP.*Shard inside replica groups instead: set `shard_size`"
+    ):
         check_supported_model(model, "LocalSGDStrategy")
 
 

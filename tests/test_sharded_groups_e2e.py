@@ -153,3 +153,62 @@ def test_the_example_yaml_trains_4_processes_and_its_checkpoint_loads_in_one(tmp
     consolidate_checkpoint(checkpoint, tmp_path / "plain.ckpt")
     model = DigitsCNN.load_from_checkpoint(tmp_path / "plain.ckpt")
     assert sum(p.numel() for p in model.parameters()) > 10_000
+
+
+def test_mid_period_resume_from_a_sharded_checkpoint_is_exact_and_its_weights_load_in_one_process(
+    tmp_path: Path,
+) -> None:
+    from lightning_localsgd import consolidate_checkpoint
+
+    args = ["--strategy", "vrl_sgd", "--optimizer", "adam", "--shard-size", "2", "--max-steps", "12"]
+    whole = run(tmp_path / "whole", 4, *args, "--ckpt-every", "6", "--val-every", "6")
+    checkpoint = tmp_path / "whole" / "ckpt" / "step=6.ckpt"  # rounds after steps 1, 5, 9: mid-period
+    resumed = run(tmp_path / "resumed", 4, *args, "--resume", str(checkpoint))
+    for name, value in whole["final"].items():
+        assert torch.equal(value, resumed["final"][name]), name
+
+    # Nothing gathered to rank 0: the main file holds no weights, each rank wrote its own part.
+    main = torch.load(checkpoint, weights_only=False)
+    assert main["state_dict"] == {}
+    assert main["optimizer_states"] == []
+    shards = checkpoint.parent / "step=6.ckpt.shards"
+    assert len(list(shards.glob("rank*-of-4.*.pt"))) == 4
+
+    # A fresh run evaluating the checkpoint (`trainer.validate(ckpt_path=...)`, no `fit`) evaluates that consensus.
+    evaluated = tmp_path / "evaluated"
+    proc = run_ranks(CASE, evaluated, *args, "--val-every", "6", "--validate-only", str(checkpoint), world=4)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for r in range(4):
+        (seen,) = torch.load(evaluated / f"validated{r}.pt", weights_only=False)
+        assert_same_model(seen, whole["validated"][0][0], atol=0)
+
+    # The consolidated weights are the consensus validation evaluated at step 6, and load into the plain module.
+    consolidate_checkpoint(checkpoint, tmp_path / "plain.ckpt")
+    plain = torch.load(tmp_path / "plain.ckpt", weights_only=False)
+    assert_same_model(plain["state_dict"], whole["validated"][0][0], atol=0)
+    import sys
+
+    sys.path.insert(0, str(CASE.parent))
+    from sharded_case import Net
+
+    net = Net("sgd", 1)
+    net.load_state_dict(plain["state_dict"])
+
+
+def test_a_non_finite_shard_stops_every_rank_of_every_group_naming_its_group(tmp_path: Path) -> None:
+    # Rank 3's shard turns NaN after step 6; FSDP2's next gather spreads it to rank 2's gradients (same group). The
+    # round's flags go over the whole world, so rank 0 and 1 (whose shard group saw nothing) stop too, not hang.
+    args = ["--strategy", "local_sgd", "--shard-size", "2", "--nan", "3", "6"]
+    proc = run_ranks(CASE, tmp_path, *args, world=4, timeout=120)
+    assert proc.returncode != 0
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(4)]
+    for log in logs:
+        assert "NonFiniteError" in log and "ranks [2, 3] held inf/NaN parameters" in log, log[-2000:]
+
+
+def test_a_world_that_shard_size_does_not_divide_is_refused_on_every_rank(tmp_path: Path) -> None:
+    proc = run_ranks(CASE, tmp_path, "--strategy", "local_sgd", "--shard-size", "2", world=3, timeout=120)
+    assert proc.returncode != 0
+    for r in range(3):
+        log = (tmp_path / f"rank{r}.log").read_text()
+        assert "cannot be split into replica groups of shard_size=2" in log, log[-2000:]

@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--validate-after", action="store_true", help="`trainer.validate` after `fit`")
+    parser.add_argument("--validate-only", default=None, help="no `fit`: `trainer.validate(ckpt_path=...)`")
     parser.add_argument("--nan", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -193,6 +194,10 @@ def main() -> None:
         limit_val_batches=1 if args.val_every else 0,
         num_sanity_val_steps=0,
     )
+    if args.validate_only:  # a fresh process evaluating a sharded checkpoint
+        trainer.validate(model, ckpt_path=args.validate_only)
+        torch.save(model.validated, out / f"validated{trainer.global_rank}.pt")
+        return
     trainer.fit(model, ckpt_path=args.resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
     if args.validate_after:
