@@ -212,3 +212,13 @@ def test_a_world_that_shard_size_does_not_divide_is_refused_on_every_rank(tmp_pa
     for r in range(3):
         log = (tmp_path / f"rank{r}.log").read_text()
         assert "cannot be split into replica groups of shard_size=2" in log, log[-2000:]
+
+
+def test_sigterm_on_one_rank_stops_every_rank_of_every_group_after_the_same_batch(tmp_path: Path) -> None:
+    # Rank 3 alone gets SIGTERM in step 5; its request travels in the next round's flags (rounds after steps 1, 5,
+    # 9), which go over the whole world: ranks 0 and 1, in no shard group with rank 3, stop after step 9 too.
+    args = ["--strategy", "local_sgd", "--shard-size", "2", "--term", "3", "5", "--max-steps", "20"]
+    proc = run_ranks(CASE, tmp_path, *args, world=4, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    stops = [torch.load(tmp_path / f"stopped{r}.pt")["stopped_after"] for r in range(4)]
+    assert stops == [9, 9, 9, 9]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -78,12 +79,15 @@ class Net(L.LightningModule):
         self.shard_size = shard_size
         self.validated: list[dict[str, torch.Tensor]] = []
         self.poison = (-1, -1)  # (rank, step): that rank's shard turns NaN after that step
+        self.terminate = (-1, -1)  # (rank, step): that rank gets SIGTERM during that step
 
     def forward(self, x):
         return self.head(self.body(x))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if (self.global_rank, self.trainer.global_step) == self.terminate:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. a scheduler stopping one task
         return nn.functional.mse_loss(self(x[0]), y[0])
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -142,6 +146,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--validate-after", action="store_true", help="`trainer.validate` after `fit`")
     parser.add_argument("--validate-only", default=None, help="no `fit`: `trainer.validate(ckpt_path=...)`")
+    parser.add_argument("--term", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     parser.add_argument("--nan", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -170,6 +175,7 @@ def main() -> None:
         )
     model = Net(args.optimizer, args.shard_size)
     model.poison = tuple(args.nan)
+    model.terminate = tuple(args.term)
     forwards = [0]  # calls of the first layer's forward: recomputed in backward under activation checkpointing
     first = model.body[0]
     plain_forward = first.forward
@@ -198,7 +204,11 @@ def main() -> None:
         trainer.validate(model, ckpt_path=args.validate_only)
         torch.save(model.validated, out / f"validated{trainer.global_rank}.pt")
         return
-    trainer.fit(model, ckpt_path=args.resume)
+    try:
+        trainer.fit(model, ckpt_path=args.resume)
+    except SystemExit:  # Lightning's SIGTERMException: a graceful stop every rank agreed on
+        torch.save({"stopped_after": trainer.global_step}, out / f"stopped{trainer.global_rank}.pt")
+        return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
     if args.validate_after:
         trainer.validate(model)  # evaluates the consensus left by `fit`: recorded in `model.validated`
