@@ -17,8 +17,8 @@ test: install
 	$(PYTHON) -m pytest -q
 
 # The lowest Lightning that pyproject declares, installed beside the main one (never over it) and put first on
-# PYTHONPATH for a short part of the suite: resume (Trainer, Fabric, plain PyTorch, SLURM requeue, torchrun restart),
-# configuration, checkpoints. Its dependencies are the main install's. About 3 minutes on 2 cores. Another version:
+# PYTHONPATH for a short part of the suite: resume (Trainer, Fabric, plain PyTorch, SLURM requeue, torchrun restart,
+# replica groups), configuration, checkpoints. Its dependencies are the main install's. About 3 minutes on 2 cores. Another version:
 # `make test-lightning-min LIGHTNING_MIN=2.5.6 LIGHTNING_MIN_DIR=/tmp/lightning-2.5.6`.
 LIGHTNING_MIN ?= 2.4.0
 LIGHTNING_MIN_DIR ?= .lightning-min
@@ -32,7 +32,8 @@ test-lightning-min: install
 	$(WITH_LIGHTNING_MIN) $(PYTHON) -m pytest -q tests/test_lightning_compat.py tests/test_strategy_config.py \
 		tests/test_round_checkpoint.py tests/test_checkpoint_shards.py
 	$(WITH_LIGHTNING_MIN) $(PYTHON) -m pytest -q tests/test_lightning_e2e.py tests/test_entry_points_e2e.py \
-		tests/test_faults_e2e.py -k "resume or requeue or torchrun"
+		tests/test_faults_e2e.py tests/test_sharded_groups_e2e.py tests/test_fabric_sharded_e2e.py \
+		-k "resume or requeue or torchrun"
 
 lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

@@ -149,7 +149,9 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         return self._groups.mesh
 
     @override
-    def setup_module_and_optimizers(self, module: nn.Module, optimizers: list[Optimizer], scheduler: Any = None) -> Any:
+    def setup_module_and_optimizers(  # type: ignore[override]
+        self, module: nn.Module, optimizers: list[Optimizer], *args: Any, **kwargs: Any
+    ) -> Any:  # Lightning >= 2.5 passes a scheduler too; 2.4 does not
         if self._groups is not None and optimizers:
             raise ValueError(
                 f"{type(self).__name__} with `shard_size` > 1 shards the model in `fabric.setup_module`, which gives "
@@ -157,7 +159,7 @@ class FabricLocalUpdateStrategy(DDPStrategy):
                 "fabric.setup_module(model)`, then build the optimizer from `model.parameters()` and pass it to "
                 "`fabric.setup_optimizers(optimizer)`."
             )
-        return super().setup_module_and_optimizers(module, optimizers, scheduler)
+        return super().setup_module_and_optimizers(module, optimizers, *args, **kwargs)
 
     @override
     def _setup_distributed(self) -> None:
