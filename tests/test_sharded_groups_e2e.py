@@ -55,6 +55,7 @@ CASES = {
     "cocod_sgd": ["--strategy", "cocod_sgd"],
     "stl_sgd": ["--strategy", "stl_sgd"],
     "local_sgd-activation_checkpointing": ["--strategy", "local_sgd", "--checkpoint-activations"],
+    "diloco-sharded_in_configure_model": ["--strategy", "diloco", "--configure-model"],
 }
 
 

@@ -202,6 +202,20 @@ def _fsdp_worker(rank: int) -> dict:
         for sa, sb in zip(optimizer.state.values(), twin.state.values())
         for a, b in zip(sa.values(), sb.values())
     )
+
+    # A module sharded in `configure_model` must be sharded whole, over the strategy's "shard" dimension.
+    from lightning_localsgd.strategies.sharding import check_user_sharding
+
+    partly = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    fully_shard(partly[0], mesh=mesh["shard"])
+    elsewhere = nn.Linear(2, 2)
+    fully_shard(elsewhere, mesh=mesh["replicate"])
+    for name, module in (("partly", partly), ("elsewhere", elsewhere)):
+        try:
+            check_user_sharding(module, mesh, "S")
+            out[name] = "accepted"
+        except ValueError as error:
+            out[name] = str(error)
     return out
 
 
@@ -219,6 +233,8 @@ def test_local_shards_of_an_fsdp2_module_are_its_shards() -> None:
         assert out["fresh_after_reshard"] < 1e-6
         assert out["saved_kinds"] == ["Tensor"] and out["restored"]
         assert out["grad_error"] < 1e-6  # averaged over the group (not summed: the gloo trap), then sharded
+        assert "sharded some parameters but not ['1.weight', '1.bias']" in out["partly"]
+        assert "not over this strategy's `self.device_mesh['shard']`" in out["elsewhere"]
 
 
 def test_buffers_fsdp2_leaves_per_rank_are_refused_unless_kept_per_rank_knowingly() -> None:

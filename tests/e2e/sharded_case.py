@@ -78,11 +78,23 @@ class Net(L.LightningModule):
         self.optimizer_name = optimizer
         self.shard_size = shard_size
         self.validated: list[dict[str, torch.Tensor]] = []
+        self.shard_in_configure_model = False
         self.poison = (-1, -1)  # (rank, step): that rank's shard turns NaN after that step
         self.terminate = (-1, -1)  # (rank, step): that rank gets SIGTERM during that step
 
     def forward(self, x):
         return self.head(self.body(x))
+
+    def configure_model(self):
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if not self.shard_in_configure_model or self.shard_size == 1 or isinstance(self.head, FSDPModule):
+            return  # Lightning calls the hook again for `validate` after `fit`: shard once
+
+        mesh = self.trainer.strategy.device_mesh["shard"]  # the LightningModule's `device_mesh` is the same mesh
+        assert self.device_mesh is self.trainer.strategy.device_mesh
+        for layer in (self.body[0], self.body[2], self.body, self.head):
+            fully_shard(layer, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -146,6 +158,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--validate-after", action="store_true", help="`trainer.validate` after `fit`")
     parser.add_argument("--validate-only", default=None, help="no `fit`: `trainer.validate(ckpt_path=...)`")
+    parser.add_argument("--configure-model", action="store_true", help="shard in `configure_model`, not by policy")
     parser.add_argument("--term", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     parser.add_argument("--nan", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     args = parser.parse_args()
@@ -176,6 +189,7 @@ def main() -> None:
     model = Net(args.optimizer, args.shard_size)
     model.poison = tuple(args.nan)
     model.terminate = tuple(args.term)
+    model.shard_in_configure_model = args.configure_model
     forwards = [0]  # calls of the first layer's forward: recomputed in backward under activation checkpointing
     first = model.body[0]
     plain_forward = first.forward
