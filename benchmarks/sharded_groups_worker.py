@@ -24,9 +24,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import lightning_localsgd  # noqa: F401 - registers the strategy names
+from benchmarks.exchange_memory_worker import OneBatchPerStep
 
 OUTER = {"outer_optimizer": "SGD", "outer_optimizer_options": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
 
@@ -50,22 +51,6 @@ def set_mmap_threshold(nbytes: int) -> None:
     m_mmap_threshold = -3  # from malloc.h
     if ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, nbytes) != 1:
         raise RuntimeError(f"mallopt(M_MMAP_THRESHOLD, {nbytes}) failed")
-
-
-class SameBatch(Dataset):
-    """One random batch per rank, handed out whole at every step: no loading cost, identical work per step."""
-
-    def __init__(self, rank: int, batch_size: int, width: int, steps: int) -> None:
-        g = torch.Generator().manual_seed(1000 + rank)
-        self.x = torch.randn(batch_size, width, generator=g)
-        self.y = torch.randn(batch_size, width, generator=g)
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.x, self.y
 
 
 class LinearStack(L.LightningModule):
@@ -104,7 +89,7 @@ class LinearStack(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(SameBatch(self.global_rank, self.batch_size, self.width, self.steps), batch_size=None)
+        return DataLoader(OneBatchPerStep(self.global_rank, self.batch_size, self.width, self.steps), batch_size=None)
 
 
 class StepLog(Callback):

@@ -32,15 +32,16 @@ ShardLayers = Union[Sequence[Union[str, type]], None]
 _PARAM_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-def check_shard_options(
+def replica_groups(
     shard_size: int,
     shard_layers: ShardLayers,
     shard_param_dtype: Optional[str],
     activation_checkpointing: bool,
     algorithm: Any,
     strategy: str,
-) -> tuple[int, tuple[Union[str, type], ...], Optional[torch.dtype]]:
-    """Validate the sharding knobs up front (before any process starts); returns them normalised."""
+) -> Optional[ReplicaGroups]:
+    """The sharding knobs, validated up front (before any process starts), as :class:`ReplicaGroups`; None for
+    ``shard_size=1`` (a full replica per rank)."""
     check_int("shard_size", shard_size, 1)
     check_bool("shard_activation_checkpointing", activation_checkpointing)
     if activation_checkpointing and not shard_layers:
@@ -67,7 +68,7 @@ def check_shard_options(
                 "inside a replica group; they need "
                 f"`shard_size` > 1, got shard_size={shard_size}."
             )
-        return shard_size, layers, None
+        return None
     if FSDPModule is None:
         raise ValueError(f"`shard_size` > 1 needs FSDP2 (`fully_shard`), torch >= 2.6; got {torch.__version__}.")
     reason = algorithm.sharding_refused_because
@@ -79,7 +80,8 @@ def check_shard_options(
             "`shard_size` > 1 would be a second gradient reduction on top of FSDP2's; set `warmup_steps=0` (the "
             "replica groups' rounds start at once)."
         )
-    return shard_size, layers, _PARAM_DTYPES.get(shard_param_dtype) if shard_param_dtype else None
+    dtype = _PARAM_DTYPES[shard_param_dtype] if shard_param_dtype else None
+    return ReplicaGroups(shard_size, layers, dtype, activation_checkpointing, strategy)
 
 
 def check_layout(world_size: int, shard_size: int, num_processes: int, strategy: str) -> int:
@@ -272,21 +274,6 @@ def sharded_optimizer_state(saved: dict[str, Any], optimizer: Optimizer) -> dict
         return value
 
     return _each_state_tensor(saved, optimizer, to_sharded)
-
-
-def replica_groups(
-    shard_size: int,
-    shard_layers: ShardLayers,
-    shard_param_dtype: Optional[str],
-    activation_checkpointing: bool,
-    algorithm: Any,
-    strategy: str,
-) -> Optional[ReplicaGroups]:
-    """The checked knobs as :class:`ReplicaGroups`, or None for ``shard_size=1`` (a full replica per rank)."""
-    size, layers, dtype = check_shard_options(
-        shard_size, shard_layers, shard_param_dtype, activation_checkpointing, algorithm, strategy
-    )
-    return ReplicaGroups(size, layers, dtype, activation_checkpointing, strategy) if size > 1 else None
 
 
 class ReplicaGroups:
