@@ -65,8 +65,7 @@ def replica_groups(
         if layers or shard_param_dtype is not None or activation_checkpointing:
             raise ValueError(
                 "`shard_layers`, `shard_param_dtype` and `shard_activation_checkpointing` shape the FSDP2 sharding "
-                "inside a replica group; they need "
-                f"`shard_size` > 1, got shard_size={shard_size}."
+                f"inside a replica group; they need `shard_size` > 1, got shard_size={shard_size}."
             )
         return None
     if FSDPModule is None:
