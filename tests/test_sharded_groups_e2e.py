@@ -223,3 +223,11 @@ def test_sigterm_on_one_rank_stops_every_rank_of_every_group_after_the_same_batc
     assert proc.returncode == 0, proc.stdout[-4000:]
     stops = [torch.load(tmp_path / f"stopped{r}.pt")["stopped_after"] for r in range(4)]
     assert stops == [9, 9, 9, 9]
+
+
+def test_a_second_fit_continues_the_sharded_run_as_the_unsharded_one(tmp_path: Path) -> None:
+    args = ["--strategy", "vrl_sgd", "--max-steps", "6", "--second-fit", "6"]
+    sharded = run(tmp_path / "sharded", 4, *args, "--shard-size", "2")
+    plain = run(tmp_path / "plain", 2, *args, "--shard-size", "1")
+    assert_same_model(sharded["final"], plain["final"])
+    assert sharded["sent"][0]["rounds"] == plain["sent"][0]["rounds"] == 3  # rounds after steps 1, 5, 9

@@ -245,3 +245,12 @@ def test_buffers_fsdp2_leaves_per_rank_are_refused_unless_kept_per_rank_knowingl
         check_no_averaged_buffers(module, None, "S")
     check_no_averaged_buffers(module, "none", "S")
     check_no_averaged_buffers(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), None, "S")
+
+
+def test_local_shards_notice_memory_replaced_behind_them() -> None:
+    module = nn.Linear(3, 2)
+    shards = LocalShards(module)
+    shards.check_still_aliased()
+    module.weight.data = module.weight.data.clone()  # e.g. `module.to(...)` between two fits
+    with pytest.raises(RuntimeError, match="moved a parameter's local shard to new memory"):
+        shards.check_still_aliased()

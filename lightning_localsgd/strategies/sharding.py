@@ -316,6 +316,8 @@ class ReplicaGroups:
 
     def shard(self, module: nn.Module, buffers: Any) -> LocalShards:
         """Shard ``module`` inside the groups (unless ``configure_model`` did) and return its local shards."""
+        if self.shards is not None:  # a second `fit`: the shards must still be where the algorithm's state is
+            self.shards.check_still_aliased()
         if self.shards is None:
             assert self.mesh is not None, "build the mesh first"
             check_no_averaged_buffers(module, buffers, self.strategy)

@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--validate-after", action="store_true", help="`trainer.validate` after `fit`")
     parser.add_argument("--validate-only", default=None, help="no `fit`: `trainer.validate(ckpt_path=...)`")
+    parser.add_argument("--second-fit", type=int, default=0, help="then `fit` again for this many more steps")
     parser.add_argument("--configure-model", action="store_true", help="shard in `configure_model`, not by policy")
     parser.add_argument("--term", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
     parser.add_argument("--nan", type=int, nargs=2, default=(-1, -1), metavar=("RANK", "STEP"))
@@ -223,6 +224,9 @@ def main() -> None:
     except SystemExit:  # Lightning's SIGTERMException: a graceful stop every rank agreed on
         torch.save({"stopped_after": trainer.global_step}, out / f"stopped{trainer.global_rank}.pt")
         return
+    if args.second_fit:  # continue in the same processes: the strategy keeps its groups, shards and state
+        trainer.fit_loop.epoch_loop.max_steps = args.max_steps + args.second_fit
+        trainer.fit(model)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
     if args.validate_after:
         trainer.validate(model)  # evaluates the consensus left by `fit`: recorded in `model.validated`
