@@ -86,6 +86,12 @@ class GradientExchange:
         elif self.exchanges_every_step:
             self._guarded_exchange(optimizer)
 
+    def reads_gradients_before_step(self: PeriodicAlgorithm) -> bool:
+        """Whether :meth:`before_optimizer_step` reads or writes ``.grad`` at this step (warm-up averages, per-step
+        exchanges, STL-SGD's proximal term): where not, a caller that must first show the gradients to the algorithm
+        (replica groups' local shards) skips that work."""
+        return self.in_warmup() or self.exchanges_every_step
+
     def _exchange_gradients(
         self: PeriodicAlgorithm, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: float
     ) -> None:

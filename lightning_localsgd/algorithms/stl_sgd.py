@@ -117,6 +117,9 @@ class STLSGD(PeriodicAlgorithm):
             for start, x in zip(self.state_buckets("stage_start"), self.flat.buckets):
                 start.copy_(x)
 
+    def reads_gradients_before_step(self) -> bool:
+        return super().reads_gradients_before_step() or self.proximal is not None
+
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
         super().before_optimizer_step(optimizer)
         if self.proximal is None or self.in_warmup():

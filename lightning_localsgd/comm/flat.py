@@ -116,14 +116,23 @@ class FlatParameters:
                 )
         # (shape, strides) each parameter is re-homed with; fixed, so that views of state buckets stay element-aligned.
         self.layouts: list[tuple[torch.Size, tuple[int, ...]]] = [(p.shape, p.stride()) for p in self.params]
-        cap_bytes = int(bucket_cap_mb * 2**20)
-        # (bucket index, offset) of each parameter, and the numel of each bucket.
+        # (bucket index, offset) of each parameter; the fragment each bucket belongs to.
         self._slots: list[tuple[int, int]] = [(0, 0)] * len(self.params)
+        self.bucket_fragments: list[int] = []
+        fragment = [0 if fragment_of is None else fragment_of[id(p)] for p in self.params]
+        if in_place:
+            self.buckets: list[Tensor] = self._own_buckets(fragment)
+        else:
+            self.buckets = self._packed_buckets(fragment, int(bucket_cap_mb * 2**20))
+        self._expected_ptrs: list[int] = []
+        self.rehome()
+
+    def _packed_buckets(self, fragment: list[int], cap_bytes: int) -> list[Tensor]:
+        """New flat buckets of at most ``cap_bytes`` (a larger parameter alone), one (device, dtype) and one fragment
+        each, in parameter order; the parameters are re-homed into them by :meth:`rehome`."""
         sizes: list[int] = []
         templates: list[Tensor] = []
-        self.bucket_fragments: list[int] = []  # the fragment each bucket belongs to
-        fragment = [0 if fragment_of is None else fragment_of[id(p)] for p in self.params]
-        for f in sorted(set(fragment)) if not in_place else ():
+        for f in sorted(set(fragment)):
             members = [i for i in range(len(self.params)) if fragment[i] == f]
             for group in _grouped_by_layout([self.params[i] for i in members]):
                 used_bytes = cap_bytes  # forces a new bucket for each layout group
@@ -138,17 +147,16 @@ class FlatParameters:
                     self._slots[i] = (len(sizes) - 1, sizes[-1])
                     sizes[-1] += p.numel()
                     used_bytes += nbytes
-        if in_place:
-            for i, p in enumerate(self.params):
-                if not p.is_contiguous():
-                    raise ValueError(f"Parameter {i} must be contiguous to be its own bucket; strides {p.stride()}.")
-                self._slots[i] = (i, 0)
-            self.bucket_fragments = fragment
-            self.buckets: list[Tensor] = [p.detach().view(-1) for p in self.params]
-        else:
-            self.buckets = [torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(sizes, templates)]
-        self._expected_ptrs: list[int] = []
-        self.rehome()
+        return [torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(sizes, templates)]
+
+    def _own_buckets(self, fragment: list[int]) -> list[Tensor]:
+        """Each parameter its own bucket: a flat view of its own memory (``in_place``)."""
+        for i, p in enumerate(self.params):
+            if not p.is_contiguous():
+                raise ValueError(f"Parameter {i} must be contiguous to be its own bucket; strides {p.stride()}.")
+            self._slots[i] = (i, 0)
+        self.bucket_fragments = list(fragment)
+        return [p.detach().view(-1) for p in self.params]
 
     @property
     def numel(self) -> int:

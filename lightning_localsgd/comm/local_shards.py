@@ -112,9 +112,6 @@ class LocalShards(nn.Module):
         """``(real, proxy)`` for each real parameter (tied ones once)."""
         return iter(self._pairs)
 
-    def proxy_of(self, real: Tensor) -> nn.Parameter:
-        return self._proxies[id(real)]
-
     def as_sharded(self, values: dict[int, Tensor]) -> dict[int, Tensor]:
         """``values`` (by ``id(proxy)``: e.g. the consensus of the shards) keyed by ``id(real parameter)`` too, each
         placed as its real parameter is, for a state dict of the real module."""
@@ -128,7 +125,6 @@ class LocalShards(nn.Module):
 
     def pull_gradients(self) -> None:
         """Show each real parameter's gradient (its local shard, no copy) as its proxy's ``.grad``."""
-        self.follow_requires_grad()
         self._pulled = {}
         for real, proxy in self._pairs:
             grad = None if real.grad is None else _local(real.grad)

@@ -245,15 +245,10 @@ class FabricLocalUpdateStrategy(DDPStrategy):
         return output
 
     def _before_optimizer_step(self, optimizer: Optimizer) -> None:
-        shards = self._groups.shards if self._groups is not None else None
-        if shards is None:
+        if self._groups is None:
             self.algorithm.before_optimizer_step(optimizer)
-            return
-        shards.pull_gradients()  # the algorithm sees this rank's gradient shards
-        try:
-            self.algorithm.before_optimizer_step(optimizer)
-        finally:
-            shards.push_gradients()
+        else:  # on this rank's shards
+            self._groups.before_optimizer_step(self.algorithm, optimizer)
 
     def _reshard(self) -> None:
         if self._groups is not None:  # the next forward gathers what the shards hold now (see LocalShards.reshard)

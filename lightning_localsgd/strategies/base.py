@@ -175,7 +175,6 @@ class LocalUpdateStrategy(DDPStrategy):
         self._groups = replica_groups(  # None with shard_size=1
             shard_size, shard_layers, shard_param_dtype, shard_activation_checkpointing, algorithm, type(self).__name__
         )
-        self.shard_size = shard_size
         self._active = False  # the algorithm drives the model (between setup and teardown of a fit)
         self._stepped_this_batch = False
         self._pending_rank_state: Optional[Any] = None
@@ -195,6 +194,11 @@ class LocalUpdateStrategy(DDPStrategy):
     def comm_stats(self) -> CommStats:
         """This rank's communication counters (rounds, collectives, bytes sent, seconds)."""
         return self.algorithm.comm.stats if self.algorithm.is_set_up else CommStats()
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks per replica group (1: a full replica per rank)."""
+        return self._groups.shard_size if self._groups is not None else 1
 
     @property
     def device_mesh(self) -> Any:
@@ -336,15 +340,10 @@ class LocalUpdateStrategy(DDPStrategy):
         def closure_then_synchronise() -> Any:
             self.algorithm.before_backward(optimizer)  # warm-up: gradients travel while backward runs
             result = closure()  # forward + backward (automatic), or nothing (manual: backward already ran)
-            shards = self._groups.shards if self._groups is not None else None
-            if shards is None:
+            if self._groups is None:
                 self.algorithm.before_optimizer_step(optimizer)
-                return result
-            shards.pull_gradients()  # the algorithm sees this rank's gradient shards
-            try:
-                self.algorithm.before_optimizer_step(optimizer)
-            finally:
-                shards.push_gradients()
+            else:  # on this rank's shards
+                self._groups.before_optimizer_step(self.algorithm, optimizer)
             return result
 
         def run_step() -> Any:

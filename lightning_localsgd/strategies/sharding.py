@@ -329,6 +329,24 @@ class ReplicaGroups:
         if self.shards is not None:
             self.shards.reshard()
 
+    def before_optimizer_step(self, algorithm: Any, optimizer: Optimizer) -> None:
+        """The algorithm's before-step moment on the local shards. The trainable set follows the real module's; the
+        gradients are shown to the algorithm (and handed back) only at steps where it reads them: a local step of
+        Local SGD, VRL-SGD, DiLoCo... touches none, and stays as cheap as FSDP2's own step."""
+        shards = self.shards
+        if shards is None:
+            algorithm.before_optimizer_step(optimizer)
+            return
+        shards.follow_requires_grad()
+        if not algorithm.reads_gradients_before_step():
+            algorithm.before_optimizer_step(optimizer)
+            return
+        shards.pull_gradients()
+        try:
+            algorithm.before_optimizer_step(optimizer)
+        finally:
+            shards.push_gradients()
+
     def intra_group_megabytes(self, module: nn.Module, batches: int) -> float:
         """FSDP2's traffic inside the group over ``batches`` training batches (:func:`intra_group_bytes_per_batch`)."""
         if self._intra_bytes_per_batch is None:
