@@ -48,7 +48,12 @@ from lightning_localsgd.strategies.safety import (
     check_supported_optimizers,
     grad_scaler_of,
 )
-from lightning_localsgd.strategies.sharded_checkpoint import MODEL_KEY, load_consensus_into, save_consensus
+from lightning_localsgd.strategies.sharded_checkpoint import (
+    MODEL_KEY,
+    PER_RANK_KEY,
+    load_consensus_into,
+    save_consensus,
+)
 from lightning_localsgd.strategies.sharding import ReplicaGroups, local_optimizer_state, sharded_optimizer_state
 
 
@@ -325,7 +330,9 @@ class FabricLocalUpdateStrategy(DDPStrategy):
             weights = {key: converted.pop(key) for key in modules}
             section[MODEL_KEY] = save_consensus(weights, path, section["token"])
             converted.update({key: {} for key in modules})
-            converted.update({key: None for key, obj in state.items() if isinstance(obj, Optimizer)})
+            per_rank = [key for key, obj in state.items() if isinstance(obj, Optimizer)]
+            converted.update(dict.fromkeys(per_rank))  # their states: in each rank's shard
+            section[PER_RANK_KEY] = per_rank
         converted[CHECKPOINT_KEY] = section
         if self.is_global_zero:
             self.checkpoint_io.save_checkpoint(checkpoint=converted, path=path, storage_options=storage_options)

@@ -24,6 +24,7 @@ from torch import nn
 from lightning_localsgd.strategies.checkpointing import CHECKPOINT_KEY, final_path, shard_folder
 
 MODEL_KEY = "model"  # the section's entry naming the DCP folder, relative to the main file's folder
+PER_RANK_KEY = "per_rank_keys"  # the section's entry naming the main file's keys whose state is in the rank shards
 
 
 def model_relpath(main_path: _PATH, token: str) -> str:
@@ -84,6 +85,6 @@ def consolidate_checkpoint(main_path: _PATH, output_path: _PATH) -> None:
         os.remove(staged)
     checkpoint.update(weights)
     checkpoint.pop("optimizer_states", None)  # per rank and per shard: meaningless for one whole model
-    for key in [key for key, value in checkpoint.items() if value is None]:
-        del checkpoint[key]  # Fabric's optimizers: their states are per rank
+    for key in section.get(PER_RANK_KEY, ()):
+        checkpoint.pop(key, None)  # Fabric's optimizers: their states are in the rank shards
     torch.save(checkpoint, str(output_path))
