@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_localsgd.comm.exit_drain import install_exit_drain
 from lightning_localsgd.compression import Compressor, make_compressor
 from lightning_localsgd.compression.error_feedback import compress_with_feedback, decode_mean
 from lightning_localsgd.compression.packing import as_bytes, from_bytes, pack_bits, packed_bits_bytes, unpack_bits
@@ -156,6 +157,7 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
     world = dist.get_world_size(group)
     if not state._seeded:
         state.compressor.seed_for_rank(dist.get_rank(group))
+        install_exit_drain()  # else a finished run can abort at exit (see comm/exit_drain.py)
         state._seeded = True
     buffer = bucket.buffer()
     numel = buffer.numel()

@@ -181,19 +181,5 @@ def run_ranks(
     return subprocess.CompletedProcess([str(script), *args], code, output, output)
 
 
+# What a process that aborts at interpreter exit prints (comm/exit_drain.py says why and how it is avoided).
 EXIT_ABORT = "terminate called without an active exception"
-
-
-def succeeded(proc: subprocess.CompletedProcess, finished: str) -> bool:
-    """Whether a run through Lightning's own launcher (rank 0 the script, rank 1 re-run by it) succeeded.
-
-    Exit code 0, or a known defect outside the code under test: after a finished fit (``finished`` is in the output),
-    the process sometimes aborts while the interpreter exits, printing only ``EXIT_ABORT`` (SIGABRT). Seen on
-    Lightning 2.4 to 2.6 with gloo, in about 1 of 10 to 20 such runs here and in none of the torchrun-style runs of
-    ``run_ranks``; destroying the process groups at exit made it more frequent (3 of 16). Anything else fails.
-    """
-    if proc.returncode == 0:
-        return True
-    output = (proc.stdout or "") + (proc.stderr or "")
-    last = (proc.stderr or "").strip().splitlines()[-1:] or [""]
-    return proc.returncode == -6 and finished in output and last[0] == EXIT_ABORT

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import EXIT_ABORT, run_ranks
+from dist_utils import run_ranks
 
 SCRIPT = Path(__file__).parent / "e2e" / "fault_case.py"
 
@@ -144,12 +144,7 @@ def test_slurm_requeue_signal_checkpoints_every_rank_at_the_same_step_and_the_re
         procs = _start_slurm_ranks(tmp_path, restart, free_port(), *args)
         codes = [proc.wait(timeout=300) for proc in procs]
         logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("slurm_rank*.log")))
-        # A rank that wrote its results and then aborted at interpreter exit is the known defect outside the code
-        # under test (dist_utils.succeeded); anything else fails.
-        for rank, code in enumerate(codes):
-            log = (tmp_path / f"slurm_rank{rank}_{restart}.log").read_text()
-            known_abort = code == -6 and log.strip().endswith(EXIT_ABORT) and (tmp_path / f"rank{rank}.pt").exists()
-            assert code == 0 or known_abort, logs
+        assert codes == [0, 0], logs  # an abort at exit included (comm/exit_drain.py)
         if restart is None:
             first_final = torch.load(tmp_path / "rank0.pt", weights_only=False)["final"]
             hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)

@@ -17,7 +17,7 @@ import lightning
 import lightning as L
 import pytest
 import torch
-from dist_utils import run_processes, run_ranks, run_script, succeeded
+from dist_utils import run_processes, run_ranks, run_script
 from lightning.fabric.plugins import TorchCheckpointIO
 from packaging.version import Version
 
@@ -53,7 +53,7 @@ def test_the_ranks_lightnings_launcher_starts_import_the_expected_lightning(tmp_
     # The rank that Lightning's own launcher starts by re-running the script (about 10 s of imports: only where a
     # second Lightning is in front of the installed one, `make test-lightning-min`).
     proc = run_script(E2E / "version_case.py", tmp_path, timeout=240)
-    assert succeeded(proc, "`max_steps=1` reached"), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report == {"version": EXPECTED, "file": lightning.__file__}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from dist_utils import succeeded
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.strategies import StrategyRegistry
@@ -268,7 +267,7 @@ def test_example_cli_trains_for_real_from_yaml(tmp_path):
         text=True,
         timeout=240,
     )
-    assert succeeded(proc, "`max_steps=30` reached"), proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "`max_steps=30` reached" in proc.stdout + proc.stderr
 
 

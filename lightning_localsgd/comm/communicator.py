@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_localsgd.comm.exit_drain import install_exit_drain
 from lightning_localsgd.comm.stats import CommStats
 
 
@@ -339,6 +340,7 @@ class ProcessGroupCommunicator(Communicator):
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ProcessGroupCommunicator needs an initialised torch.distributed process group.")
+        install_exit_drain()  # else a finished run can abort at exit (see comm/exit_drain.py)
         self.group = group
         self.timeout = timeout
         self._async_group: Optional[dist.ProcessGroup] = non_blocking_group
