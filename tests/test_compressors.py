@@ -75,6 +75,22 @@ def test_scaled_sign_matches_a_plain_torch_reference_at_odd_sizes_and_blocks(num
     assert payload.numel() == 4 * math.ceil(numel / block) + math.ceil(numel / 8)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_scaled_sign_scales_keep_their_bits_on_blocks_of_millions_whatever_the_threads(threads):
+    # Today's payload format: each block's scale is the float64 sum of |v| as `abs().sum(dtype=float64)` computes it
+    # (at this size the order of a sum changes its last bits), divided by the block's length, rounded to float32.
+    block = 2**20
+    v = torch.randn(3 * block + 12_345, generator=torch.Generator().manual_seed(7)) * 1e3
+    expected = torch.stack([(b.abs().sum(dtype=torch.float64) / b.numel()).float() for b in v.split(block)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        payload = ScaledSign(4 * block / 2**20).encode(v)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(payload[: 4 * expected.numel()].view(torch.float32), expected)
+
+
 def test_one_scaled_sign_block_is_about_one_thirty_second_of_float32():
     numel = 1_000_000
     assert ScaledSign().payload_bytes(numel) / (4 * numel) == pytest.approx(1 / 32, rel=1e-3)
