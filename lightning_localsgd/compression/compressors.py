@@ -230,17 +230,9 @@ class ScaledSign(Compressor):
                 block[8 * whole :].copy_(signed.index_select(0, last)[0, : block.numel() - 8 * whole])
         return out
 
-    def compress_values_into(self, tensor: Tensor, out: Tensor) -> Tensor:
-        # +scale where the element is not negative (a clear bit), -scale where it is: what decode gives, bit for bit
-        # (+-1.0 times the scale), without packing the bits and unpacking them again.
-        flat = _flat_float32(tensor)
-        blocks = _Blocks(flat.numel(), self._block_numel)
-        if blocks.count == 0:
-            return out
-        scales = blocks.mean_abs(flat)
-        for block, target, scale in zip(flat.split(blocks.block_numel), out.split(blocks.block_numel), scales):
-            torch.where(block < 0, -scale, scale, out=target)
-        return out
+    # No `compress_values_into` of its own: writing +-scale per block with `torch.where(block < 0, -scale, scale)`
+    # skipped the packing but took 2.2x the time of packing and then decoding through the table (29.6 ms against
+    # 13.5 ms for 25 MiB on one thread, torch 2.13), for the same bits.
 
 
 class TopK(Compressor):
