@@ -54,9 +54,14 @@ def _launch(script: Path, world: int) -> list[subprocess.CompletedProcess]:
         for rank in range(world)
     ]
     finished = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        finished.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            finished.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()  # a rank stuck after a timeout: nothing left running
     return finished
 
 
