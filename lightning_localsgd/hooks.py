@@ -74,6 +74,7 @@ class CompressedHookState:
         self.process_group = process_group
         self.error_feedback = bool(error_feedback)
         self.module = module
+        install_exit_drain()  # else a finished run can abort at exit (see comm/exit_drain.py)
         self.errors: dict[int, Tensor] = {}  # id(parameter) -> float32 error, flat
         self.exchanges = 0
         self.bytes_sent = 0
@@ -157,7 +158,6 @@ def ef_sign_hook(state: CompressedHookState, bucket: dist.GradBucket) -> torch.f
     world = dist.get_world_size(group)
     if not state._seeded:
         state.compressor.seed_for_rank(dist.get_rank(group))
-        install_exit_drain()  # else a finished run can abort at exit (see comm/exit_drain.py)
         state._seeded = True
     buffer = bucket.buffer()
     numel = buffer.numel()

@@ -34,7 +34,8 @@ _installed = False
 
 
 def install_exit_drain() -> None:
-    """Register the exit hook once per process (idempotent). Call it once a process group exists."""
+    """Register the exit hook once per process (idempotent), wherever the process will run gloo collectives; in one
+    that never does, it only adds the shortest wait to its exit."""
     global _installed
     if not _installed:
         atexit.register(wait_for_torch_threads_to_idle)
