@@ -24,6 +24,7 @@ slow link joins, the symmetric collective is cheaper and needs no rank to be spe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -47,6 +48,22 @@ from lightning_localsgd.compression import Compressor
 # One chunk's rule: (chunk, g) -> the buffer holding the direction (times the ``divisor`` given to ``_stream``).
 # ``g`` holds the chunk's unscaled float32 gradients and may be overwritten.
 ChunkRule = Callable[[Chunk, Tensor], Tensor]
+# The second half of a rule whose chunk goes through one all-gather (``_stream_gathered``): (chunk, g, what
+# ``_prepare_chunk`` returned with the payload, every rank's payload) -> the buffer holding the direction.
+FinishRule = Callable[[Chunk, Tensor, Any, list[Tensor]], Tensor]
+
+
+@dataclass
+class Speculation:
+    """A step's first chunk, prepared before the step's flags were agreed (see the module docstring)."""
+
+    params: list[int]  # ids of the parameters exchanged, in order: the exchange must be over exactly these
+    chunk: Chunk
+    g: Tensor  # the chunk's buffer as ``_prepare_chunk`` left it
+    payload: Tensor
+    context: Any  # what ``_prepare_chunk`` returned with the payload
+    compressor_state: Optional[dict[str, Any]]  # a random compressor's state before it drew (restored if dropped)
+    gathered: list[Tensor] = field(default_factory=list)  # every rank's payload, once the verdict allows it
 
 
 class CompressedExchangeAlgorithm(PeriodicAlgorithm):
@@ -75,6 +92,48 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
     def _on_setup(self) -> None:
         self.compressor.seed_for_rank(self.comm.rank)
         self._work = ChunkBuffers()
+        self._speculation: Optional[Speculation] = None
+        self.header_capacity = self._first_payload_capacity() if self._carries_first_payload() else 0
+
+    # ------------------------------------------------------------------ the first payload, with the flags
+    def _carries_first_payload(self) -> bool:
+        """Whether a compressed step's first chunk is one all-gather that can carry the step's flags."""
+        return True
+
+    def _first_payload_capacity(self) -> int:
+        """The bytes of the largest first payload any exchange can send: one chunk, or the whole model where it is
+        shorter. From the model's size (the same on every rank, all parameters, frozen or not) and the
+        configuration, never from this step's trainable set: the frames must be of one size on every rank."""
+        total = max(1, sum(p.numel() for p in self.module.parameters()))
+        chunk = self.compressor.chunk_numel(self._chunk_target())
+        return self.compressor.payload_bytes(min(chunk, total) if chunk is not None else total)
+
+    def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[Tensor, Any]:
+        """The first half of a chunk's rule, up to the payload it sends, changing no state (it may run before the
+        flags are agreed): returns the payload and what the rest of the rule needs. ``g`` as for :data:`ChunkRule`;
+        ``indices`` are the exchanged parameters' places in ``flat.params``."""
+        raise NotImplementedError(f"{type(self).__name__} has no gathered exchange.")
+
+    def _speculate(self, optimizer: Any, params: list[nn.Parameter], scale: float) -> Optional[Speculation]:
+        self._speculation = None  # one left by an exchange that failed half-way is stale
+        if not self.header_capacity or not params:
+            return None
+        chunk = self._chunk_plan(params).chunks[0]
+        state = None if self.compressor.deterministic else self.compressor.state_dict()
+        g = gather_chunk(chunk, [p.grad for p in params], self._buffer("g", chunk))
+        if scale != 1.0:
+            g.div_(scale)
+        indices = [self.flat.index_of[id(p)] for p in params]
+        payload, context = self._prepare_chunk(chunk, g, indices)
+        return Speculation([id(p) for p in params], chunk, g, payload, context, state)
+
+    def _settle_speculation(self, speculation: Speculation, areas: Optional[list[Tensor]]) -> None:
+        if areas is None:
+            if speculation.compressor_state is not None:
+                self.compressor.load_state_dict(speculation.compressor_state)  # as if it had never drawn
+            return
+        speculation.gathered = [area[: speculation.payload.numel()] for area in areas]
+        self._speculation = speculation
 
     # ------------------------------------------------------------------ the streamed exchange
     def _chunk_plan(self, params: Sequence[nn.Parameter]) -> ChunkPlan:
@@ -106,6 +165,28 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             writer.write(chunk, rule(chunk, g), divisor, scale)
         writer.finish()
 
+    def _stream_gathered(
+        self, params: list[nn.Parameter], indices: list[int], scale: float, finish: FinishRule, divisor: float = 1.0
+    ) -> None:
+        """:meth:`_stream` for a rule made of :meth:`_prepare_chunk`, one all-gather of its payload, and ``finish``.
+        The first chunk is the one prepared before the flags and sent with them, where the step kept it."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and speculation.params != [id(p) for p in params]:
+            raise RuntimeError("The speculated first chunk was prepared for other parameters.")  # a bug, not input
+        grads = [p.grad for p in params]
+        writer = ChunkWriter(gradient_of(params))
+        for number, chunk in enumerate(self._chunk_plan(params)):
+            if number == 0 and speculation is not None:
+                g, context, gathered = speculation.g, speculation.context, speculation.gathered
+            else:
+                g = gather_chunk(chunk, grads, self._buffer("g", chunk))
+                if scale != 1.0:
+                    g.div_(scale)
+                payload, context = self._prepare_chunk(chunk, g, indices)
+                gathered = self.comm.all_gather_(payload)
+            writer.write(chunk, finish(chunk, g, context, gathered), divisor, scale)
+        writer.finish()
+
     def _read_state(self, chunk: Chunk, views: Sequence[Tensor], name: str) -> Tensor:
         """The chunk's elements of per-parameter state ``views`` (the exchange's order) in work buffer ``name``."""
         return gather_chunk(chunk, views, self._buffer(name, chunk))
@@ -116,10 +197,12 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         view = chunk_view(chunk, views, torch.float32)
         return (view, True) if view is not None else (self._read_state(chunk, views, name), False)
 
-    def _gathered_sum_into(self, payload: Tensor, out: Tensor, scratch: Tensor, own: Optional[Tensor] = None) -> Tensor:
-        """``out`` = the sum over ranks of what every rank's ``payload`` decodes to (the same bits on every rank:
-        summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already decoded."""
-        gathered = self.comm.all_gather_(payload)
+    def _decoded_sum_into(
+        self, gathered: list[Tensor], out: Tensor, scratch: Tensor, own: Optional[Tensor] = None
+    ) -> Tensor:
+        """``out`` = the sum over ranks of what every rank's payload in ``gathered`` decodes to (the same bits on
+        every rank: summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already
+        decoded."""
 
         def term(rank: int, buffer: Tensor) -> Tensor:
             mine = own is not None and rank == self.comm.rank
@@ -134,11 +217,11 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             out.add_(term(rank, scratch))
         return out
 
-    def _gathered_mean_into(
-        self, payload: Tensor, out: Tensor, scratch: Tensor, own: Optional[Tensor] = None
+    def _decoded_mean_into(
+        self, gathered: list[Tensor], out: Tensor, scratch: Tensor, own: Optional[Tensor] = None
     ) -> Tensor:
-        """As :meth:`_gathered_sum_into`, divided by the number of ranks."""
-        return self._gathered_sum_into(payload, out, scratch, own).div_(self.comm.world_size)
+        """As :meth:`_decoded_sum_into`, divided by the number of ranks."""
+        return self._decoded_sum_into(gathered, out, scratch, own).div_(self.comm.world_size)
 
     def _round(self) -> None:
         """Normalisation buffers only: the parameters were dealt with by the step's exchange."""

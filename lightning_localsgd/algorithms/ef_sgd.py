@@ -14,6 +14,8 @@ averages the normalisation buffers, which each rank updates from its own batches
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -56,23 +58,29 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
     def _declare_state_buffers(self) -> dict[str, StateInit]:
         return {"error": "zeros"}
 
+    def _errors_of(self, indices: list[int]) -> list[Tensor]:
+        views = self.state_views("error")
+        return [views[i] for i in indices]
+
+    def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[Tensor, Any]:
+        e, in_place = self._state_chunk(chunk, self._errors_of(indices), "e")  # read, not yet written
+        compensated = g.add_(e)  # p_i = g_i + e_i, in g
+        payload = self.compressor.encode(compensated)
+        own = self.compressor.decode_into(payload, self._buffer("own", chunk))  # C(p_i), also its mean term
+        return payload, (e, in_place, own)
+
     def _exchange_gradients(
         self, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: float
     ) -> None:
-        views = self.state_views("error")
-        errors = [views[i] for i in indices]
-        writer = ChunkWriter(errors.__getitem__)
+        writer = ChunkWriter(self._errors_of(indices).__getitem__)
 
-        def rule(chunk: Chunk, g: Tensor) -> Tensor:
-            e, in_place = self._state_chunk(chunk, errors, "e")
-            compensated = g.add_(e)  # p_i = g_i + e_i
-            payload = self.compressor.encode(compensated)
-            own = self.compressor.decode_into(payload, self._buffer("own", chunk))  # C(p_i), also its mean term
-            torch.sub(compensated, own, out=e)  # e_i <- p_i - C(p_i)
+        def finish(chunk: Chunk, compensated: Tensor, context: Any, gathered: list[Tensor]) -> Tensor:
+            e, in_place, own = context
+            torch.sub(compensated, own, out=e)  # e_i <- p_i - C(p_i): only now, once every rank's flags were read
             if not in_place:
                 writer.write(chunk, e)
             scratch = self._buffer("scratch", chunk) if in_place else e  # e's copy is written: reuse it
-            return self._gathered_sum_into(payload, g, scratch, own)  # sum_j C(p_j), divided as it is written
+            return self._decoded_sum_into(gathered, compensated, scratch, own)  # sum_j C(p_j), divided when written
 
-        self._stream(params, scale, rule, divisor=self.comm.world_size)  # mean_j C(p_j)
+        self._stream_gathered(params, indices, scale, finish, divisor=self.comm.world_size)  # mean_j C(p_j)
         writer.finish()

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.guard import (
@@ -52,6 +52,7 @@ from lightning_localsgd.comm.grad_sync import agreed_gradient_flags
 GRADIENT_BUCKET_CAP_MB = 1.0
 
 if TYPE_CHECKING:
+    from lightning_localsgd.algorithms.compressed import Speculation
     from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 
 
@@ -114,10 +115,18 @@ class GradientExchange:
                 finite = finite & self._contribution_finite_flag()
             if any(p.grad is None for p in self._exchange_candidates(optimizer)):
                 self.requests_pending.add(GRADIENTS_MISSING)  # every rank then agrees on per-parameter flags
-            bad = self._agree(finite, self.step, EXCHANGE, where)
+            # The first chunk's payload, prepared as if nothing were wrong, travels with the flags; it is used only
+            # where the verdict shows that today's exchange would have sent exactly it.
+            speculation = None if full else self._speculate(optimizer, params, scale)
+            bad, areas = self._agree_carrying(
+                finite, self.step, EXCHANGE, where, speculation.payload if speculation is not None else None
+            )
             some_missing = self.take_agreed_request(GRADIENTS_MISSING)
             self._follow_exchange_set(optimizer)
             params = self._managed_params_of(optimizer)
+            if speculation is not None and (bad or not params):
+                self._settle_speculation(speculation, None)
+                speculation = None
             if bad:
                 if self.grad_scale is not None:
                     # fp16 AMP: an overflow is the scaler's business. Every rank's scaler must see it, so that all
@@ -135,10 +144,13 @@ class GradientExchange:
                 return
             if not params:
                 return
-            sent_before = self.comm.stats.bytes_sent
+            # The payload area of the flags' frame counts with the exchange's bytes; the flags, as elsewhere, do not.
+            sent_before = self.comm.stats.bytes_sent - (self.comm.world_size - 1) * self.header_capacity
             managed = params
             if some_missing:
                 params = self._drop_untouched(params)
+            if speculation is not None:  # kept where the exchange is over the very parameters it was prepared for
+                self._settle_speculation(speculation, areas if speculation.params == [id(p) for p in params] else None)
             self._track_stepped(managed, params, full)
             if params:
                 index_of = self.flat.index_of
@@ -148,6 +160,17 @@ class GradientExchange:
             if not full:  # a full-precision step's bytes count with the rounds'
                 self.comm.stats.exchanges += 1
                 self.comm.stats.exchange_bytes_sent += self.comm.stats.bytes_sent - sent_before
+
+    def _speculate(
+        self: PeriodicAlgorithm, optimizer: Optimizer, params: list[nn.Parameter], scale: float
+    ) -> Optional[Speculation]:
+        """This step's first payload for ``optimizer``'s managed ``params``, prepared before the flags are agreed so
+        that it travels in their frame (algorithms with ``header_capacity > 0``); None: the frame goes empty."""
+        return None
+
+    def _settle_speculation(self: PeriodicAlgorithm, speculation: Speculation, areas: Optional[list[Tensor]]) -> None:
+        """Keep ``speculation`` for the exchange, with every rank's payload area (``areas``), or drop it (None):
+        undo anything preparing it changed (a random compressor's draws)."""
 
     def _drop_untouched(self: PeriodicAlgorithm, params: list[nn.Parameter]) -> list[nn.Parameter]:
         """The parameters some rank has a gradient for (the ranks agree on the flags: one small all-reduce); the

@@ -105,6 +105,31 @@ def agree(
     return read_verdict(flags, comm.world_size, len(fingerprint))
 
 
+def agree_in_frames(
+    comm: Communicator, flags: Tensor, payload: Optional[Tensor], capacity: int
+) -> tuple[Tensor, list[Tensor]]:
+    """The flag collective as one all-gather of frames ``[flag vector | payload area]`` instead of an all-reduce, so
+    that a step's first payload travels with its flags (a round trip fewer). Returns the flag vector summed over the
+    ranks (as :func:`agree`'s all-reduce leaves it) and every rank's payload area, in rank order.
+
+    Every frame is ``capacity`` bytes past the flags, padded where ``payload`` (uint8) is shorter or absent: ranks at
+    different synchronisation points (out of step) or holding different trainable sets then still meet with frames
+    of one size and read each other's flags, where frames of different sizes would abort the process inside gloo
+    instead of raising :class:`~lightning_localsgd.errors.OutOfStepError`. A caller that uses frames must therefore
+    use them, with the same capacity, at every synchronisation point.
+    """
+    head = flags.numel() * flags.element_size()
+    frame = torch.zeros(head + capacity, dtype=torch.uint8, device=flags.device)
+    frame[:head].copy_(flags.view(torch.uint8))
+    if payload is not None:
+        if payload.numel() > capacity:
+            raise RuntimeError(f"A payload of {payload.numel()} bytes does not fit a frame of {capacity}.")
+        frame[head : head + payload.numel()].copy_(payload)
+    frames = comm.all_gather_(frame)
+    summed = torch.stack([f[:head].view(flags.dtype) for f in frames]).sum(0)  # one rank's value per slot: exact
+    return summed, [f[head:] for f in frames]
+
+
 def flag_vector(
     comm: Communicator,
     finite: Finite,

@@ -202,7 +202,11 @@ class LIECSGD(CompressedExchangeAlgorithm):
         elif sharded:
             self._stream(params, scale, lambda chunk, g: self._sharded_chunk(chunk, g, errors, writer))
         else:
-            self._stream(params, scale, lambda chunk, g: self._compressed_chunk(chunk, g, errors, writer))
+
+            def finish(chunk: Chunk, g: Tensor, _: Any, gathered: list[Tensor]) -> Tensor:
+                return self._compressed_chunk(chunk, g, gathered, errors, writer)
+
+            self._stream_gathered(params, indices, scale, finish)
         writer.finish()
 
     def _full_precision_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], sharded: bool) -> Tensor:
@@ -214,14 +218,23 @@ class LIECSGD(CompressedExchangeAlgorithm):
             self.comm.all_reduce_sum_([error])
         return g.add_(error)
 
-    def _compressed_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], writer: ChunkWriter) -> Tensor:
-        """One chunk of a compressed step, replicated server (see the module docstring): returns C(u) + r_i and
-        updates ``e``."""
+    def _carries_first_payload(self) -> bool:
+        return not self.shards_server  # the sharded server's first message is an all-to-all, not an all-gather
+
+    def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[Tensor, Any]:
+        """A compressed step's chunk up to its payload, replicated server: C(g_i), and r_i = g_i - C(g_i) in g."""
+        payload = self.compressor.encode(g)  # C(g_i), packed
+        g.sub_(self.compressor.decode_into(payload, self._buffer("mean", chunk)))  # r_i, in place of g_i
+        return payload, None
+
+    def _compressed_chunk(
+        self, chunk: Chunk, g: Tensor, gathered: list[Tensor], errors: list[Tensor], writer: ChunkWriter
+    ) -> Tensor:
+        """The rest of a compressed step's chunk, replicated server (see the module docstring), once every rank's
+        C(g_j) is in ``gathered`` and ``g`` holds r_i: returns C(u) + r_i and updates ``e``."""
         compressor = self.compressor
-        payload = compressor.encode(g)  # C(g_i), packed
         mean, scratch = self._buffer("mean", chunk), self._buffer("scratch", chunk)  # with g: three chunk buffers
-        g.sub_(compressor.decode_into(payload, mean))  # r_i = g_i - C(g_i), in place of g_i
-        self._gathered_mean_into(payload, mean, scratch)
+        self._decoded_mean_into(gathered, mean, scratch)
         e, in_place = self._state_chunk(chunk, errors, "scratch")  # a copy goes into the scratch buffer
         u = mean.add_(e)  # u = mean_j C(g_j) + e
         server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent

@@ -25,6 +25,7 @@ from lightning_localsgd.algorithms.guard import (
     Finite,
     Verdict,
     agree,
+    agree_in_frames,
     flag_vector,
     nonfinite_error,
     out_of_step_error,
@@ -101,6 +102,9 @@ class SyncGuard:
         self._rollback_point: Optional[RollbackPoint] = None
         self._deferred_check: Optional[DeferredCheck] = None  # a round's flags in flight (see _start_deferred_check)
         self._guard_comm: Optional[Communicator] = None
+        # Bytes of payload carried in every flag collective's frame (0: the flags go alone, in an all-reduce). An
+        # algorithm that sends a step's first payload with its flags sets it once, the same on every rank.
+        self.header_capacity = 0
 
     @property
     def guard_comm(self: PeriodicAlgorithm) -> Communicator:
@@ -136,16 +140,24 @@ class SyncGuard:
     def _agree(self: PeriodicAlgorithm, finite: Finite, step: int, kind: int, where: str) -> list[int]:
         """The one flag collective of a synchronisation point: returns the ranks whose contribution is non-finite.
         ``finite`` may still be on the device: the verdict's read is then the point's only host sync."""
-        verdict = agree(
-            self.guard_comm,
-            finite,
-            position(step, kind),
-            self.requests_pending,
-            self.flat.buckets[0].device,
-            self._fingerprint(),
-        )
+        return self._agree_carrying(finite, step, kind, where, None)[0]
+
+    def _agree_carrying(
+        self: PeriodicAlgorithm, finite: Finite, step: int, kind: int, where: str, payload: Optional[Tensor]
+    ) -> tuple[list[int], list[Tensor]]:
+        """:meth:`_agree`, with ``payload`` (uint8, or None) carried in the same collective where the algorithm
+        sends frames (``header_capacity > 0``, see ``guard.agree_in_frames``): returns the non-finite ranks and
+        every rank's payload area (empty without frames). Read a payload only once the verdict is known."""
+        comm, device, fingerprint = self.guard_comm, self.flat.buckets[0].device, self._fingerprint()
+        if self.header_capacity == 0:
+            verdict = agree(comm, finite, position(step, kind), self.requests_pending, device, fingerprint)
+            areas: list[Tensor] = []
+        else:
+            flags = flag_vector(comm, finite, position(step, kind), self.requests_pending, device, fingerprint)
+            summed, areas = agree_in_frames(comm, flags, payload, self.header_capacity)
+            verdict = read_verdict(summed, comm.world_size, len(fingerprint))
         self.requests_pending = set()
-        return self._accept(verdict, where)
+        return self._accept(verdict, where), areas
 
     def _accept(self, verdict: Verdict, where: str) -> list[int]:
         """Raise if the ranks are out of step or disagree; take the agreed requests; return the non-finite ranks."""
@@ -164,6 +176,7 @@ class SyncGuard:
         :meth:`_judge_deferred_check` before anything the transfer brought is used. Wire-compatible with
         :meth:`_agree`: a rank at a blocking check at that point pairs with it and sees these flags. The caller
         keeps the returned check pending once the round's own work (which settles earlier transfers) is done."""
+        assert self.header_capacity == 0, "a deferred check sums its flags in an all-reduce, not in frames"
         fingerprint = self._fingerprint()
         finite = self._contribution_is_finite()
         flags = flag_vector(
