@@ -15,6 +15,15 @@ was compressed in as one vector: the results are the same bits, and the memory b
 a few chunks whatever the model size. A compressor whose result depends on the whole vector (top-k) takes the
 whole vector as one chunk.
 
+The step's flags (``guard.py``: finiteness, position, fingerprints, requests) travel with its first chunk: every
+synchronisation point of these algorithms is one all-gather of frames of one size, ``[flags | payload area]``
+(``guard.agree_in_frames``), and at a compressed step the area holds the first chunk's payload, prepared before the
+verdict by :meth:`CompressedExchangeAlgorithm._prepare_chunk`, which writes no state. Where the verdict allows
+exactly that exchange (every rank finite and in step, the same parameters exchanged) the chunk goes on from there;
+elsewhere it is dropped (a random compressor's state restored) and the step goes as without it. The area is as
+large as the largest first payload the model allows, so that ranks out of step still meet frames of one size.
+LIEC-SGD's sharded server starts with an all-to-all instead and keeps its flags in an all-reduce of their own.
+
 Why an all-gather and not a root that gathers and scatters (the reference code of LIEC-SGD): with N ranks the
 all-gather puts ``(N - 1) * b`` bytes on each rank's link for a payload of ``b`` bytes, the root's gather plus
 scatter puts ``2 (N - 1) * b`` on the root's link and waits for two transfers in a row; at the 2 to 8 ranks a

@@ -5,9 +5,10 @@ Warm-up gradients travel bucket by bucket while backward still runs
 (:class:`~lightning_localsgd.comm.GradientAverager`, as DDP's reducer does). Before gradients are used or
 compressed, the step's flag collective checks that every rank's local gradients are finite and that the ranks are
 at the same point; a bad step is dropped on every rank or stops the run, so an inf/NaN never reaches another rank
-or an error buffer. An algorithm with ``exchanges_every_step = True`` then exchanges each optimizer's gradients in
-:meth:`GradientExchange._exchange_gradients` and leaves in ``.grad`` the direction the optimizer steps on (the
-compressed algorithms stream the gradients chunk by chunk, see ``compressed.py``).
+or an error buffer (a compressed algorithm sends its first payload in the same collective, used only where the
+verdict allows: ``compressed.py``). An algorithm with ``exchanges_every_step = True`` then exchanges each
+optimizer's gradients in :meth:`GradientExchange._exchange_gradients` and leaves in ``.grad`` the direction the
+optimizer steps on (the compressed algorithms stream the gradients chunk by chunk, see ``compressed.py``).
 
 Parameters without a gradient are treated as DDP treats them. If any rank lacks a gradient for a parameter it
 exchanges, it says so in the flag collective, and the ranks then agree on per-parameter "had a gradient" flags (one
