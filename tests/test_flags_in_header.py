@@ -26,10 +26,17 @@ COLLECTIVES = ("all_reduce_sum_", "all_gather_", "all_to_all_", "broadcast_")
 
 
 def make(name: str, compressor=None):
+    """``ef_sign``, ``liec_sgd`` (replicated server) or ``liec_sharded``, with one-block chunks."""
     compressor = compressor or ScaledSign(BLOCK_MB)
     if name == "ef_sign":
         return ErrorFeedbackSGD(compressor, period=100, bucket_cap_mb=SMALL_BUCKET_MB)
-    return LIECSGD(4, bucket_cap_mb=SMALL_BUCKET_MB, compressor=compressor, server="replicated")
+    server = "sharded" if name == "liec_sharded" else "replicated"
+    return LIECSGD(4, bucket_cap_mb=SMALL_BUCKET_MB, compressor=compressor, server=server)
+
+
+def sign_payload(numel: int) -> int:
+    """Bytes of a scaled-sign payload: a float32 scale per block, then one bit per element."""
+    return 4 * math.ceil(numel / BLOCK) + math.ceil(numel / 8)
 
 
 def record_collectives(comm, calls: list) -> None:
@@ -45,10 +52,15 @@ def record_collectives(comm, calls: list) -> None:
         setattr(comm, name, recorded)
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd"])
-def test_a_compressed_step_is_one_all_gather_per_chunk_and_its_flags_ride_in_the_first(name, world):
-    steps = 4  # LIEC-SGD: steps 0 to 2 compressed, step 3 full precision
+def flag_bytes(name: str, world: int) -> int:
+    """The flag vector: finiteness, position and 2 fingerprint slots (3 for LIEC-SGD) per rank, and 3 request
+    slots, in float64."""
+    slots = 2 if name == "ef_sign" else 3
+    return 8 * ((2 + slots) * world + 3)
+
+
+def run_recording_collectives(name: str, world: int, steps: int):
+    """Per rank: the collectives of each step's exchange, the model's size and the communicator's stats."""
 
     def worker(rank, comm):
         model = make_layered_model()
@@ -71,14 +83,16 @@ def test_a_compressed_step_is_one_all_gather_per_chunk_and_its_flags_ride_in_the
         numel = sum(p.numel() for p in model.parameters())
         return per_step, numel, algorithm.comm.stats
 
-    for per_step, numel, stats in run_simulated(world, worker):
-        # One block per chunk; a block's payload is its float32 scale and one bit per element.
-        lengths = [min(BLOCK, numel - start) for start in range(0, numel, BLOCK)]
-        payloads = [4 + math.ceil(n / 8) for n in lengths]
-        # The frame: the flags (finiteness, position and 2 fingerprint slots, 3 for LIEC-SGD, per rank, and 3 request
-        # slots, in float64), then room for the largest first payload: here one block's.
-        slots = 3 if name == "liec_sgd" else 2
-        frame = 8 * ((2 + slots) * world + 3) + payloads[0]
+    return run_simulated(world, worker)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd"])
+def test_a_compressed_step_is_one_all_gather_per_chunk_and_its_flags_ride_in_the_first(name, world):
+    # LIEC-SGD: steps 0 to 2 compressed, step 3 full precision
+    for per_step, numel, stats in run_recording_collectives(name, world, steps=4):
+        payloads = [sign_payload(min(BLOCK, numel - start)) for start in range(0, numel, BLOCK)]  # a block a chunk
+        frame = flag_bytes(name, world) + payloads[0]  # room for the largest first payload: here one block's
         compressed = per_step if name == "ef_sign" else per_step[:3]
         for calls in compressed:
             assert calls == [("all_gather_", frame)] + [("all_gather_", b) for b in payloads[1:]]
@@ -89,7 +103,36 @@ def test_a_compressed_step_is_one_all_gather_per_chunk_and_its_flags_ride_in_the
         assert stats.exchange_bytes_sent == len(compressed) * (world - 1) * sum(payloads)
 
 
-@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_a_sharded_server_step_sends_its_flags_in_every_piece_of_its_first_all_to_all(world):
+    """Sharded, a chunk is one block per rank: an all-to-all of shard payloads, then an all-gather of the server's
+    packed results (padded to the longest). The first all-to-all's pieces each carry the whole flag vector."""
+    flags = flag_bytes("liec_sharded", world)
+    runs = run_recording_collectives("liec_sharded", world, steps=4)
+    for rank, (per_step, numel, stats) in enumerate(runs):
+        chunk = BLOCK * world
+        shards = [
+            [min(BLOCK, max(0, min(chunk, numel - start) - BLOCK * k)) for k in range(world)]
+            for start in range(0, numel, chunk)
+        ]
+        expected = []
+        for number, lengths in enumerate(shards):
+            pieces = [sign_payload(n) for n in lengths]
+            head = flags * world if number == 0 else 0
+            expected += [("all_to_all_", head + sum(pieces)), ("all_gather_", max(pieces))]
+        for calls in per_step[:3]:
+            assert calls == expected
+        assert per_step[3][0] == ("all_to_all_", flags * world + sum(sign_payload(n) for n in shards[0]))
+        assert {c for c, _ in per_step[3][1:]} == {"all_reduce_sum_"}
+        sent = sum(
+            sum(sign_payload(n) for k, n in enumerate(lengths) if k != rank)
+            + (world - 1) * max(map(sign_payload, lengths))
+            for lengths in shards
+        )
+        assert stats.exchange_bytes_sent == 3 * sent
+
+
+@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd", "liec_sharded"])
 def test_a_rank_at_its_final_average_while_the_others_exchange_is_named_on_every_rank(name):
     """Rank 1's data ran out after 2 steps: its final average's flags meet rank 0's third exchange."""
 
@@ -118,7 +161,7 @@ def test_a_rank_at_its_final_average_while_the_others_exchange_is_named_on_every
         assert "rank 0: gradient exchange at step 2" in message and "rank 1: final average at step 2" in message
 
 
-@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd"])
+@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd", "liec_sharded"])
 def test_a_rank_that_froze_a_layer_alone_is_named_although_its_first_payload_is_shorter(name):
     def worker(rank, comm):
         model = make_layered_model()
@@ -145,7 +188,7 @@ def test_a_rank_that_froze_a_layer_alone_is_named_although_its_first_payload_is_
         assert step == 1 and "trainable parameters" in message and "ranks [1] differ from rank 0" in message
 
 
-@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd"])
+@pytest.mark.parametrize("name", ["ef_sign", "liec_sgd", "liec_sharded"])
 def test_a_nan_on_one_rank_is_named_and_its_first_payload_reaches_no_error_buffer(name):
     error_name = "error" if name == "ef_sign" else "server_error"
 

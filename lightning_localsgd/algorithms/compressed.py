@@ -22,7 +22,8 @@ verdict by :meth:`CompressedExchangeAlgorithm._prepare_chunk`, which writes no s
 exactly that exchange (every rank finite and in step, the same parameters exchanged) the chunk goes on from there;
 elsewhere it is dropped (a random compressor's state restored) and the step goes as without it. The area is as
 large as the largest first payload the model allows, so that ranks out of step still meet frames of one size.
-LIEC-SGD's sharded server starts with an all-to-all instead and keeps its flags in an all-reduce of their own.
+LIEC-SGD's sharded server starts its chunks with an all-to-all instead: its frames are all-to-all pieces, each with
+the whole flag vector and room for the destination's shard of that payload.
 
 Why an all-gather and not a root that gathers and scatters (the reference code of LIEC-SGD): with N ranks the
 all-gather puts ``(N - 1) * b`` bytes on each rank's link for a payload of ``b`` bytes, the root's gather plus
@@ -50,6 +51,7 @@ from lightning_localsgd.algorithms.chunks import (
     gather_chunk,
     gradient_of,
 )
+from lightning_localsgd.algorithms.guard import HeaderCapacity, HeaderPayload
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor
@@ -57,8 +59,8 @@ from lightning_localsgd.compression import Compressor
 # One chunk's rule: (chunk, g) -> the buffer holding the direction (times the ``divisor`` given to ``_stream``).
 # ``g`` holds the chunk's unscaled float32 gradients and may be overwritten.
 ChunkRule = Callable[[Chunk, Tensor], Tensor]
-# The second half of a rule whose chunk goes through one all-gather (``_stream_gathered``): (chunk, g, what
-# ``_prepare_chunk`` returned with the payload, every rank's payload) -> the buffer holding the direction.
+# The second half of a rule whose chunk goes through one collective (``_stream_exchanged``): (chunk, g, what
+# ``_prepare_chunk`` returned with the payload, the payloads received) -> the buffer holding the direction.
 FinishRule = Callable[[Chunk, Tensor, Any, list[Tensor]], Tensor]
 
 
@@ -69,7 +71,7 @@ class Speculation:
     params: list[int]  # ids of the parameters exchanged, in order: the exchange must be over exactly these
     chunk: Chunk
     g: Tensor  # the chunk's buffer as ``_prepare_chunk`` left it
-    payload: Tensor
+    payload: HeaderPayload
     context: Any  # what ``_prepare_chunk`` returned with the payload
     compressor_state: Optional[dict[str, Any]]  # a random compressor's state before it drew (restored if dropped)
     gathered: list[Tensor] = field(default_factory=list)  # every rank's payload, once the verdict allows it
@@ -102,26 +104,42 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         self.compressor.seed_for_rank(self.comm.rank)
         self._work = ChunkBuffers()
         self._speculation: Optional[Speculation] = None
-        self.header_capacity = self._first_payload_capacity() if self._carries_first_payload() else 0
+        self.header_capacity = self._first_payload_capacity()
 
     # ------------------------------------------------------------------ the first payload, with the flags
-    def _carries_first_payload(self) -> bool:
-        """Whether a compressed step's first chunk is one all-gather that can carry the step's flags."""
-        return True
-
-    def _first_payload_capacity(self) -> int:
-        """The bytes of the largest first payload any exchange can send: one chunk, or the whole model where it is
+    def _largest_first_chunk(self) -> int:
+        """The elements of the longest first chunk any exchange can have: one chunk, or the whole model where it is
         shorter. From the model's size (the same on every rank, all parameters, frozen or not) and the
         configuration, never from this step's trainable set: the frames must be of one size on every rank."""
         total = max(1, sum(p.numel() for p in self.module.parameters()))
         chunk = self.compressor.chunk_numel(self._chunk_target())
-        return self.compressor.payload_bytes(min(chunk, total) if chunk is not None else total)
+        return min(chunk, total) if chunk is not None else total
 
-    def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[Tensor, Any]:
+    def _first_payload_capacity(self) -> HeaderCapacity:
+        """The room in every frame (``guard.HeaderCapacity``): the largest first payload, sent to every rank."""
+        return self.compressor.payload_bytes(self._largest_first_chunk())
+
+    def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[HeaderPayload, Any]:
         """The first half of a chunk's rule, up to the payload it sends, changing no state (it may run before the
-        flags are agreed): returns the payload and what the rest of the rule needs. ``g`` as for :data:`ChunkRule`;
-        ``indices`` are the exchanged parameters' places in ``flat.params``."""
+        flags are agreed): returns the payload (uint8: one for every rank, all-gathered, or one per destination rank,
+        sent all-to-all) and what the rest of the rule needs. ``g`` as for :data:`ChunkRule`; ``indices`` are the
+        exchanged parameters' places in ``flat.params``."""
         raise NotImplementedError(f"{type(self).__name__} has no gathered exchange.")
+
+    def _send(self, payload: HeaderPayload) -> list[Tensor]:
+        """What :meth:`_prepare_chunk` returned, sent: every rank's payload (all-gather), or the pieces every rank
+        addressed to this one (all-to-all), in rank order."""
+        if isinstance(payload, Tensor):
+            return self.comm.all_gather_(payload)
+        assert payload is not None
+        return self.comm.all_to_all_(torch.cat(payload), [p.numel() for p in payload])
+
+    def _received_length(self, payload: HeaderPayload) -> int:
+        """The bytes of each payload this rank receives for ``payload`` sent (the same from every rank)."""
+        if isinstance(payload, Tensor):
+            return payload.numel()
+        assert payload is not None
+        return payload[self.comm.rank].numel()
 
     def _speculate(self, optimizer: Any, params: list[nn.Parameter], scale: float) -> Optional[Speculation]:
         self._speculation = None  # one left by an exchange that failed half-way is stale
@@ -141,7 +159,8 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             if speculation.compressor_state is not None:
                 self.compressor.load_state_dict(speculation.compressor_state)  # as if it had never drawn
             return
-        speculation.gathered = [area[: speculation.payload.numel()] for area in areas]
+        length = self._received_length(speculation.payload)
+        speculation.gathered = [area[:length] for area in areas]
         self._speculation = speculation
 
     # ------------------------------------------------------------------ the streamed exchange
@@ -174,10 +193,11 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             writer.write(chunk, rule(chunk, g), divisor, scale)
         writer.finish()
 
-    def _stream_gathered(
+    def _stream_exchanged(
         self, params: list[nn.Parameter], indices: list[int], scale: float, finish: FinishRule, divisor: float = 1.0
     ) -> None:
-        """:meth:`_stream` for a rule made of :meth:`_prepare_chunk`, one all-gather of its payload, and ``finish``.
+        """:meth:`_stream` for a rule made of :meth:`_prepare_chunk`, one collective of its payload (:meth:`_send`),
+        and ``finish``.
         The first chunk is the one prepared before the flags and sent with them, where the step kept it."""
         speculation, self._speculation = self._speculation, None
         if speculation is not None and speculation.params != [id(p) for p in params]:
@@ -192,7 +212,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
                 if scale != 1.0:
                     g.div_(scale)
                 payload, context = self._prepare_chunk(chunk, g, indices)
-                gathered = self.comm.all_gather_(payload)
+                gathered = self._send(payload)
             writer.write(chunk, finish(chunk, g, context, gathered), divisor, scale)
         writer.finish()
 

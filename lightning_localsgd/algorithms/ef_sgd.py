@@ -82,5 +82,5 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
             scratch = self._buffer("scratch", chunk) if in_place else e  # e's copy is written: reuse it
             return self._decoded_sum_into(gathered, compensated, scratch, own)  # sum_j C(p_j), divided when written
 
-        self._stream_gathered(params, indices, scale, finish, divisor=self.comm.world_size)  # mean_j C(p_j)
+        self._stream_exchanged(params, indices, scale, finish, divisor=self.comm.world_size)  # mean_j C(p_j)
         writer.finish()

@@ -40,6 +40,7 @@ from lightning_localsgd.algorithms.guard import (
     WARMUP,
     failures_named,
     finite_flag,
+    header_area_bytes_sent,
     nonfinite_error,
 )
 from lightning_localsgd.algorithms.profiling import phase
@@ -146,7 +147,7 @@ class GradientExchange:
             if not params:
                 return
             # The payload area of the flags' frame counts with the exchange's bytes; the flags, as elsewhere, do not.
-            sent_before = self.comm.stats.bytes_sent - (self.comm.world_size - 1) * self.header_capacity
+            sent_before = self.comm.stats.bytes_sent - header_area_bytes_sent(self.header_capacity, self.comm)
             managed = params
             if some_missing:
                 params = self._drop_untouched(params)

@@ -46,6 +46,7 @@ from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkPlan, ChunkWriter, gather_chunk
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
 from lightning_localsgd.algorithms.control_variate import ControlVariate
+from lightning_localsgd.algorithms.guard import HeaderCapacity, HeaderPayload
 from lightning_localsgd.algorithms.liec_server import REPLICATED, SERVER_CHOICES, ZERO, ServerLayouts, shard_bounds
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit
@@ -199,14 +200,13 @@ class LIECSGD(CompressedExchangeAlgorithm):
             for error in errors:
                 error.zero_()
             self._layouts.set(index, ZERO)
-        elif sharded:
-            self._stream(params, scale, lambda chunk, g: self._sharded_chunk(chunk, g, errors, writer))
         else:
+            rest = self._sharded_chunk if sharded else self._compressed_chunk
 
-            def finish(chunk: Chunk, g: Tensor, _: Any, gathered: list[Tensor]) -> Tensor:
-                return self._compressed_chunk(chunk, g, gathered, errors, writer)
+            def finish(chunk: Chunk, g: Tensor, shards: Any, received: list[Tensor]) -> Tensor:
+                return rest(chunk, g, shards, received, errors, writer)
 
-            self._stream_gathered(params, indices, scale, finish)
+            self._stream_exchanged(params, indices, scale, finish)
         writer.finish()
 
     def _full_precision_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], sharded: bool) -> Tensor:
@@ -218,17 +218,29 @@ class LIECSGD(CompressedExchangeAlgorithm):
             self.comm.all_reduce_sum_([error])
         return g.add_(error)
 
-    def _carries_first_payload(self) -> bool:
-        return not self.shards_server  # the sharded server's first message is an all-to-all, not an all-gather
+    def _first_payload_capacity(self) -> HeaderCapacity:
+        if not self.shards_server:
+            return super()._first_payload_capacity()
+        # Sharded, a step starts with an all-to-all: rank k's frame has room for shard k of the largest first chunk.
+        return [self.compressor.payload_bytes(n) for _, n in self._shards_of(self._largest_first_chunk())]
 
-    def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[Tensor, Any]:
-        """A compressed step's chunk up to its payload, replicated server: C(g_i), and r_i = g_i - C(g_i) in g."""
-        payload = self.compressor.encode(g)  # C(g_i), packed
-        g.sub_(self.compressor.decode_into(payload, self._buffer("mean", chunk)))  # r_i, in place of g_i
-        return payload, None
+    def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[HeaderPayload, Any]:
+        """A compressed step's chunk up to its payload: C(g_i), whole (replicated server) or shard by shard, one
+        payload per rank (sharded server), and r_i = g_i - C(g_i) in place of g_i."""
+        compressor, decoded = self.compressor, self._buffer("mean", chunk)
+        if not self.shards_server:
+            payload = compressor.encode(g)
+            g.sub_(compressor.decode_into(payload, decoded))
+            return payload, None
+        shards = self._shards(chunk)
+        payloads = [compressor.encode(g[start : start + numel]) for start, numel in shards]
+        for (start, numel), payload in zip(shards, payloads):
+            compressor.decode_into(payload, decoded[start : start + numel])
+        g.sub_(decoded)
+        return payloads, shards
 
     def _compressed_chunk(
-        self, chunk: Chunk, g: Tensor, gathered: list[Tensor], errors: list[Tensor], writer: ChunkWriter
+        self, chunk: Chunk, g: Tensor, _: Any, gathered: list[Tensor], errors: list[Tensor], writer: ChunkWriter
     ) -> Tensor:
         """The rest of a compressed step's chunk, replicated server (see the module docstring), once every rank's
         C(g_j) is in ``gathered`` and ``g`` holds r_i: returns C(u) + r_i and updates ``e``."""
@@ -244,17 +256,20 @@ class LIECSGD(CompressedExchangeAlgorithm):
             writer.write(chunk, u.sub_(server))
         return server.add_(g)  # C(u) + r_i
 
-    def _sharded_chunk(self, chunk: Chunk, g: Tensor, errors: list[Tensor], writer: ChunkWriter) -> Tensor:
-        """One chunk of a compressed step, sharded server (``liec_server.py``): the same bits as
-        :meth:`_compressed_chunk`, this rank serving its shard only."""
+    def _sharded_chunk(
+        self,
+        chunk: Chunk,
+        g: Tensor,
+        shards: list[tuple[int, int]],
+        received: list[Tensor],
+        errors: list[Tensor],
+        writer: ChunkWriter,
+    ) -> Tensor:
+        """The rest of a compressed step's chunk, sharded server (``liec_server.py``), once every rank's C(g_j) of
+        this rank's shard is in ``received`` and ``g`` holds r_i: the same bits as :meth:`_compressed_chunk`, this
+        rank serving its shard only."""
         compressor, comm = self.compressor, self.comm
-        shards = self._shards(chunk)
-        payloads = [compressor.encode(g[start : start + numel]) for start, numel in shards]  # C(g_i), shard by shard
         server = self._buffer("mean", chunk)
-        for (start, numel), payload in zip(shards, payloads):
-            compressor.decode_into(payload, server[start : start + numel])
-        g.sub_(server)  # r_i = g_i - C(g_i)
-        received = comm.all_to_all_(torch.cat(payloads), [p.numel() for p in payloads])
         start, numel = shards[comm.rank]
         scratch = self._buffer("e", chunk)[:numel]
         u = server[start : start + numel].zero_()
@@ -282,9 +297,12 @@ class LIECSGD(CompressedExchangeAlgorithm):
         return max(world, target // unit // world * world) * unit
 
     def _shards(self, chunk: Chunk) -> list[tuple[int, int]]:
+        return self._shards_of(chunk.numel)
+
+    def _shards_of(self, numel: int) -> list[tuple[int, int]]:
         unit = self.compressor.chunk_numel(1)
         assert unit is not None  # checked when the server was chosen
-        return shard_bounds(chunk.numel, unit, self.comm.world_size)
+        return shard_bounds(numel, unit, self.comm.world_size)
 
     def _arrange_server_error(
         self, index: int, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], sharded: bool

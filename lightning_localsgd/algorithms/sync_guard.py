@@ -23,6 +23,8 @@ from lightning_localsgd.algorithms.guard import (
     ROUND,
     SYNC_POINT_KINDS,
     Finite,
+    HeaderCapacity,
+    HeaderPayload,
     Verdict,
     agree,
     agree_in_frames,
@@ -102,9 +104,9 @@ class SyncGuard:
         self._rollback_point: Optional[RollbackPoint] = None
         self._deferred_check: Optional[DeferredCheck] = None  # a round's flags in flight (see _start_deferred_check)
         self._guard_comm: Optional[Communicator] = None
-        # Bytes of payload carried in every flag collective's frame (0: the flags go alone, in an all-reduce). An
-        # algorithm that sends a step's first payload with its flags sets it once, the same on every rank.
-        self.header_capacity = 0
+        # The payload room in every flag collective's frames (``guard.HeaderCapacity``; 0: the flags go alone, in an
+        # all-reduce). An algorithm that sends a step's first payload with its flags sets it once, alike everywhere.
+        self.header_capacity: HeaderCapacity = 0
 
     @property
     def guard_comm(self: PeriodicAlgorithm) -> Communicator:
@@ -143,11 +145,12 @@ class SyncGuard:
         return self._agree_carrying(finite, step, kind, where, None)[0]
 
     def _agree_carrying(
-        self: PeriodicAlgorithm, finite: Finite, step: int, kind: int, where: str, payload: Optional[Tensor]
+        self: PeriodicAlgorithm, finite: Finite, step: int, kind: int, where: str, payload: HeaderPayload
     ) -> tuple[list[int], list[Tensor]]:
-        """:meth:`_agree`, with ``payload`` (uint8, or None) carried in the same collective where the algorithm
-        sends frames (``header_capacity > 0``, see ``guard.agree_in_frames``): returns the non-finite ranks and
-        every rank's payload area (empty without frames). Read a payload only once the verdict is known."""
+        """:meth:`_agree`, with ``payload`` (uint8: one for every rank, one per rank, or None) carried in the same
+        collective where the algorithm sends frames (``header_capacity``, see ``guard.agree_in_frames``): returns
+        the non-finite ranks and the payload areas received (empty without frames). Read them only once the verdict
+        is known."""
         comm, device, fingerprint = self.guard_comm, self.flat.buckets[0].device, self._fingerprint()
         if self.header_capacity == 0:
             verdict = agree(comm, finite, position(step, kind), self.requests_pending, device, fingerprint)
