@@ -112,7 +112,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     out = Path(args.out)
-    period_name = "check_every" if args.strategy in ("dpsgd", "detag") else "period"
+    period_name = {"dpsgd": "check_every", "detag": "check_every", "liec_sgd": "full_sync_period"}.get(
+        args.strategy, "period"
+    )
     strategy = StrategyRegistry[args.strategy]["strategy"](
         **{period_name: args.period},
         warmup_steps=args.warmup,
