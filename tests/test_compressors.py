@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -89,6 +90,19 @@ def test_scaled_sign_scales_keep_their_bits_on_blocks_of_millions_whatever_the_t
     finally:
         torch.set_num_threads(before)
     assert torch.equal(payload[: 4 * expected.numel()].view(torch.float32), expected)
+
+
+def test_scaled_sign_reuses_its_float64_buffer_for_the_next_vector_and_does_not_pickle_it():
+    # The scale's float64 buffer is kept between calls: a second, different vector must not see the first's values
+    # (a shorter last block reads only its own part), and a pickled compressor must not carry megabytes with it.
+    compressor = ScaledSign(4 * 2**16 / 2**20)
+    generator = torch.Generator().manual_seed(3)
+    for numel in (3 * 2**16, 2**16 + 5, 17):
+        v = torch.randn(numel, generator=generator) * numel
+        expected = torch.stack([(b.abs().sum(dtype=torch.float64) / b.numel()).float() for b in v.split(2**16)])
+        assert torch.equal(compressor.encode(v)[: 4 * expected.numel()].view(torch.float32), expected)
+    assert len(pickle.dumps(compressor)) < 4096
+    assert torch.equal(pickle.loads(pickle.dumps(compressor)).encode(v), compressor.encode(v))
 
 
 def test_one_scaled_sign_block_is_about_one_thirty_second_of_float32():

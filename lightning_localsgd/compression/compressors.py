@@ -118,6 +118,22 @@ def _check_payload(payload: Tensor, expected: int, what: str) -> None:
         )
 
 
+class _WideScratch:
+    """A float64 CPU buffer kept between calls (one block's worth), for :meth:`_Blocks.mean_abs`. Not pickled or
+    copied with its compressor: it is rebuilt on the first call after."""
+
+    def __init__(self) -> None:
+        self._buffer: Optional[Tensor] = None
+
+    def get(self, numel: int) -> Tensor:
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = torch.empty(numel, dtype=torch.float64)
+        return self._buffer[:numel]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_buffer": None}
+
+
 class _Blocks:
     """Splitting a flat vector of ``numel`` elements into blocks of ``block_numel`` (the last one shorter).
 
@@ -134,16 +150,27 @@ class _Blocks:
         """The ``order``-norm of every block."""
         return torch.stack([torch.linalg.vector_norm(block, order) for block in flat.split(self.block_numel)])
 
-    def mean_abs(self, flat: Tensor) -> Tensor:
+    def mean_abs(self, flat: Tensor, scratch: Optional[_WideScratch] = None) -> Tensor:
         """``||block||_1 / numel(block)`` of every block, as float32, the same bits whatever the thread count.
 
         Summed in float64: a float32 sum (``vector_norm(block, 1)``) changes with the number of intra-op threads
         and loses about 1e-2 relative on blocks of millions of elements, and LIEC-SGD's ranks each compute the
         server's scale themselves, so such differences would drift the ranks apart. Measured: the float64 sum of
         ``abs()`` is bit-identical under 1, 2 and 4 threads (``vector_norm(..., dtype=float64)`` is not).
+
+        On CPU, ``sum(dtype=float64)`` of a float32 tensor first casts all of it to a new float64 tensor, and
+        ``abs()`` makes another: with ``scratch``, each block is cast into one float64 buffer kept between calls and
+        made absolute there, then summed by the same kernel: the same bits (abs is exact in both precisions), and at
+        blocks of megabytes 1.2 to 2.2x faster, as the fresh temporaries were page-faulted in at every call.
         """
         wide = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
-        sums = torch.stack([block.abs().sum(dtype=wide) for block in flat.split(self.block_numel)])
+        if scratch is None or flat.device.type != "cpu":  # CUDA reductions widen as they read: nothing to save
+            sums = torch.stack([block.abs().sum(dtype=wide) for block in flat.split(self.block_numel)])
+        else:
+            buffer = scratch.get(min(self.block_numel, self.numel))
+            sums = torch.stack(
+                [buffer[: block.numel()].copy_(block).abs_().sum() for block in flat.split(self.block_numel)]
+            )
         return (sums / self.lengths(flat.device, wide)).to(torch.float32)
 
     def lengths(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -186,6 +213,7 @@ class ScaledSign(Compressor):
     def __init__(self, block_size_mb: float = DEFAULT_BLOCK_SIZE_MB) -> None:
         self.block_size_mb = float(block_size_mb)
         self._block_numel = block_numel_of(block_size_mb)
+        self._scratch = _WideScratch()
 
     def payload_bytes(self, numel: int) -> int:
         return 4 * _Blocks(numel, self._block_numel).count + packed_bits_bytes(numel)
@@ -198,7 +226,7 @@ class ScaledSign(Compressor):
         blocks = _Blocks(flat.numel(), self._block_numel)
         if blocks.count == 0:
             return torch.zeros(0, dtype=torch.uint8, device=flat.device)
-        scales = blocks.mean_abs(flat)
+        scales = blocks.mean_abs(flat, self._scratch)
         return torch.cat([as_bytes(scales), pack_bits(flat < 0)])
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
