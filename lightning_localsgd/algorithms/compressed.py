@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.averaging import mean_packed_
 from lightning_localsgd.algorithms.buffers import BufferSelection
@@ -141,7 +142,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         assert payload is not None
         return payload[self.comm.rank].numel()
 
-    def _speculate(self, optimizer: Any, params: list[nn.Parameter], scale: float) -> Optional[Speculation]:
+    def _speculate(self, optimizer: Optimizer, params: list[nn.Parameter], scale: float) -> Optional[Speculation]:
         self._speculation = None  # one left by an exchange that failed half-way is stale
         if not self.header_capacity or not params:
             return None
@@ -197,14 +198,17 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         self, params: list[nn.Parameter], indices: list[int], scale: float, finish: FinishRule, divisor: float = 1.0
     ) -> None:
         """:meth:`_stream` for a rule made of :meth:`_prepare_chunk`, one collective of its payload (:meth:`_send`),
-        and ``finish``.
-        The first chunk is the one prepared before the flags and sent with them, where the step kept it."""
+        and ``finish``. The first chunk is the one prepared before the flags and sent with them, where the step kept
+        it."""
         speculation, self._speculation = self._speculation, None
-        if speculation is not None and speculation.params != [id(p) for p in params]:
-            raise RuntimeError("The speculated first chunk was prepared for other parameters.")  # a bug, not input
+        plan = self._chunk_plan(params)
+        if speculation is not None and (
+            speculation.params != [id(p) for p in params] or speculation.chunk != plan.chunks[0]
+        ):
+            raise RuntimeError("The speculated first chunk was prepared for another exchange.")  # a bug, not input
         grads = [p.grad for p in params]
         writer = ChunkWriter(gradient_of(params))
-        for number, chunk in enumerate(self._chunk_plan(params)):
+        for number, chunk in enumerate(plan):
             if number == 0 and speculation is not None:
                 g, context, gathered = speculation.g, speculation.context, speculation.gathered
             else:
