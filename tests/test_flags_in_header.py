@@ -22,7 +22,7 @@ from lightning_localsgd.errors import NonFiniteError, OutOfStepError, RanksDisag
 
 BLOCK = 16  # elements per scaled-sign block: the small bucket cap is below one, so every chunk is one block
 BLOCK_MB = BLOCK * 4 / 2**20
-COLLECTIVES = ("all_reduce_sum_", "all_gather_", "all_to_all_", "broadcast_")
+COLLECTIVES = ("all_reduce_sum_", "all_gather_", "start_all_gather_", "all_to_all_", "broadcast_")
 
 
 def make(name: str, compressor=None):
@@ -89,13 +89,15 @@ def run_recording_collectives(name: str, world: int, steps: int):
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("name", ["ef_sign", "liec_sgd"])
 def test_a_compressed_step_is_one_all_gather_per_chunk_and_its_flags_ride_in_the_first(name, world):
+    # One block per chunk (the bucket cap is below one block), and no other collective: no flag all-reduce.
     # LIEC-SGD: steps 0 to 2 compressed, step 3 full precision
     for per_step, numel, stats in run_recording_collectives(name, world, steps=4):
         payloads = [sign_payload(min(BLOCK, numel - start)) for start in range(0, numel, BLOCK)]  # a block a chunk
         frame = flag_bytes(name, world) + payloads[0]  # room for the largest first payload: here one block's
         compressed = per_step if name == "ef_sign" else per_step[:3]
         for calls in compressed:
-            assert calls == [("all_gather_", frame)] + [("all_gather_", b) for b in payloads[1:]]
+            # The later chunks' all-gathers travel in the background while the next chunk is prepared.
+            assert calls == [("all_gather_", frame)] + [("start_all_gather_", b) for b in payloads[1:]]
         if name == "liec_sgd":  # the full-precision step: its flags in a frame of the same size, then all-reduces
             assert per_step[3][0] == ("all_gather_", frame)
             assert {c for c, _ in per_step[3][1:]} == {"all_reduce_sum_"}

@@ -78,6 +78,17 @@ class Speculation:
     gathered: list[Tensor] = field(default_factory=list)  # every rank's payload, once the verdict allows it
 
 
+@dataclass
+class _ChunkInFlight:
+    """A chunk whose payload was sent and whose rule is still to be finished (see ``_stream_exchanged``)."""
+
+    chunk: Chunk
+    g: Tensor
+    context: Any
+    receive: Callable[[], list[Tensor]]  # waits for the payloads received
+    slot: int  # its work buffers
+
+
 class CompressedExchangeAlgorithm(PeriodicAlgorithm):
     """A :class:`PeriodicAlgorithm` whose local steps exchange compressed gradients (see the module docstring)."""
 
@@ -105,6 +116,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         self.compressor.seed_for_rank(self.comm.rank)
         self._work = ChunkBuffers()
         self._speculation: Optional[Speculation] = None
+        self._slot = 0  # which set of work buffers `_buffer` hands out
         self.header_capacity = self._first_payload_capacity()
 
     # ------------------------------------------------------------------ the first payload, with the flags
@@ -147,6 +159,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         if not self.header_capacity or not params:
             return None
         chunk = self._chunk_plan(params).chunks[0]
+        self._slot = 0  # the first chunk's slot in `_stream_exchanged`
         state = None if self.compressor.deterministic else self.compressor.state_dict()
         g = gather_chunk(chunk, [p.grad for p in params], self._buffer("g", chunk))
         if scale != 1.0:
@@ -172,13 +185,15 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         return ChunkPlan(numels, chunk if chunk is not None else max(1, sum(numels)))
 
     def _chunk_target(self) -> int:
-        """The chunk length aimed at: half of ``bucket_cap_mb`` in float32 (the compressor then cuts at its blocks).
-        An exchange keeps three or four chunk-sized buffers: half-bucket chunks hold them near two buckets."""
-        return max(1, int(self.bucket_cap_mb * 2**20) // 8)
+        """The chunk length aimed at: a quarter of ``bucket_cap_mb`` in float32 (the compressor then cuts at its
+        blocks). An exchange keeps three or four chunk-sized buffers for each of the two chunks it has on hand (one
+        in flight, the next being prepared): quarter-bucket chunks hold them near two buckets."""
+        return max(1, int(self.bucket_cap_mb * 2**20) // 16)
 
     def _buffer(self, name: str, chunk: Chunk) -> Tensor:
-        """A float32 work buffer of the chunk's length, reused from step to step."""
-        return self._work.get(name, chunk.numel, torch.float32, self.flat.buckets[0].device)
+        """A float32 work buffer of the chunk's length, reused from step to step; one set per slot (see
+        :meth:`_stream_exchanged`)."""
+        return self._work.get(f"{name}/{self._slot}", chunk.numel, torch.float32, self.flat.buckets[0].device)
 
     def _stream(self, params: list[nn.Parameter], scale: float, rule: ChunkRule, divisor: float = 1.0) -> None:
         """Run ``rule`` on every chunk of ``params``' unscaled float32 gradients and write what it returns, divided
@@ -197,9 +212,13 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
     def _stream_exchanged(
         self, params: list[nn.Parameter], indices: list[int], scale: float, finish: FinishRule, divisor: float = 1.0
     ) -> None:
-        """:meth:`_stream` for a rule made of :meth:`_prepare_chunk`, one collective of its payload (:meth:`_send`),
-        and ``finish``. The first chunk is the one prepared before the flags and sent with them, where the step kept
-        it."""
+        """:meth:`_stream` for a rule made of :meth:`_prepare_chunk`, one collective of its payload, and ``finish``.
+        The first chunk is the one prepared before the flags and sent with them, where the step kept it.
+
+        Pipelined: a chunk's payloads travel (a non-blocking all-gather) while this rank prepares the next chunk,
+        and only then is it finished. The two chunks on hand use two sets of work buffers (slots 0 and 1, in turn);
+        ``_prepare_chunk`` writes no state, so preparing the next chunk before finishing this one changes nothing
+        but the order of the work."""
         speculation, self._speculation = self._speculation, None
         plan = self._chunk_plan(params)
         if speculation is not None and (
@@ -208,17 +227,51 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             raise RuntimeError("The speculated first chunk was prepared for another exchange.")  # a bug, not input
         grads = [p.grad for p in params]
         writer = ChunkWriter(gradient_of(params))
-        for number, chunk in enumerate(plan):
-            if number == 0 and speculation is not None:
-                g, context, gathered = speculation.g, speculation.context, speculation.gathered
-            else:
-                g = gather_chunk(chunk, grads, self._buffer("g", chunk))
-                if scale != 1.0:
-                    g.div_(scale)
-                payload, context = self._prepare_chunk(chunk, g, indices)
-                gathered = self._send(payload)
-            writer.write(chunk, finish(chunk, g, context, gathered), divisor, scale)
+        on_hand: Optional[_ChunkInFlight] = None
+        try:
+            for number, chunk in enumerate(plan):
+                self._slot = number % 2
+                if number == 0 and speculation is not None:
+                    g, context, gathered = speculation.g, speculation.context, speculation.gathered
+                    receive: Callable[[], list[Tensor]] = lambda gathered=gathered: gathered  # noqa: E731
+                else:
+                    g = gather_chunk(chunk, grads, self._buffer("g", chunk))
+                    if scale != 1.0:
+                        g.div_(scale)
+                    payload, context = self._prepare_chunk(chunk, g, indices)
+                    receive = self._start_send(payload)
+                if on_hand is not None:
+                    self._finish_on_hand(on_hand, finish, writer, divisor, scale)
+                on_hand = _ChunkInFlight(chunk, g, context, receive, self._slot)
+                if not self._gathers_payloads():  # nothing travels in the background: finish it now
+                    self._finish_on_hand(on_hand, finish, writer, divisor, scale)
+                    on_hand = None
+            if on_hand is not None:
+                self._finish_on_hand(on_hand, finish, writer, divisor, scale)
+        finally:
+            self._slot = 0
         writer.finish()
+
+    def _finish_on_hand(
+        self, on_hand: _ChunkInFlight, finish: FinishRule, writer: ChunkWriter, divisor: float, scale: float
+    ) -> None:
+        slot, self._slot = self._slot, on_hand.slot  # its own work buffers
+        direction = finish(on_hand.chunk, on_hand.g, on_hand.context, on_hand.receive())
+        writer.write(on_hand.chunk, direction, divisor, scale)
+        self._slot = slot
+
+    def _gathers_payloads(self) -> bool:
+        """Whether :meth:`_prepare_chunk` returns one payload for every rank (all-gathered, in the background),
+        not one per destination rank (an all-to-all, which has no non-blocking form here: done at once)."""
+        return True
+
+    def _start_send(self, payload: HeaderPayload) -> Callable[[], list[Tensor]]:
+        """Send what :meth:`_prepare_chunk` returned; the returned function waits for what this rank receives (every
+        rank's payload, or the pieces addressed to it, in rank order)."""
+        if isinstance(payload, Tensor):
+            return self.comm.start_all_gather_(payload).wait
+        received = self._send(payload)
+        return lambda: received
 
     def _read_state(self, chunk: Chunk, views: Sequence[Tensor], name: str) -> Tensor:
         """The chunk's elements of per-parameter state ``views`` (the exchange's order) in work buffer ``name``."""

@@ -224,6 +224,9 @@ class LIECSGD(CompressedExchangeAlgorithm):
         # Sharded, a step starts with an all-to-all: rank k's frame has room for shard k of the largest first chunk.
         return [self.compressor.payload_bytes(n) for _, n in self._shards_of(self._largest_first_chunk())]
 
+    def _gathers_payloads(self) -> bool:
+        return not self.shards_server
+
     def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[HeaderPayload, Any]:
         """A compressed step's chunk up to its payload: C(g_i), whole (replicated server) or shard by shard, one
         payload per rank (sharded server), and r_i = g_i - C(g_i) in place of g_i."""
