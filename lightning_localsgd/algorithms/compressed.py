@@ -8,8 +8,9 @@ LIEC-SGD, parameters and gradients in full precision).
 
 The exchange streams: an optimizer's gradients, read as one long vector, go chunk by chunk (:mod:`.chunks`), each
 chunk through the whole rule (compress, update the error, all-gather, decode the mean) in a few float32 buffers of
-one chunk that are kept between steps, and the direction is written back into ``.grad`` before the next chunk is
-read. Chunks are about half of ``bucket_cap_mb`` long and cut where the compressor's blocks end
+one chunk that are kept between steps, and the direction is written back into ``.grad``. Two chunks are on hand at
+a time, in two sets of buffers: one whose payloads travel (a non-blocking all-gather) while the next is compressed.
+Chunks are about a quarter of ``bucket_cap_mb`` long and cut where the compressor's blocks end
 (:meth:`~lightning_localsgd.compression.Compressor.chunk_numel`), so every element is compressed in the block it
 was compressed in as one vector: the results are the same bits, and the memory beyond the algorithm's own state is
 a few chunks whatever the model size. A compressor whose result depends on the whole vector (top-k) takes the

@@ -136,7 +136,9 @@ def agree_in_frames(
         parts = payload if isinstance(payload, list) else [None] * len(capacity)
         framed = [_frame(flags, part, room) for part, room in zip(parts, capacity)]
         frames = comm.all_to_all_(torch.cat(framed), [f.numel() for f in framed])
-    summed = torch.stack([f[:head].view(flags.dtype) for f in frames]).sum(0)  # one rank's value per slot: exact
+    # A copy of each head: an all-to-all's pieces are views of one buffer, not aligned for float64. One rank's value
+    # per slot (the requests: a count): the sum is exact.
+    summed = torch.stack([f[:head].clone().view(flags.dtype) for f in frames]).sum(0)
     return summed, [f[head:] for f in frames]
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, TypeVar
 
+import torch
 from torch import Tensor
 
 from lightning_localsgd.comm.communicator import Communicator
@@ -240,8 +241,10 @@ class SimulatedCommunicator(Communicator):
         values = self.group.exchange(self.rank, (tensor.clone(), tuple(splits)))
         if any(their_splits != tuple(splits) for _, their_splits in values):
             raise SimulatedCollectiveError(f"Rank {self.rank}: the ranks cut their all-to-all differently.")
-        offset = sum(splits[: self.rank])
-        return [sent[offset : offset + splits[self.rank]].clone() for sent, _ in values]
+        offset, mine = sum(splits[: self.rank]), splits[self.rank]
+        # Views of one receive buffer, as a real all-to-all leaves them: a piece need not start on a word boundary.
+        received = torch.cat([sent[offset : offset + mine] for sent, _ in values])
+        return list(received.split(mine)) if mine else [received[:0] for _ in values]
 
     def _neighbour_exchange_(self, tensor: Tensor, phases: list[tuple[int, int]]) -> dict[int, Tensor]:
         return {source: sent.clone() for source, sent in self._neighbours_sent(tensor, phases).items()}
