@@ -289,7 +289,11 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
     ) -> Tensor:
         """``out`` = the sum over ranks of what every rank's payload in ``gathered`` decodes to (the same bits on
         every rank: summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already
-        decoded."""
+        decoded, which may be ``out`` itself with two ranks (a sum of two terms has the same bits in either order)."""
+        if own is not None and own is out:
+            if len(gathered) != 2:
+                raise ValueError("Only a sum of two payloads can start from this rank's own in `out`.")
+            return out.add_(self.compressor.decode_into(gathered[1 - self.comm.rank], scratch))
 
         def term(rank: int, buffer: Tensor) -> Tensor:
             mine = own is not None and rank == self.comm.rank

@@ -249,7 +249,8 @@ class LIECSGD(CompressedExchangeAlgorithm):
         C(g_j) is in ``gathered`` and ``g`` holds r_i: returns C(u) + r_i and updates ``e``."""
         compressor = self.compressor
         mean, scratch = self._buffer("mean", chunk), self._buffer("scratch", chunk)  # with g: three chunk buffers
-        self._decoded_mean_into(gathered, mean, scratch)
+        own = mean if len(gathered) == 2 else None  # C(g_i), decoded there by `_prepare_chunk`: not decoded again
+        self._decoded_mean_into(gathered, mean, scratch, own)
         e, in_place = self._state_chunk(chunk, errors, "scratch")  # a copy goes into the scratch buffer
         u = mean.add_(e)  # u = mean_j C(g_j) + e
         server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent
