@@ -34,6 +34,16 @@ def make(name: str, compressor=None):
     return LIECSGD(4, bucket_cap_mb=SMALL_BUCKET_MB, compressor=compressor, server=server)
 
 
+def set_up(name: str, comm, compressor=None, policy: str = "raise"):
+    """This rank's model, plain SGD and the algorithm ``name`` set up over ``comm``."""
+    model = make_layered_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    algorithm = make(name, compressor)
+    algorithm.set_nonfinite_policy(policy)
+    algorithm.setup(model, comm, [opt])
+    return model, opt, algorithm
+
+
 def sign_payload(numel: int) -> int:
     """Bytes of a scaled-sign payload: a float32 scale per block, then one bit per element."""
     return 4 * math.ceil(numel / BLOCK) + math.ceil(numel / 8)
@@ -63,10 +73,7 @@ def run_recording_collectives(name: str, world: int, steps: int):
     """Per rank: the collectives of each step's exchange, the model's size and the communicator's stats."""
 
     def worker(rank, comm):
-        model = make_layered_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algorithm = make(name)
-        algorithm.setup(model, comm, [opt])
+        model, opt, algorithm = set_up(name, comm)
         per_step = []
         for step in range(steps):
             opt.zero_grad()
@@ -139,10 +146,7 @@ def test_a_rank_at_its_final_average_while_the_others_exchange_is_named_on_every
     """Rank 1's data ran out after 2 steps: its final average's flags meet rank 0's third exchange."""
 
     def worker(rank, comm):
-        model = make_layered_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algorithm = make(name)
-        algorithm.setup(model, comm, [opt])
+        model, opt, algorithm = set_up(name, comm)
         try:
             for step in range(3 if rank == 0 else 2):
                 opt.zero_grad()
@@ -166,10 +170,7 @@ def test_a_rank_at_its_final_average_while_the_others_exchange_is_named_on_every
 @pytest.mark.parametrize("name", ["ef_sign", "liec_sgd", "liec_sharded"])
 def test_a_rank_that_froze_a_layer_alone_is_named_although_its_first_payload_is_shorter(name):
     def worker(rank, comm):
-        model = make_layered_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algorithm = make(name)
-        algorithm.setup(model, comm, [opt])
+        model, opt, algorithm = set_up(name, comm)
         for step in range(3):
             if step == 1 and rank == 1:
                 for p in model[0].parameters():  # 48 of the 129 elements: the first chunks are other elements
@@ -195,11 +196,7 @@ def test_a_nan_on_one_rank_is_named_and_its_first_payload_reaches_no_error_buffe
     error_name = "error" if name == "ef_sign" else "server_error"
 
     def worker(rank, comm, policy):
-        model = make_layered_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algorithm = make(name)
-        algorithm.set_nonfinite_policy(policy)
-        algorithm.setup(model, comm, [opt])
+        model, opt, algorithm = set_up(name, comm, policy=policy)
         errors = []
         for step in range(3):
             opt.zero_grad()
@@ -235,11 +232,7 @@ def test_a_dropped_first_chunk_leaves_a_random_compressor_as_if_it_had_never_dra
     chunk each rank prepared before the verdict must not have used up draws the next step's exchange needs."""
 
     def worker(rank, comm):
-        model = make_layered_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algorithm = make("ef_sign", QSGD(levels=7, block_size_mb=BLOCK_MB))
-        algorithm.set_nonfinite_policy("skip_round")
-        algorithm.setup(model, comm, [opt])
+        model, opt, algorithm = set_up("ef_sign", comm, QSGD(levels=7, block_size_mb=BLOCK_MB), "skip_round")
         states = []
         for step in range(3):
             opt.zero_grad()
