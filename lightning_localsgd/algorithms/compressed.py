@@ -18,7 +18,7 @@ whole vector as one chunk.
 
 The step's flags (``guard.py``: finiteness, position, fingerprints, requests) travel with its first chunk: every
 synchronisation point of these algorithms is one all-gather of frames of one size, ``[flags | payload area]``
-(``guard.agree_in_frames``), and at a compressed step the area holds the first chunk's payload, prepared before the
+(``frames.agree_in_frames``), and at a compressed step the area holds the first chunk's payload, prepared before the
 verdict by :meth:`CompressedExchangeAlgorithm._prepare_chunk`, which writes no state. Where the verdict allows
 exactly that exchange (every rank finite and in step, the same parameters exchanged) the chunk goes on from there;
 elsewhere it is dropped (a random compressor's state restored) and the step goes as without it. The area is as
@@ -53,7 +53,7 @@ from lightning_localsgd.algorithms.chunks import (
     gather_chunk,
     gradient_of,
 )
-from lightning_localsgd.algorithms.guard import HeaderCapacity, HeaderPayload
+from lightning_localsgd.algorithms.frames import HeaderCapacity, HeaderPayload
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.compression import Compressor
@@ -130,7 +130,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         return min(chunk, total) if chunk is not None else total
 
     def _first_payload_capacity(self) -> HeaderCapacity:
-        """The room in every frame (``guard.HeaderCapacity``): the largest first payload, sent to every rank."""
+        """The room in every frame (``frames.HeaderCapacity``): the largest first payload, sent to every rank."""
         return self.compressor.payload_bytes(self._largest_first_chunk())
 
     def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[HeaderPayload, Any]:

@@ -34,13 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_localsgd.algorithms.frames import header_area_bytes_sent
 from lightning_localsgd.algorithms.guard import (
     EXCHANGE,
     GRADIENTS_MISSING,
     WARMUP,
     failures_named,
     finite_flag,
-    header_area_bytes_sent,
     nonfinite_error,
 )
 from lightning_localsgd.algorithms.profiling import phase

@@ -46,7 +46,7 @@ from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkPlan, ChunkWriter, gather_chunk
 from lightning_localsgd.algorithms.compressed import CompressedExchangeAlgorithm
 from lightning_localsgd.algorithms.control_variate import ControlVariate
-from lightning_localsgd.algorithms.guard import HeaderCapacity, HeaderPayload
+from lightning_localsgd.algorithms.frames import HeaderCapacity, HeaderPayload
 from lightning_localsgd.algorithms.liec_server import REPLICATED, SERVER_CHOICES, ZERO, ServerLayouts, shard_bounds
 from lightning_localsgd.algorithms.precision import in_state_precision, write_back
 from lightning_localsgd.algorithms.rank_state import StateInit

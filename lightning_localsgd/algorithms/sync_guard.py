@@ -17,17 +17,15 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 from torch import Tensor
 
 from lightning_localsgd._validation import check_choice
+from lightning_localsgd.algorithms.frames import HeaderCapacity, HeaderPayload, agree_in_frames
 from lightning_localsgd.algorithms.guard import (
     ON_NONFINITE_CHOICES,
     REQUESTS,
     ROUND,
     SYNC_POINT_KINDS,
     Finite,
-    HeaderCapacity,
-    HeaderPayload,
     Verdict,
     agree,
-    agree_in_frames,
     flag_vector,
     nonfinite_error,
     out_of_step_error,
@@ -104,7 +102,7 @@ class SyncGuard:
         self._rollback_point: Optional[RollbackPoint] = None
         self._deferred_check: Optional[DeferredCheck] = None  # a round's flags in flight (see _start_deferred_check)
         self._guard_comm: Optional[Communicator] = None
-        # The payload room in every flag collective's frames (``guard.HeaderCapacity``; 0: the flags go alone, in an
+        # The payload room in every flag collective's frames (``frames.HeaderCapacity``; 0: the flags go alone, in an
         # all-reduce). An algorithm that sends a step's first payload with its flags sets it once, alike everywhere.
         self.header_capacity: HeaderCapacity = 0
 
@@ -148,7 +146,7 @@ class SyncGuard:
         self: PeriodicAlgorithm, finite: Finite, step: int, kind: int, where: str, payload: HeaderPayload
     ) -> tuple[list[int], list[Tensor]]:
         """:meth:`_agree`, with ``payload`` (uint8: one for every rank, one per rank, or None) carried in the same
-        collective where the algorithm sends frames (``header_capacity``, see ``guard.agree_in_frames``): returns
+        collective where the algorithm sends frames (``header_capacity``, see ``frames.agree_in_frames``): returns
         the non-finite ranks and the payload areas received (empty without frames). Read them only once the verdict
         is known."""
         comm, device, fingerprint = self.guard_comm, self.flat.buckets[0].device, self._fingerprint()
