@@ -18,6 +18,7 @@ from lightning_localsgd.compression import (
     unpack_bits,
 )
 from lightning_localsgd.compression.error_feedback import compress_with_feedback, decode_mean
+from lightning_localsgd.compression.packing import pack_negatives_into
 
 SIZES = [0, 1, 7, 8, 9, 63, 1000]
 TWO_ELEMENT_BLOCKS_MB = 8 / 2**20  # blocks of two float32 elements
@@ -37,6 +38,21 @@ def test_bits_round_trip_at_odd_sizes(numel):
     packed = pack_bits(bits)
     assert packed.numel() == math.ceil(numel / 8)
     assert torch.equal(unpack_bits(packed, numel), bits)
+
+
+def test_negatives_packed_in_place_are_the_bits_of_v_below_zero_whatever_the_scratch_held():
+    # The scaled sign's allocation-free packing: the same bytes as packing `v < 0` bit by bit (least significant
+    # first, the last byte padded with zeros), -0.0 and NaN not negative, through a scratch buffer left dirty by a
+    # longer vector before.
+    scratch = torch.ones(8 * 200, dtype=torch.bool)
+    for numel in (*SIZES, 1001):
+        v = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+        v[::5] = -0.0
+        v[::7] = float("nan")
+        negative = [bool(x < 0) for x in v.tolist()]
+        expected = [sum(1 << bit for bit, flag in enumerate(negative[i : i + 8]) if flag) for i in range(0, numel, 8)]
+        out = torch.full((math.ceil(numel / 8),), 77, dtype=torch.uint8)
+        assert pack_negatives_into(v, scratch, out).tolist() == expected
 
 
 def test_unpacking_the_wrong_number_of_bytes_is_refused():

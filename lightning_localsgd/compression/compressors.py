@@ -34,6 +34,7 @@ from lightning_localsgd.compression.packing import (
     as_bytes,
     from_bytes,
     pack_bits,
+    pack_negatives_into,
     packed_bits_bytes,
     unpack_bits,
 )
@@ -118,20 +119,22 @@ def _check_payload(payload: Tensor, expected: int, what: str) -> None:
         )
 
 
-class _WideScratch:
-    """A float64 CPU buffer kept between calls (one block's worth), for :meth:`_Blocks.mean_abs`. Not pickled or
-    copied with its compressor: it is rebuilt on the first call after."""
+class _Scratch:
+    """A CPU buffer of one dtype kept between calls, grown to the longest request: on CPU a fresh temporary of
+    megabytes lies above glibc's mmap threshold and is page-faulted in again at every call. Not pickled or copied
+    with its compressor: it is rebuilt on the first call after."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
         self._buffer: Optional[Tensor] = None
 
     def get(self, numel: int) -> Tensor:
         if self._buffer is None or self._buffer.numel() < numel:
-            self._buffer = torch.empty(numel, dtype=torch.float64)
+            self._buffer = torch.empty(numel, dtype=self.dtype)
         return self._buffer[:numel]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_buffer": None}
+        return {"dtype": self.dtype, "_buffer": None}
 
 
 class _Blocks:
@@ -150,7 +153,7 @@ class _Blocks:
         """The ``order``-norm of every block."""
         return torch.stack([torch.linalg.vector_norm(block, order) for block in flat.split(self.block_numel)])
 
-    def mean_abs(self, flat: Tensor, scratch: Optional[_WideScratch] = None) -> Tensor:
+    def mean_abs(self, flat: Tensor, scratch: Optional[_Scratch] = None) -> Tensor:
         """``||block||_1 / numel(block)`` of every block, as float32, the same bits whatever the thread count.
 
         Summed in float64: a float32 sum (``vector_norm(block, 1)``) changes with the number of intra-op threads
@@ -213,7 +216,8 @@ class ScaledSign(Compressor):
     def __init__(self, block_size_mb: float = DEFAULT_BLOCK_SIZE_MB) -> None:
         self.block_size_mb = float(block_size_mb)
         self._block_numel = block_numel_of(block_size_mb)
-        self._scratch = _WideScratch()
+        self._scratch = _Scratch(torch.float64)  # each block's float64 |v| (see `_Blocks.mean_abs`)
+        self._signs = _Scratch(torch.bool)  # `v < 0`, packed in place (see `pack_negatives_into`)
 
     def payload_bytes(self, numel: int) -> int:
         return 4 * _Blocks(numel, self._block_numel).count + packed_bits_bytes(numel)
@@ -227,7 +231,12 @@ class ScaledSign(Compressor):
         if blocks.count == 0:
             return torch.zeros(0, dtype=torch.uint8, device=flat.device)
         scales = blocks.mean_abs(flat, self._scratch)
-        return torch.cat([as_bytes(scales), pack_bits(flat < 0)])
+        if flat.device.type != "cpu":  # the caching allocator hands temporaries back at no cost
+            return torch.cat([as_bytes(scales), pack_bits(flat < 0)])
+        payload = torch.empty(self.payload_bytes(flat.numel()), dtype=torch.uint8)
+        payload[: 4 * blocks.count].copy_(as_bytes(scales))
+        pack_negatives_into(flat, self._signs.get(8 * packed_bits_bytes(flat.numel())), payload[4 * blocks.count :])
+        return payload
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
         return self.decode_into(payload, torch.empty(numel, dtype=torch.float32, device=payload.device))

@@ -42,6 +42,21 @@ def pack_bits(bits: Tensor) -> Tensor:
     return ((flat.view(torch.int64) * _MAGIC) >> 56).to(torch.uint8)  # int64 products wrap: only bits 56-63 count
 
 
+def pack_negatives_into(values: Tensor, scratch: Tensor, out: Tensor) -> Tensor:
+    """``out`` (``uint8``, ``ceil(n / 8)`` bytes) = :func:`pack_bits` of ``values < 0`` (1-D float), computed in
+    ``scratch`` (a ``bool`` buffer of at least ``8 * ceil(n / 8)`` elements starting on a word boundary, overwritten)
+    without a temporary: on CPU, temporaries of megabytes are page-faulted in again at every call."""
+    numel, nbytes = values.numel(), packed_bits_bytes(values.numel())
+    if sys.byteorder != "little" or scratch.storage_offset() % 8:
+        return out.copy_(pack_bits(values < 0))
+    bits = scratch[: 8 * nbytes]
+    torch.lt(values, 0, out=bits[:numel])
+    bits[numel:].zero_()
+    words = bits.view(torch.uint8).view(torch.int64)
+    words.mul_(_MAGIC).bitwise_right_shift_(56)  # as in pack_bits, in place: the bits are not needed again
+    return out.copy_(words)  # int64 to uint8 keeps the low byte, as `.to(torch.uint8)` does
+
+
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:
     """The first ``numel`` booleans packed by :func:`pack_bits`."""
     if packed.numel() != packed_bits_bytes(numel):
