@@ -119,14 +119,21 @@ def test_blocks_that_end_inside_a_byte_stream_to_the_same_bits(name):
     assert_bit_identical(streamed, whole)
 
 
-def test_a_chunk_plan_covers_every_element_once_in_order_and_scatters_back():
+# 66 elements cut every 1, 4, 16, 66 and 1000: with `absorb_tail`, a last chunk shorter than half a chunk (16's 2)
+# joins the one before; 4's last 2 is not shorter than half of 4.
+ABSORBED = {1: [1] * 66, 4: [4] * 16 + [2], 16: [16, 16, 16, 18], 66: [66], 1000: [66]}
+
+
+@pytest.mark.parametrize("absorb_tail", [False, True])
+def test_a_chunk_plan_covers_every_element_once_in_order_and_scatters_back(absorb_tail):
     numels = [5, 0, 17, 3, 0, 40, 1]
     tensors = [torch.arange(n, dtype=torch.float64) + 100 * i for i, n in enumerate(numels)]
     whole = torch.cat(tensors)
     for chunk_numel in (1, 4, 16, 66, 1000):
-        plan = ChunkPlan(numels, chunk_numel)
-        assert [c.numel for c in plan] == [min(chunk_numel, whole.numel() - s) for s in range(0, 66, chunk_numel)]
-        buffer = torch.empty(chunk_numel, dtype=torch.float32)
+        plan = ChunkPlan(numels, chunk_numel, absorb_tail=absorb_tail)
+        expected = [min(chunk_numel, whole.numel() - s) for s in range(0, 66, chunk_numel)]
+        assert [c.numel for c in plan] == (ABSORBED[chunk_numel] if absorb_tail else expected)
+        buffer = torch.empty(max(c.numel for c in plan), dtype=torch.float32)
         rebuilt = [torch.full_like(t, -1.0) for t in tensors]
         writer = ChunkWriter(rebuilt.__getitem__)
         for chunk in plan:

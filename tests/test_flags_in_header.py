@@ -62,6 +62,20 @@ def record_collectives(comm, calls: list) -> None:
         setattr(comm, name, recorded)
 
 
+def chunks_of(numel: int, chunk: int) -> list[int]:
+    """Chunk lengths: every ``chunk`` elements, a last one shorter than half a chunk joining the one before."""
+    lengths = [min(chunk, numel - start) for start in range(0, numel, chunk)]
+    return [*lengths[:-2], lengths[-2] + lengths[-1]] if len(lengths) > 1 and lengths[-1] < chunk // 2 else lengths
+
+
+def shards_of(numel: int, world: int) -> list[int]:
+    """The sharded server's layout of a chunk: whole blocks, as evenly as they go, lower ranks taking the extra."""
+    blocks = [min(BLOCK, numel - start) for start in range(0, numel, BLOCK)]
+    counts = [len(blocks) // world + (k < len(blocks) % world) for k in range(world)]
+    starts = [sum(counts[:k]) for k in range(world)]
+    return [sum(blocks[starts[k] : starts[k] + counts[k]]) for k in range(world)]
+
+
 def flag_bytes(name: str, world: int) -> int:
     """The flag vector: finiteness, position and 2 fingerprint slots (3 for LIEC-SGD) per rank, and 3 request
     slots, in float64."""
@@ -99,8 +113,8 @@ def test_a_compressed_step_is_one_all_gather_per_chunk_and_its_flags_ride_in_the
     # One block per chunk (the bucket cap is below one block), and no other collective: no flag all-reduce.
     # LIEC-SGD: steps 0 to 2 compressed, step 3 full precision
     for per_step, numel, stats in run_recording_collectives(name, world, steps=4):
-        payloads = [sign_payload(min(BLOCK, numel - start)) for start in range(0, numel, BLOCK)]  # a block a chunk
-        frame = flag_bytes(name, world) + payloads[0]  # room for the largest first payload: here one block's
+        payloads = [sign_payload(n) for n in chunks_of(numel, BLOCK)]  # a block a chunk, the 1-element tail joined
+        frame = flag_bytes(name, world) + payloads[0]  # room for the model's first payload: here one block's
         compressed = per_step if name == "ef_sign" else per_step[:3]
         for calls in compressed:
             # The later chunks' all-gathers travel in the background while the next chunk is prepared.
@@ -114,16 +128,13 @@ def test_a_compressed_step_is_one_all_gather_per_chunk_and_its_flags_ride_in_the
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_a_sharded_server_step_sends_its_flags_in_every_piece_of_its_first_all_to_all(world):
-    """Sharded, a chunk is one block per rank: an all-to-all of shard payloads, then an all-gather of the server's
-    packed results (padded to the longest). The first all-to-all's pieces each carry the whole flag vector."""
+    """Sharded, a chunk is one block per rank (the last one joined by a short tail): an all-to-all of shard payloads,
+    then an all-gather of the server's packed results (padded to the longest). The first all-to-all's pieces each
+    carry the whole flag vector."""
     flags = flag_bytes("liec_sharded", world)
     runs = run_recording_collectives("liec_sharded", world, steps=4)
     for rank, (per_step, numel, stats) in enumerate(runs):
-        chunk = BLOCK * world
-        shards = [
-            [min(BLOCK, max(0, min(chunk, numel - start) - BLOCK * k)) for k in range(world)]
-            for start in range(0, numel, chunk)
-        ]
+        shards = [shards_of(length, world) for length in chunks_of(numel, BLOCK * world)]
         expected = []
         for number, lengths in enumerate(shards):
             pieces = [sign_payload(n) for n in lengths]
@@ -252,3 +263,35 @@ def test_a_dropped_first_chunk_leaves_a_random_compressor_as_if_it_had_never_dra
         assert states[0][0] is None and states[0][1] is not None  # a kept step draws
         assert torch.equal(*states[1])  # the dropped one does not
         assert not torch.equal(*states[2])
+
+
+def test_a_first_chunk_longer_than_the_models_goes_after_the_flags_not_in_their_frame():
+    """The frames are sized by the whole model's first chunk (one block here). An exchange of 17 elements is one
+    chunk (its 1-element tail joins it), one element longer: its payload does not fit, so the frame goes padded
+    and the chunk follows in an all-gather of its own; the step is still taken, the same on both ranks."""
+
+    def worker(rank, comm):
+        model = make_layered_model()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        chosen = [model[2].bias, *model[-1].parameters()]  # 8 + 8 + 1 elements
+        for p in chosen:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(chosen, lr=0.05)
+        algorithm = make("ef_sign")
+        algorithm.setup(model, comm, [opt])
+        opt.zero_grad()
+        loss_of(model, rank, 0).backward()
+        calls: list = []
+        record_collectives(comm, calls)
+        before = flat_params(model).clone()
+        algorithm.before_optimizer_step(opt)
+        opt.step()
+        return calls, before, flat_params(model)
+
+    runs = run_simulated(2, worker)
+    frame = flag_bytes("ef_sign", 2) + sign_payload(BLOCK)
+    for calls, before, after in runs:
+        assert calls == [("all_gather_", frame), ("start_all_gather_", sign_payload(17))]
+        assert not torch.equal(before, after)
+    assert torch.equal(runs[0][2], runs[1][2])

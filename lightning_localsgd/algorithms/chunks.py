@@ -48,10 +48,21 @@ class Chunk:
         return Chunk(self.start + start, numel, tuple(pieces))
 
 
-class ChunkPlan:
-    """The concatenation of tensors of ``numels`` elements, in chunks of ``chunk_numel`` (the last one shorter)."""
+def chunk_lengths(numel: int, chunk_numel: int, absorb_tail: bool = False) -> list[int]:
+    """The lengths of the chunks that cut ``numel`` elements every ``chunk_numel`` (the last one shorter). With
+    ``absorb_tail``, a last chunk shorter than half a chunk joins the one before it: a collective for a few
+    elements would cost a whole round trip."""
+    lengths = [min(chunk_numel, numel - start) for start in range(0, numel, chunk_numel)]
+    if absorb_tail and len(lengths) > 1 and lengths[-1] < chunk_numel // 2:
+        lengths[-2:] = [lengths[-2] + lengths[-1]]
+    return lengths
 
-    def __init__(self, numels: Sequence[int], chunk_numel: int) -> None:
+
+class ChunkPlan:
+    """The concatenation of tensors of ``numels`` elements, in chunks of ``chunk_numel`` (see :func:`chunk_lengths`;
+    every chunk but the last starts at a multiple of ``chunk_numel``)."""
+
+    def __init__(self, numels: Sequence[int], chunk_numel: int, absorb_tail: bool = False) -> None:
         if chunk_numel < 1:
             raise ValueError(f"`chunk_numel` must be at least 1, got {chunk_numel}.")
         self.numels = list(numels)
@@ -59,8 +70,8 @@ class ChunkPlan:
         self.chunk_numel = chunk_numel
         self.chunks: list[Chunk] = []
         index, offset = 0, 0  # the tensor being cut and how far into it
-        for start in range(0, self.numel, chunk_numel):
-            length = min(chunk_numel, self.numel - start)
+        start = 0
+        for length in chunk_lengths(self.numel, chunk_numel, absorb_tail):
             pieces, at = [], 0
             while at < length:
                 while self.numels[index] == offset:  # skip empty tensors and finished ones
@@ -70,6 +81,7 @@ class ChunkPlan:
                 offset += take
                 at += take
             self.chunks.append(Chunk(start, length, tuple(pieces)))
+            start += length
 
     def __len__(self) -> int:
         return len(self.chunks)

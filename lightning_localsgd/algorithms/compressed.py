@@ -49,6 +49,7 @@ from lightning_localsgd.algorithms.chunks import (
     ChunkBuffers,
     ChunkPlan,
     ChunkWriter,
+    chunk_lengths,
     chunk_view,
     gather_chunk,
     gradient_of,
@@ -121,17 +122,27 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         self.header_capacity = self._first_payload_capacity()
 
     # ------------------------------------------------------------------ the first payload, with the flags
-    def _largest_first_chunk(self) -> int:
-        """The elements of the longest first chunk any exchange can have: one chunk, or the whole model where it is
-        shorter. From the model's size (the same on every rank, all parameters, frozen or not) and the
-        configuration, never from this step's trainable set: the frames must be of one size on every rank."""
+    def _model_first_chunk(self) -> int:
+        """The elements of the first chunk of an exchange of every parameter of the model (the same on every rank:
+        all parameters, frozen or not, and the configuration), which sizes the frames. An exchange of fewer
+        parameters has a first chunk no longer, except where a short tail joins it (a few elements more): that one
+        goes after the flags instead (:meth:`_speculate`)."""
         total = max(1, sum(p.numel() for p in self.module.parameters()))
         chunk = self.compressor.chunk_numel(self._chunk_target())
-        return min(chunk, total) if chunk is not None else total
+        return chunk_lengths(total, chunk, absorb_tail=True)[0] if chunk is not None else total
 
-    def _first_payload_capacity(self) -> HeaderCapacity:
-        """The room in every frame (``frames.HeaderCapacity``): the largest first payload, sent to every rank."""
-        return self.compressor.payload_bytes(self._largest_first_chunk())
+    def _first_payload_capacity(self, numel: Optional[int] = None) -> HeaderCapacity:
+        """The room a first chunk of ``numel`` elements (default: the model's, which sizes the frames) needs in a
+        frame (``frames.HeaderCapacity``): its payload, sent to every rank."""
+        return self.compressor.payload_bytes(self._model_first_chunk() if numel is None else numel)
+
+    def _fits_frames(self, chunk: Chunk) -> bool:
+        """Whether ``chunk``'s payload fits the frames (see :meth:`_model_first_chunk`)."""
+        needed, room = self._first_payload_capacity(chunk.numel), self.header_capacity
+        if isinstance(needed, int) and isinstance(room, int):
+            return needed <= room
+        assert isinstance(needed, list) and isinstance(room, list)
+        return all(a <= b for a, b in zip(needed, room))
 
     def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[HeaderPayload, Any]:
         """The first half of a chunk's rule, up to the payload it sends, changing no state (it may run before the
@@ -160,6 +171,8 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         if not self.header_capacity or not params:
             return None
         chunk = self._chunk_plan(params).chunks[0]
+        if not self._fits_frames(chunk):  # every rank alike, where they agree; the verdict names them where not
+            return None
         self._slot = 0  # the first chunk's slot in `_stream_exchanged`
         state = None if self.compressor.deterministic else self.compressor.state_dict()
         g = gather_chunk(chunk, [p.grad for p in params], self._buffer("g", chunk))
@@ -183,7 +196,9 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         """``params``' elements in chunks of about ``bucket_cap_mb`` of float32, cut at the compressor's blocks."""
         numels = [p.numel() for p in params]
         chunk = self.compressor.chunk_numel(self._chunk_target())
-        return ChunkPlan(numels, chunk if chunk is not None else max(1, sum(numels)))
+        # A short tail joins the last chunk: it starts at a block boundary and ends the vector, so it is compressed
+        # in the blocks it would be in as one vector, without a round trip of its own.
+        return ChunkPlan(numels, chunk if chunk is not None else max(1, sum(numels)), absorb_tail=True)
 
     def _chunk_target(self) -> int:
         """The chunk length aimed at: a quarter of ``bucket_cap_mb`` in float32 (the compressor then cuts at its

@@ -34,7 +34,7 @@ payloads per rank, about 1/32 at any N, each rank holding its part of ``e``). Bo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -218,11 +218,12 @@ class LIECSGD(CompressedExchangeAlgorithm):
             self.comm.all_reduce_sum_([error])
         return g.add_(error)
 
-    def _first_payload_capacity(self) -> HeaderCapacity:
+    def _first_payload_capacity(self, numel: Optional[int] = None) -> HeaderCapacity:
         if not self.shards_server:
-            return super()._first_payload_capacity()
-        # Sharded, a step starts with an all-to-all: rank k's frame has room for shard k of the largest first chunk.
-        return [self.compressor.payload_bytes(n) for _, n in self._shards_of(self._largest_first_chunk())]
+            return super()._first_payload_capacity(numel)
+        # Sharded, a step starts with an all-to-all: rank k's frame has room for shard k of the first chunk.
+        first = self._model_first_chunk() if numel is None else numel
+        return [self.compressor.payload_bytes(n) for _, n in self._shards_of(first)]
 
     def _gathers_payloads(self) -> bool:
         return not self.shards_server
