@@ -72,7 +72,7 @@ class Speculation:
     """A step's first chunk, prepared before the step's flags were agreed (see the module docstring)."""
 
     params: list[int]  # ids of the parameters exchanged, in order: the exchange must be over exactly these
-    chunk: Chunk
+    plan: ChunkPlan  # the exchange's chunks, the first of them prepared
     g: Tensor  # the chunk's buffer as ``_prepare_chunk`` left it
     payload: HeaderPayload
     context: Any  # what ``_prepare_chunk`` returned with the payload
@@ -151,14 +151,6 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         exchanged parameters' places in ``flat.params``."""
         raise NotImplementedError(f"{type(self).__name__} has no gathered exchange.")
 
-    def _send(self, payload: HeaderPayload) -> list[Tensor]:
-        """What :meth:`_prepare_chunk` returned, sent: every rank's payload (all-gather), or the pieces every rank
-        addressed to this one (all-to-all), in rank order."""
-        if isinstance(payload, Tensor):
-            return self.comm.all_gather_(payload)
-        assert payload is not None
-        return self.comm.all_to_all_(torch.cat(payload), [p.numel() for p in payload])
-
     def _received_length(self, payload: HeaderPayload) -> int:
         """The bytes of each payload this rank receives for ``payload`` sent (the same from every rank)."""
         if isinstance(payload, Tensor):
@@ -170,7 +162,8 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         self._speculation = None  # one left by an exchange that failed half-way is stale
         if not self.header_capacity or not params:
             return None
-        chunk = self._chunk_plan(params).chunks[0]
+        plan = self._chunk_plan(params)
+        chunk = plan.chunks[0]
         if not self._fits_frames(chunk):  # every rank alike, where they agree; the verdict names them where not
             return None
         self._slot = 0  # the first chunk's slot in `_stream_exchanged`
@@ -180,7 +173,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             g.div_(scale)
         indices = [self.flat.index_of[id(p)] for p in params]
         payload, context = self._prepare_chunk(chunk, g, indices)
-        return Speculation([id(p) for p in params], chunk, g, payload, context, state)
+        return Speculation([id(p) for p in params], plan, g, payload, context, state)
 
     def _settle_speculation(self, speculation: Speculation, areas: Optional[list[Tensor]]) -> None:
         if areas is None:
@@ -236,11 +229,9 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         ``_prepare_chunk`` writes no state, so preparing the next chunk before finishing this one changes nothing
         but the order of the work."""
         speculation, self._speculation = self._speculation, None
-        plan = self._chunk_plan(params)
-        if speculation is not None and (
-            speculation.params != [id(p) for p in params] or speculation.chunk != plan.chunks[0]
-        ):
+        if speculation is not None and speculation.params != [id(p) for p in params]:
             raise RuntimeError("The speculated first chunk was prepared for another exchange.")  # a bug, not input
+        plan = speculation.plan if speculation is not None else self._chunk_plan(params)
         grads = [p.grad for p in params]
         writer = ChunkWriter(gradient_of(params))
         on_hand: Optional[_ChunkInFlight] = None
@@ -248,8 +239,8 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
             for number, chunk in enumerate(plan):
                 self._slot = number % 2
                 if number == 0 and speculation is not None:
-                    g, context, gathered = speculation.g, speculation.context, speculation.gathered
-                    receive: Callable[[], list[Tensor]] = lambda gathered=gathered: gathered  # noqa: E731
+                    g, payload, context = speculation.g, speculation.payload, speculation.context
+                    receive: Callable[[], list[Tensor]] = lambda gathered=speculation.gathered: gathered  # noqa: E731
                 else:
                     g = gather_chunk(chunk, grads, self._buffer("g", chunk))
                     if scale != 1.0:
@@ -259,7 +250,7 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
                 if on_hand is not None:
                     self._finish_on_hand(on_hand, finish, writer, divisor, scale)
                 on_hand = _ChunkInFlight(chunk, g, context, receive, self._slot)
-                if not self._gathers_payloads():  # nothing travels in the background: finish it now
+                if not isinstance(payload, Tensor):  # an all-to-all: nothing travels in the background, finish now
                     self._finish_on_hand(on_hand, finish, writer, divisor, scale)
                     on_hand = None
             if on_hand is not None:
@@ -276,17 +267,14 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
         writer.write(on_hand.chunk, direction, divisor, scale)
         self._slot = slot
 
-    def _gathers_payloads(self) -> bool:
-        """Whether :meth:`_prepare_chunk` returns one payload for every rank (all-gathered, in the background),
-        not one per destination rank (an all-to-all, which has no non-blocking form here: done at once)."""
-        return True
-
     def _start_send(self, payload: HeaderPayload) -> Callable[[], list[Tensor]]:
-        """Send what :meth:`_prepare_chunk` returned; the returned function waits for what this rank receives (every
-        rank's payload, or the pieces addressed to it, in rank order)."""
+        """Send what :meth:`_prepare_chunk` returned; the returned function waits for what this rank receives, in
+        rank order: every rank's payload (a non-blocking all-gather), or the pieces addressed to this rank (an
+        all-to-all, which has no non-blocking form here: done at once)."""
         if isinstance(payload, Tensor):
             return self.comm.start_all_gather_(payload).wait
-        received = self._send(payload)
+        assert payload is not None
+        received = self.comm.all_to_all_(torch.cat(payload), [p.numel() for p in payload])
         return lambda: received
 
     def _read_state(self, chunk: Chunk, views: Sequence[Tensor], name: str) -> Tensor:

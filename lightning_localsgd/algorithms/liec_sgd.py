@@ -225,9 +225,6 @@ class LIECSGD(CompressedExchangeAlgorithm):
         first = self._model_first_chunk() if numel is None else numel
         return [self.compressor.payload_bytes(n) for _, n in self._shards_of(first)]
 
-    def _gathers_payloads(self) -> bool:
-        return not self.shards_server
-
     def _prepare_chunk(self, chunk: Chunk, g: Tensor, indices: list[int]) -> tuple[HeaderPayload, Any]:
         """A compressed step's chunk up to its payload: C(g_i), whole (replicated server) or shard by shard, one
         payload per rank (sharded server), and r_i = g_i - C(g_i) in place of g_i."""
