@@ -18,6 +18,7 @@ from lightning_localsgd.compression import (
     unpack_bits,
 )
 from lightning_localsgd.compression.error_feedback import compress_with_feedback, decode_mean
+from lightning_localsgd.compression import packing
 from lightning_localsgd.compression.packing import pack_negatives_into
 
 SIZES = [0, 1, 7, 8, 9, 63, 1000]
@@ -40,10 +41,13 @@ def test_bits_round_trip_at_odd_sizes(numel):
     assert torch.equal(unpack_bits(packed, numel), bits)
 
 
-def test_negatives_packed_in_place_are_the_bits_of_v_below_zero_whatever_the_scratch_held():
+@pytest.mark.parametrize("with_numpy", [True, False])
+def test_negatives_packed_in_place_are_the_bits_of_v_below_zero_whatever_the_scratch_held(with_numpy, monkeypatch):
     # The scaled sign's allocation-free packing: the same bytes as packing `v < 0` bit by bit (least significant
     # first, the last byte padded with zeros), -0.0 and NaN not negative, through a scratch buffer left dirty by a
-    # longer vector before.
+    # longer vector before; through NumPy's kernels on CPU, and through torch's where NumPy is missing.
+    if not with_numpy:
+        monkeypatch.setattr(packing, "_numpy", None)
     scratch = torch.ones(8 * 200, dtype=torch.bool)
     for numel in (*SIZES, 1001):
         v = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
