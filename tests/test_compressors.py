@@ -15,10 +15,10 @@ from lightning_localsgd.compression import (
     TopK,
     make_compressor,
     pack_bits,
+    packing,
     unpack_bits,
 )
 from lightning_localsgd.compression.error_feedback import compress_with_feedback, decode_mean
-from lightning_localsgd.compression import packing
 from lightning_localsgd.compression.packing import pack_negatives_into
 
 SIZES = [0, 1, 7, 8, 9, 63, 1000]
