@@ -1,0 +1,132 @@
+/* The scaled sign's CPU kernels: one pass to encode a block (the float64 sum of |x| and the sign bits together), one
+ * pass to decode it. Compiled on first use by `native.py` (plain C, no Python or torch headers) and called through
+ * ctypes; `compressors.py` keeps a torch implementation of the same arithmetic as the reference and the fallback.
+ *
+ * The sum's order is part of the payload format (scaled sign format 2), because LIEC-SGD's ranks each compute the
+ * server's scale and must get the same bits: a block is read in runs of RUN elements; inside a run, element j of
+ * each group of LANES adds into lane j, in order; a run's lanes are combined as ((0+1)+(2+3))+((4+5)+(6+7)), then the
+ * run's last (fewer than LANES) elements are added one by one; the runs are added in order. The AVX2 version keeps
+ * lanes 0-3 and 4-7 in two vector registers and so does exactly those additions: no FMA, no reassociation (built
+ * with -ffp-contract=off), the same bits on every x86 CPU and on any other architecture through the plain C loop.
+ *
+ * Sign bits: element i is bit i % 8 (least significant first) of byte i / 8, set where x < 0 (not for -0.0 or NaN),
+ * the last byte's unused bits zero. A block starts on a byte (its length a multiple of 8 but for the last block).
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define RUN 1024
+#define LANES 8
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_AVX2_VERSION 1
+#endif
+
+static double combine_lanes(const double lane[LANES]) {
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* The last elements of a run (fewer than LANES): into the run's sum one by one, and their sign bits. */
+static double add_tail(const float* x, int64_t start, int64_t end, double run, uint8_t* bits) {
+    unsigned byte = 0;
+    for (int64_t i = start; i < end; ++i) {
+        run += (double)fabsf(x[i]);
+        byte |= (unsigned)(x[i] < 0.0f) << (i - start);
+    }
+    if (bits != NULL && end > start) bits[start >> 3] = (uint8_t)byte;
+    return run;
+}
+
+static double abs_sum_signs_plain(const float* x, int64_t n, uint8_t* bits) {
+    double total = 0.0;
+    for (int64_t start = 0; start < n; start += RUN) {
+        int64_t end = start + RUN < n ? start + RUN : n;
+        double lane[LANES] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        int64_t j = start;
+        for (; j + LANES <= end; j += LANES) {
+            unsigned byte = 0;
+            for (int k = 0; k < LANES; ++k) {
+                lane[k] += (double)fabsf(x[j + k]);
+                byte |= (unsigned)(x[j + k] < 0.0f) << k;
+            }
+            if (bits != NULL) bits[j >> 3] = (uint8_t)byte;
+        }
+        total += add_tail(x, j, end, combine_lanes(lane), bits);
+    }
+    return total;
+}
+
+static void decode_plain(const uint8_t* bits, int64_t n, float scale, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = ((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale;
+}
+
+#ifdef HAVE_AVX2_VERSION
+__attribute__((target("avx2"))) static double abs_sum_signs_avx2(const float* x, int64_t n, uint8_t* bits) {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    double total = 0.0;
+    for (int64_t start = 0; start < n; start += RUN) {
+        int64_t end = start + RUN < n ? start + RUN : n;
+        __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd(); /* lanes 0-3 and 4-7 */
+        int64_t j = start;
+        for (; j + LANES <= end; j += LANES) {
+            __m256 v = _mm256_loadu_ps(x + j);
+            if (bits != NULL) bits[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+            __m256 a = _mm256_and_ps(v, magnitude);
+            low = _mm256_add_pd(low, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+            high = _mm256_add_pd(high, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+        }
+        double lane[LANES];
+        _mm256_storeu_pd(lane, low);
+        _mm256_storeu_pd(lane + 4, high);
+        total += add_tail(x, j, end, combine_lanes(lane), bits);
+    }
+    return total;
+}
+
+__attribute__((target("avx2"))) static void decode_avx2(const uint8_t* bits, int64_t n, float scale, float* out) {
+    const __m256i weights = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+    int64_t whole = n / 8;
+    for (int64_t b = 0; b < whole; ++b) {
+        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), weights), weights);
+        _mm256_storeu_ps(out + 8 * b, _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(set)));
+    }
+    for (int64_t i = 8 * whole; i < n; ++i) out[i] = ((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale;
+}
+
+static int use_avx2(void) {
+    static int answer = -1;
+    if (answer < 0) answer = __builtin_cpu_supports("avx2") ? 1 : 0;
+    return answer;
+}
+#endif
+
+/* Which version runs here: 2 for AVX2, 1 for the plain loop (both give the same bits). */
+int llsgd_sign_version(void) {
+#ifdef HAVE_AVX2_VERSION
+    if (use_avx2()) return 2;
+#endif
+    return 1;
+}
+
+/* The float64 sum of |x[0..n)| in the order above; the sign bits into bits[0..ceil(n/8)) unless bits is NULL. */
+double llsgd_abs_sum_signs(const float* x, int64_t n, uint8_t* bits) {
+#ifdef HAVE_AVX2_VERSION
+    if (use_avx2()) return abs_sum_signs_avx2(x, n, bits);
+#endif
+    return abs_sum_signs_plain(x, n, bits);
+}
+
+/* out[i] = -scale where bit i is set, +scale elsewhere, for i in [0, n). */
+void llsgd_sign_decode(const uint8_t* bits, int64_t n, float scale, float* out) {
+#ifdef HAVE_AVX2_VERSION
+    if (use_avx2()) {
+        decode_avx2(bits, n, scale, out);
+        return;
+    }
+#endif
+    decode_plain(bits, n, scale, out);
+}

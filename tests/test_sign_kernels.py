@@ -1,0 +1,169 @@
+"""The scaled sign's payload format 2 and its two CPU implementations: the C kernel and the torch fallback.
+
+The expected sums come from the order ``sign_kernels.c`` documents, written here in plain Python floats (float64);
+the expected sign bits from ``x < 0`` bit by bit. Both implementations must give those bits, and so each other's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_localsgd.compression import ScaledSign, native, sign_format
+
+SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 2 * 1024 + 8 * 5 + 3, 5000]
+
+
+def documented_sum(values: list[float]) -> float:
+    """The format's float64 sum of |values|: runs of 1024, 8 lanes in order, the lanes' tree, the run's last few
+    one by one, the runs in order."""
+    total = 0.0
+    for start in range(0, len(values), 1024):
+        run_values = values[start : start + 1024]
+        lanes = [0.0] * 8
+        whole = len(run_values) // 8 * 8
+        for j in range(0, whole, 8):
+            for k in range(8):
+                lanes[k] += abs(run_values[j + k])
+        run = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+        for value in run_values[whole:]:
+            run += abs(value)
+        total += run
+    return total
+
+
+def documented_bits(values: list[float]) -> list[int]:
+    return [sum(1 << k for k, v in enumerate(values[i : i + 8]) if v < 0) for i in range(0, len(values), 8)]
+
+
+def awkward_vector(numel: int, seed: int) -> torch.Tensor:
+    """Sums that round at almost every addition (magnitudes 2^42 apart), so that the order shows in their bits;
+    -0.0 and zeros."""
+    return sign_format.mixed_magnitudes(numel, seed)
+
+
+def built_kernels() -> native.SignKernels:
+    kernels = sign_format.kernels()
+    if kernels is None:  # only where no C compiler is installed: the torch path is what runs, and is tested below
+        pytest.skip("the C kernels cannot be built on this machine (no C compiler)")
+    return kernels
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A process that has not loaded the kernels yet, building into an empty cache."""
+    monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
+    native.reset()
+    yield tmp_path / "cache"
+    native.reset()
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_the_torch_sum_follows_the_documented_order(numel):
+    for seed in range(8):  # another order shows on some 10 % of such vectors
+        x = awkward_vector(numel, 100 * numel + seed)
+        assert sign_format.ordered_abs_sum_(x.double().abs()).item() == documented_sum(x.tolist())
+
+
+def test_the_documented_order_is_not_torch_sum_order():
+    # The point of fixing an order: on such vectors a float64 sum in another order has other bits (torch's own here).
+    vectors = [awkward_vector(2 * 1024 + 43, seed) for seed in range(8)]
+    assert any(x.double().abs().sum().item() != documented_sum(x.tolist()) for x in vectors)
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_the_kernel_sums_and_packs_as_documented(numel):
+    kernels = built_kernels()
+    for seed in range(8):
+        x = awkward_vector(numel, 100 * numel + seed)
+        bits = torch.full((math.ceil(numel / 8),), 0xAA, dtype=torch.uint8)
+        assert kernels.abs_sum_signs(x, bits) == documented_sum(x.tolist())
+        assert bits.tolist() == documented_bits(x.tolist())
+        assert kernels.abs_sum_signs(x, None) == documented_sum(x.tolist())  # the scale alone writes no bits
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_the_kernel_decodes_plus_minus_scale_from_the_bits(numel):
+    kernels = built_kernels()
+    x = awkward_vector(numel, numel + 2)
+    bits = torch.zeros(math.ceil(numel / 8), dtype=torch.uint8)
+    kernels.abs_sum_signs(x, bits)
+    out = torch.full((numel,), float("nan"))
+    kernels.decode(bits, 0.8125, out)
+    assert out.tolist() == [-0.8125 if v < 0 else 0.8125 for v in x.tolist()]
+
+
+@pytest.mark.parametrize("block_elements", [16, 1024, 1000, 100])  # blocks on a byte boundary, and not
+def test_kernel_and_torch_paths_give_the_same_payloads_and_decodes(block_elements, monkeypatch):
+    built_kernels()
+    compressor = ScaledSign(4 * block_elements / 2**20)
+    x = awkward_vector(7 * block_elements + 5, block_elements)
+    payload = compressor.encode(x)
+    decoded = compressor.decode(payload, x.numel())
+    monkeypatch.setattr(sign_format, "kernels", lambda: None)
+    assert torch.equal(compressor.encode(x), payload)
+    assert torch.equal(compressor.decode(payload, x.numel()), decoded)
+    # And both are the format: scale = float32(documented sum / length) per block, -scale where x < 0.
+    values = x.tolist()
+    for index, start in enumerate(range(0, len(values), block_elements)):
+        block = values[start : start + block_elements]
+        scale = torch.tensor(documented_sum(block) / len(block), dtype=torch.float64).float().item()
+        assert payload[4 * index : 4 * index + 4].view(torch.float32).item() == scale
+        assert decoded[start : start + len(block)].tolist() == [-scale if v < 0 else scale for v in block]
+
+
+def test_a_missing_compiler_leaves_the_torch_path(fresh_native, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-compiler"))
+    with caplog.at_level(logging.INFO, logger=native.__name__):
+        assert sign_format.kernels() is None
+    assert "not available" in caplog.text
+    x = awkward_vector(3000, 3)
+    payload = ScaledSign(4 * 1024 / 2**20).encode(x)
+    assert payload[:4].view(torch.float32).item() == pytest.approx(x[:1024].abs().double().mean().item(), rel=1e-6)
+
+
+def test_the_environment_turns_the_kernels_off(fresh_native, monkeypatch):
+    monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+    assert sign_format.kernels() is None
+    assert not list(fresh_native.glob("*")) if fresh_native.exists() else True  # nothing was built
+
+
+def test_a_build_that_gives_other_bits_is_refused(fresh_native, monkeypatch, tmp_path, caplog):
+    # A kernel that combines its lanes in another order: the self-check against the torch reference must catch it.
+    built_kernels()
+    source = native.SOURCE.read_text()
+    wrong = source.replace("((lane[0] + lane[1]) + (lane[2] + lane[3]))", "((lane[0] + lane[2]) + (lane[1] + lane[3]))")
+    assert wrong != source
+    mutated = tmp_path / "sign_kernels.c"
+    mutated.write_text(wrong)
+    monkeypatch.setattr(native, "SOURCE", mutated)
+    native.reset()
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert sign_format.kernels() is None
+    assert "do not give the torch reference's bits" in caplog.text
+
+
+def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh_native):
+    assert sign_format.kernels() is not None or pytest.skip("no C compiler")
+    built = list(Path(fresh_native).glob("sign_kernels-*"))
+    assert len(built) == 1 and not list(Path(fresh_native).glob(".*partial"))
+    stamp = built[0].stat().st_mtime_ns
+    native.reset()
+    assert sign_format.kernels() is not None
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_checkpoints_say_which_format_their_payloads_had():
+    compressor = ScaledSign()
+    assert compressor.state_dict() == {"format": sign_format.FORMAT_VERSION}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compressor.load_state_dict(compressor.state_dict())  # the same format: nothing to say
+    with pytest.warns(UserWarning, match="payload format 1"):
+        compressor.load_state_dict({})  # a checkpoint of the version before: it saved no state
