@@ -99,6 +99,36 @@ def test_the_kernel_decodes_plus_minus_scale_from_the_bits(numel):
     assert out.tolist() == [-0.8125 if v < 0 else 0.8125 for v in x.tolist()]
 
 
+@pytest.mark.parametrize("numel", SIZES)
+def test_the_kernel_adds_what_it_decodes_with_one_rounding(numel):
+    kernels = built_kernels()
+    x = awkward_vector(numel, numel + 3)
+    addend = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 1e-3
+    bits = torch.zeros(math.ceil(numel / 8), dtype=torch.uint8)
+    kernels.abs_sum_signs(x, bits)
+    out = torch.full((numel,), float("nan"))
+    kernels.decode_add(bits, 0.8125, addend, out)
+    expected = [a + (-0.8125 if v < 0 else 0.8125) for a, v in zip(addend.tolist(), x.tolist())]
+    assert out.tolist() == torch.tensor(expected, dtype=torch.float64).float().tolist()  # rounded once to float32
+    kernels.decode_add(bits, 0.8125, addend, addend)  # in place: the addend is the output
+    assert torch.equal(addend, out)
+
+
+@pytest.mark.parametrize("block_elements", [16, 1000])
+def test_decode_add_into_is_decode_then_add_on_either_path(block_elements, monkeypatch):
+    built_kernels()
+    compressor = ScaledSign(4 * block_elements / 2**20)
+    x = awkward_vector(5 * block_elements + 3, block_elements + 7)
+    payload = compressor.encode(x)
+    addend = torch.randn(x.numel(), generator=torch.Generator().manual_seed(1))
+    expected = torch.add(addend, compressor.decode(payload, x.numel()))
+    scratch = torch.empty_like(addend)
+    assert torch.equal(compressor.decode_add_into(payload, addend, torch.empty_like(addend), scratch), expected)
+    monkeypatch.setattr(sign_format, "kernels", lambda: None)
+    assert torch.equal(compressor.decode_add_into(payload, addend.clone(), torch.empty_like(addend), scratch), expected)
+    assert torch.equal(compressor.decode_add_into(payload, addend, addend, scratch), expected)  # out is the addend
+
+
 @pytest.mark.parametrize("block_elements", [16, 1024, 1000, 100])  # blocks on a byte boundary, and not
 def test_kernel_and_torch_paths_give_the_same_payloads_and_decodes(block_elements, monkeypatch):
     built_kernels()

@@ -292,30 +292,25 @@ class CompressedExchangeAlgorithm(PeriodicAlgorithm):
     ) -> Tensor:
         """``out`` = the sum over ranks of what every rank's payload in ``gathered`` decodes to (the same bits on
         every rank: summed in rank order from 0); ``scratch`` is overwritten. ``own``: this rank's payload already
-        decoded, which may be ``out`` itself with two ranks (a sum of two terms has the same bits in either order)."""
+        decoded, which may be ``out`` itself with two ranks (a sum of two terms has the same bits in either order).
+        Each payload is decoded and added in one pass where the compressor can (``decode_add_into``)."""
+        compressor, rank = self.compressor, self.comm.rank
         if own is not None and own is out:
             if len(gathered) != 2:
                 raise ValueError("Only a sum of two payloads can start from this rank's own in `out`.")
-            return out.add_(self.compressor.decode_into(gathered[1 - self.comm.rank], scratch))
-
-        def term(rank: int, buffer: Tensor) -> Tensor:
-            mine = own is not None and rank == self.comm.rank
-            return own if mine else self.compressor.decode_into(gathered[rank], buffer)
-
-        # The first two terms are added into `out` in one pass (no zeroed start, no copy of a term).
-        first = term(0, out)
+            return compressor.decode_add_into(gathered[1 - rank], out, out, scratch)
         if len(gathered) == 1:
-            return out if first is out else out.copy_(first)
-        torch.add(first, term(1, scratch), out=out)
-        for rank in range(2, len(gathered)):
-            out.add_(term(rank, scratch))
+            return out.copy_(own) if own is not None else compressor.decode_into(gathered[0], out)
+        if own is not None and rank < 2:  # the first two terms: this rank's own plus the other's, in one pass
+            compressor.decode_add_into(gathered[1 - rank], own, out, scratch)
+        else:
+            compressor.decode_add_into(gathered[1], compressor.decode_into(gathered[0], out), out, scratch)
+        for other in range(2, len(gathered)):
+            if own is not None and other == rank:
+                out.add_(own)
+            else:
+                compressor.decode_add_into(gathered[other], out, out, scratch)
         return out
-
-    def _decoded_mean_into(
-        self, gathered: list[Tensor], out: Tensor, scratch: Tensor, own: Optional[Tensor] = None
-    ) -> Tensor:
-        """As :meth:`_decoded_sum_into`, divided by the number of ranks."""
-        return self._decoded_sum_into(gathered, out, scratch, own).div_(self.comm.world_size)
 
     def _round(self) -> None:
         """Normalisation buffers only: the parameters were dealt with by the step's exchange."""

@@ -164,6 +164,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
         super()._on_setup()
         self._variate.reset()
         self._layouts.reset_zero()
+        self._divisors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def after_optimizer_step(self, optimizer: Optimizer) -> None:
         if not self.variance_reduction or self.in_warmup():
@@ -248,15 +249,26 @@ class LIECSGD(CompressedExchangeAlgorithm):
         compressor = self.compressor
         mean, scratch = self._buffer("mean", chunk), self._buffer("scratch", chunk)  # with g: three chunk buffers
         own = mean if len(gathered) == 2 else None  # C(g_i), decoded there by `_prepare_chunk`: not decoded again
-        self._decoded_mean_into(gathered, mean, scratch, own)
+        summed = self._decoded_sum_into(gathered, mean, scratch, own)
         e, in_place = self._state_chunk(chunk, errors, "scratch")  # a copy goes into the scratch buffer
-        u = mean.add_(e)  # u = mean_j C(g_j) + e
+        # u = mean_j C(g_j) + e in one pass: addcdiv rounds the quotient, then the sum, as dividing and adding do.
+        u = torch.addcdiv(e, summed, self._ranks_as_tensor(mean), out=mean)
         server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent
         if in_place:
             torch.sub(u, server, out=e)  # e <- u - C(u)
         else:
             writer.write(chunk, u.sub_(server))
         return server.add_(g)  # C(u) + r_i
+
+    def _ranks_as_tensor(self, like: Tensor) -> Tensor:
+        """The number of ranks as a 0-dim tensor on ``like``'s device (made once: on CUDA each is a copy)."""
+        key = (like.device, like.dtype)
+        cached = self._divisors.get(key)
+        if cached is None:
+            cached = self._divisors[key] = torch.tensor(
+                float(self.comm.world_size), dtype=like.dtype, device=like.device
+            )
+        return cached
 
     def _sharded_chunk(
         self,

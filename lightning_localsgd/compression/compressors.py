@@ -95,6 +95,12 @@ class Compressor(ABC):
         Compressors that can decode in place override it, so the exchanges reuse one buffer at every step."""
         return out.copy_(self.decode(payload, out.numel()))
 
+    def decode_add_into(self, payload: Tensor, addend: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+        """``out`` = ``addend + decode(payload)``, bit for bit as ``torch.add`` (``out`` may be ``addend``;
+        ``scratch``, a float32 buffer of the same length, may be overwritten); returns ``out``. Compressors that can
+        add as they decode override it: one pass instead of two."""
+        return torch.add(addend, self.decode_into(payload, scratch), out=out)
+
     def compress_values_into(self, tensor: Tensor, out: Tensor) -> Tensor:
         """``decode(encode(tensor))`` written into ``out``, bit for bit, for a result that never crosses a wire
         (LIEC-SGD's server step): compressors that can skip packing and unpacking override it."""
@@ -318,6 +324,20 @@ class ScaledSign(Compressor):
                 # A one-element slice as the row index: a 0-dim index tensor is read on the host (a sync on CUDA).
                 last = codes[b * rows + whole : b * rows + whole + 1]
                 block[8 * whole :].copy_(signed.index_select(0, last)[0, : block.numel() - 8 * whole])
+        return out
+
+    def decode_add_into(self, payload: Tensor, addend: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+        blocks = _Blocks(out.numel(), self._block_numel)
+        plain = native.is_plain_cpu_float32(out) and native.is_plain_cpu_float32(addend)
+        kernels = sign_format.kernels() if plain and payload.device.type == "cpu" else None
+        if kernels is None or blocks.block_numel % 8 or blocks.count == 0:
+            return super().decode_add_into(payload, addend, out, scratch)
+        _check_payload(payload, self.payload_bytes(out.numel()), "ScaledSign")
+        scales = from_bytes(payload[: 4 * blocks.count], torch.float32).tolist()
+        packed, rows = payload[4 * blocks.count :], blocks.block_numel // 8
+        pieces = zip(out.split(blocks.block_numel), addend.split(blocks.block_numel), scales)
+        for b, (block, base, scale) in enumerate(pieces):
+            kernels.decode_add(packed[b * rows :], scale, base, block)
         return out
 
     # No `compress_values_into` of its own: writing +-scale per block with `torch.where(block < 0, -scale, scale)`

@@ -50,6 +50,9 @@ class SignKernels:
         self._decode = library.llsgd_sign_decode
         self._decode.restype = None
         self._decode.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
+        self._decode_add = library.llsgd_sign_decode_add
+        self._decode_add.restype = None
+        self._decode_add.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         version = library.llsgd_sign_version
         version.restype = ctypes.c_int
         self.version = "avx2" if version() == 2 else "plain C"
@@ -62,6 +65,10 @@ class SignKernels:
     def decode(self, bits: Tensor, scale: float, out: Tensor) -> None:
         """``out`` = ``-scale`` where a bit of ``bits`` is set, ``+scale`` elsewhere."""
         self._decode(bits.data_ptr(), out.numel(), scale, out.data_ptr())
+
+    def decode_add(self, bits: Tensor, scale: float, addend: Tensor, out: Tensor) -> None:
+        """``out`` = ``addend`` + what :meth:`decode` would write (``out`` may be ``addend``)."""
+        self._decode_add(bits.data_ptr(), out.numel(), scale, addend.data_ptr(), out.data_ptr())
 
 
 _loaded: dict[str, Optional[SignKernels]] = {}

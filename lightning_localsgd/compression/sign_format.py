@@ -84,6 +84,9 @@ def _matches_reference(kernels: native.SignKernels) -> bool:
         kernels.decode(bits, 0.375, decoded)
         if not torch.equal(decoded, torch.where(x < 0, -0.375, 0.375)):
             return False
+        kernels.decode_add(bits, 0.375, x, decoded)
+        if not torch.equal(decoded, torch.add(x, torch.where(x < 0, -0.375, 0.375))):
+            return False
     return True
 
 

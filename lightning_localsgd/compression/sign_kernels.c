@@ -9,6 +9,9 @@
  * lanes 0-3 and 4-7 in two vector registers and so does exactly those additions: no FMA, no reassociation (built
  * with -ffp-contract=off), the same bits on every x86 CPU and on any other architecture through the plain C loop.
  *
+ * Decoding writes -scale where a bit is set and +scale elsewhere, or adds that to another vector (one rounding, as
+ * torch's add), so that summing decoded payloads takes one pass per payload.
+ *
  * Sign bits: element i is bit i % 8 (least significant first) of byte i / 8, set where x < 0 (not for -0.0 or NaN),
  * the last byte's unused bits zero. A block starts on a byte (its length a multiple of 8 but for the last block).
  */
@@ -62,6 +65,10 @@ static void decode_plain(const uint8_t* bits, int64_t n, float scale, float* out
     for (int64_t i = 0; i < n; ++i) out[i] = ((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale;
 }
 
+static void decode_add_plain(const uint8_t* bits, int64_t n, float scale, const float* addend, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = addend[i] + (((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale);
+}
+
 #ifdef HAVE_AVX2_VERSION
 __attribute__((target("avx2"))) static double abs_sum_signs_avx2(const float* x, int64_t n, uint8_t* bits) {
     const __m256 zero = _mm256_setzero_ps();
@@ -97,6 +104,19 @@ __attribute__((target("avx2"))) static void decode_avx2(const uint8_t* bits, int
     for (int64_t i = 8 * whole; i < n; ++i) out[i] = ((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale;
 }
 
+__attribute__((target("avx2"))) static void decode_add_avx2(const uint8_t* bits, int64_t n, float scale,
+                                                             const float* addend, float* out) {
+    const __m256i weights = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+    int64_t whole = n / 8;
+    for (int64_t b = 0; b < whole; ++b) {
+        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), weights), weights);
+        __m256 value = _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(set));
+        _mm256_storeu_ps(out + 8 * b, _mm256_add_ps(_mm256_loadu_ps(addend + 8 * b), value));
+    }
+    for (int64_t i = 8 * whole; i < n; ++i) out[i] = addend[i] + (((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale);
+}
+
 static int use_avx2(void) {
     static int answer = -1;
     if (answer < 0) answer = __builtin_cpu_supports("avx2") ? 1 : 0;
@@ -129,4 +149,15 @@ void llsgd_sign_decode(const uint8_t* bits, int64_t n, float scale, float* out) 
     }
 #endif
     decode_plain(bits, n, scale, out);
+}
+
+/* out[i] = addend[i] + (-scale where bit i is set, +scale elsewhere), for i in [0, n); out may be addend. */
+void llsgd_sign_decode_add(const uint8_t* bits, int64_t n, float scale, const float* addend, float* out) {
+#ifdef HAVE_AVX2_VERSION
+    if (use_avx2()) {
+        decode_add_avx2(bits, n, scale, addend, out);
+        return;
+    }
+#endif
+    decode_add_plain(bits, n, scale, addend, out);
 }
