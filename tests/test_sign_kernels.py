@@ -1,4 +1,4 @@
-"""The scaled sign's payload format 2 and its two CPU implementations: the C kernel and the torch fallback.
+"""The scaled sign's payload format 2 and its CPU implementations: the C kernel, and the fallback (NumPy or torch).
 
 The expected sums come from the order ``sign_kernels.c`` documents, written here in plain Python floats (float64);
 the expected sign bits from ``x < 0`` bit by bit. Both implementations must give those bits, and so each other's.
@@ -16,25 +16,21 @@ import torch
 
 from lightning_localsgd.compression import ScaledSign, native, sign_format
 
-SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 2 * 1024 + 8 * 5 + 3, 5000]
+SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 2 * 1024 + 8 * 5 + 3, 5000]  # no lane, one pass, 2 and 3 visits
 
 
 def documented_sum(values: list[float]) -> float:
-    """The format's float64 sum of |values|: runs of 1024, 8 lanes in order, the lanes' tree, the run's last few
-    one by one, the runs in order."""
-    total = 0.0
-    for start in range(0, len(values), 1024):
-        run_values = values[start : start + 1024]
-        lanes = [0.0] * 8
-        whole = len(run_values) // 8 * 8
-        for j in range(0, whole, 8):
-            for k in range(8):
-                lanes[k] += abs(run_values[j + k])
-        run = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-        for value in run_values[whole:]:
-            run += abs(value)
-        total += run
-    return total
+    """The format's float64 sum of |values|: element i into lane i % 1024, each lane in order from 0, then the lanes
+    folded in halves (lane k += lane k + half) until one is left."""
+    lanes = [0.0] * 1024
+    for i, value in enumerate(values):
+        lanes[i % 1024] += abs(value)
+    half = 512
+    while half:
+        for k in range(half):
+            lanes[k] = lanes[k] + lanes[k + half]
+        half //= 2
+    return lanes[0]
 
 
 def documented_bits(values: list[float]) -> list[int]:
@@ -64,8 +60,11 @@ def fresh_native(monkeypatch, tmp_path):
     native.reset()
 
 
+@pytest.mark.parametrize("with_numpy", [True, False])
 @pytest.mark.parametrize("numel", SIZES)
-def test_the_torch_sum_follows_the_documented_order(numel):
+def test_the_fallback_sum_follows_the_documented_order(numel, with_numpy, monkeypatch):
+    if not with_numpy:
+        monkeypatch.setattr(sign_format, "_numpy", None)
     for seed in range(8):  # another order shows on some 10 % of such vectors
         x = awkward_vector(numel, 100 * numel + seed)
         assert sign_format.ordered_abs_sum_(x.double().abs()).item() == documented_sum(x.tolist())
@@ -165,10 +164,10 @@ def test_the_environment_turns_the_kernels_off(fresh_native, monkeypatch):
 
 
 def test_a_build_that_gives_other_bits_is_refused(fresh_native, monkeypatch, tmp_path, caplog):
-    # A kernel that combines its lanes in another order: the self-check against the torch reference must catch it.
+    # A kernel that folds its lanes in another order (neighbours, not halves): the self-check must catch it.
     built_kernels()
     source = native.SOURCE.read_text()
-    wrong = source.replace("((lane[0] + lane[1]) + (lane[2] + lane[3]))", "((lane[0] + lane[2]) + (lane[1] + lane[3]))")
+    wrong = source.replace("lane[k] = lane[k] + lane[k + half];", "lane[k] = lane[2 * k] + lane[2 * k + 1];")
     assert wrong != source
     mutated = tmp_path / "sign_kernels.c"
     mutated.write_text(wrong)

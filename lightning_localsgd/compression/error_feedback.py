@@ -31,10 +31,10 @@ def compress_with_feedback(compressor: Compressor, vector: Tensor, error: Tensor
 
 def decode_mean(compressor: Compressor, payloads: Sequence[Tensor], numel: int) -> Tensor:
     """The mean of the decoded payloads, summed in rank order so that every rank gets the same bits (each payload
-    decoded into one reused buffer)."""
+    decoded and added in one pass where the compressor can, else through one reused buffer)."""
     device = payloads[0].device if payloads else None
     total = torch.zeros(numel, dtype=torch.float32, device=device)
     scratch = torch.empty(numel, dtype=torch.float32, device=device)
     for payload in payloads:
-        total.add_(compressor.decode_into(payload, scratch))
+        compressor.decode_add_into(payload, total, total, scratch)
     return total.div_(max(len(payloads), 1))

@@ -1,10 +1,10 @@
 """The scaled sign's scale on CPU: the float64 sum of ``|x|`` over a block, in an order that is part of the format.
 
 Every rank computes LIEC-SGD's server scale itself, so the sum must give the same bits on every rank, whatever its
-thread count and whichever implementation runs: the C kernel (``sign_kernels.c``, one pass) or torch (here, the
-reference and the fallback). Format 2 fixes the order (the C source says it in full): runs of ``RUN`` elements;
-inside a run, ``LANES`` lanes each summing every ``LANES``-th element in order; the lanes combined as a fixed tree;
-the run's last few elements one by one; the runs in order.
+thread count and whichever implementation runs: the C kernel (``sign_kernels.c``, one pass) or this module (the
+reference, and the fallback). Format 2 fixes the order: element ``i`` of a block adds into lane ``i % LANES``, each
+lane in the order of its elements starting from 0; then the lanes are folded in halves (lane ``k`` += lane
+``k + half``) until one is left.
 
 Format 1 (before 2026-12-06) summed with torch's ``sum()``, whose order belongs to torch (its vector width and
 cascade). Both are accurate to about 1e-15 relative, so the float32 scales differ only where the float64 sums
@@ -22,40 +22,32 @@ from torch import Tensor
 from lightning_localsgd.compression import native
 from lightning_localsgd.compression.packing import pack_bits
 
+try:  # NumPy reduces along a first axis one row after the other, vectorised along the row: the format's lanes
+    import numpy as _numpy
+except ImportError:  # torch alone: its cumsum is sequential too, at about twice the cost
+    _numpy = None
+
 FORMAT_VERSION = 2
-RUN = 1024  # elements per run (sign_kernels.c)
-LANES = 8  # lanes per run
-
-
-def _combine_lanes(lanes: Tensor) -> Tensor:
-    """``(runs, LANES)`` lane sums to one value per run: ((0+1)+(2+3))+((4+5)+(6+7)), as the kernel combines them."""
-    return ((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])) + (
-        (lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7])
-    )
+LANES = 1024  # sign_kernels.c
 
 
 def ordered_abs_sum_(magnitudes: Tensor) -> Tensor:
-    """The format's float64 sum of ``magnitudes`` (1-D, float64, ``|x|``, on CPU), as a 0-dim tensor. Overwrites
-    ``magnitudes`` with partial sums: a lane's sum is the last of its running sums, and torch's CPU ``cumsum`` adds
-    one element after the other (where ``sum()`` picks its own order)."""
-    n = magnitudes.numel()
-    runs = n // RUN
-    per_run: list[Tensor] = []
-    if runs:
-        lanes = magnitudes[: runs * RUN].view(runs, RUN // LANES, LANES).cumsum_(1)[:, -1]
-        per_run.append(_combine_lanes(lanes))
-    rest = magnitudes[runs * RUN :]
-    if rest.numel():
-        groups = rest.numel() // LANES
-        whole = rest[: groups * LANES].view(1, groups, LANES)
-        lanes = whole.cumsum_(1)[:, -1] if groups else rest.new_zeros(1, LANES)
-        last = _combine_lanes(lanes)
-        for value in rest[groups * LANES :]:  # fewer than LANES, one by one, as the kernel adds them
-            last = last + value
-        per_run.append(last)
-    if not per_run:
-        return magnitudes.new_zeros(())
-    return torch.cat(per_run).cumsum_(0)[-1]  # 0 + r_0 + r_1 + ..., in order
+    """The format's float64 sum of ``magnitudes`` (1-D, float64, contiguous, ``|x|``, on CPU), as a 0-dim tensor.
+    ``magnitudes`` may be overwritten (with torch alone it holds running sums afterwards)."""
+    runs, tail = divmod(magnitudes.numel(), LANES)
+    whole = magnitudes[: runs * LANES].view(runs, LANES)
+    if not runs:
+        lanes = magnitudes.new_zeros(LANES)
+    elif _numpy is not None:
+        lanes = torch.from_numpy(_numpy.add.reduce(whole.numpy(), axis=0))
+    else:  # a lane's sum is the last of its running sums: torch's CPU cumsum adds one row after the other
+        lanes = whole.cumsum_(0)[-1].clone()
+    lanes[:tail] += magnitudes[runs * LANES :]  # the last elements, each the last addition to its lane
+    half = LANES // 2
+    while half:
+        lanes[:half] += lanes[half : 2 * half]
+        half //= 2
+    return lanes[0]
 
 
 def mixed_magnitudes(numel: int, seed: int) -> Tensor:
@@ -71,10 +63,10 @@ def mixed_magnitudes(numel: int, seed: int) -> Tensor:
 
 
 def _matches_reference(kernels: native.SignKernels) -> bool:
-    """Whether the kernels give the torch reference's bits on vectors that take every branch (whole runs, a run cut
-    short, a tail of fewer than ``LANES`` elements) and whose sums show their order."""
+    """Whether the kernels give the reference's bits on vectors that take every branch (lanes visited twice or three
+    times, a last group of fewer than 8 elements) and whose sums show their order."""
     for seed in range(64):  # a sum in another order differs on some 10 % of them: every such build is caught
-        x = mixed_magnitudes(2 * RUN + 5 * LANES + 3, seed)
+        x = mixed_magnitudes(2 * LANES + 5 * 8 + 3, seed)
         bits = torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8)
         if kernels.abs_sum_signs(x, bits) != ordered_abs_sum_(x.double().abs()).item():
             return False

@@ -3,11 +3,12 @@
  * ctypes; `compressors.py` keeps a torch implementation of the same arithmetic as the reference and the fallback.
  *
  * The sum's order is part of the payload format (scaled sign format 2), because LIEC-SGD's ranks each compute the
- * server's scale and must get the same bits: a block is read in runs of RUN elements; inside a run, element j of
- * each group of LANES adds into lane j, in order; a run's lanes are combined as ((0+1)+(2+3))+((4+5)+(6+7)), then the
- * run's last (fewer than LANES) elements are added one by one; the runs are added in order. The AVX2 version keeps
- * lanes 0-3 and 4-7 in two vector registers and so does exactly those additions: no FMA, no reassociation (built
- * with -ffp-contract=off), the same bits on every x86 CPU and on any other architecture through the plain C loop.
+ * server's scale and must get the same bits: element i of a block adds into lane i % LANES, each lane in the order of
+ * its elements, starting from 0; then the lanes are folded in halves, lane k += lane k + half, until one is left. The
+ * AVX2 version adds 8 lanes at a time and so does exactly those additions: no FMA, no reassociation (built with
+ * -ffp-contract=off), the same bits on every x86 CPU and on any other architecture through the plain C loop. (Lanes
+ * that go through the block in order and a fold of halves are also what NumPy's reduction along the first axis and
+ * elementwise additions do: the fallback in sign_format.py needs no loop in Python.)
  *
  * Decoding writes -scale where a bit is set and +scale elsewhere, or adds that to another vector (one rounding, as
  * torch's add), so that summing decoded payloads takes one pass per payload.
@@ -19,46 +20,43 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define RUN 1024
-#define LANES 8
+#define LANES 1024
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define HAVE_AVX2_VERSION 1
 #endif
 
-static double combine_lanes(const double lane[LANES]) {
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+static double fold_lanes(double lane[LANES]) {
+    for (int half = LANES / 2; half >= 1; half /= 2)
+        for (int k = 0; k < half; ++k) lane[k] = lane[k] + lane[k + half];
+    return lane[0];
 }
 
-/* The last elements of a run (fewer than LANES): into the run's sum one by one, and their sign bits. */
-static double add_tail(const float* x, int64_t start, int64_t end, double run, uint8_t* bits) {
+/* The last elements of a block (fewer than 8): into their lanes one by one, and their sign bits. */
+static void add_tail(const float* x, int64_t start, int64_t end, double lane[LANES], uint8_t* bits) {
     unsigned byte = 0;
     for (int64_t i = start; i < end; ++i) {
-        run += (double)fabsf(x[i]);
+        lane[i % LANES] += (double)fabsf(x[i]);
         byte |= (unsigned)(x[i] < 0.0f) << (i - start);
     }
     if (bits != NULL && end > start) bits[start >> 3] = (uint8_t)byte;
-    return run;
 }
 
 static double abs_sum_signs_plain(const float* x, int64_t n, uint8_t* bits) {
-    double total = 0.0;
-    for (int64_t start = 0; start < n; start += RUN) {
-        int64_t end = start + RUN < n ? start + RUN : n;
-        double lane[LANES] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-        int64_t j = start;
-        for (; j + LANES <= end; j += LANES) {
-            unsigned byte = 0;
-            for (int k = 0; k < LANES; ++k) {
-                lane[k] += (double)fabsf(x[j + k]);
-                byte |= (unsigned)(x[j + k] < 0.0f) << k;
-            }
-            if (bits != NULL) bits[j >> 3] = (uint8_t)byte;
+    double lane[LANES] = {0.0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) { /* 8 divides LANES: a group of 8 never wraps around the lanes */
+        double* at = lane + j % LANES;
+        unsigned byte = 0;
+        for (int k = 0; k < 8; ++k) {
+            at[k] += (double)fabsf(x[j + k]);
+            byte |= (unsigned)(x[j + k] < 0.0f) << k;
         }
-        total += add_tail(x, j, end, combine_lanes(lane), bits);
+        if (bits != NULL) bits[j >> 3] = (uint8_t)byte;
     }
-    return total;
+    add_tail(x, j, n, lane, bits);
+    return fold_lanes(lane);
 }
 
 static void decode_plain(const uint8_t* bits, int64_t n, float scale, float* out) {
@@ -73,24 +71,18 @@ static void decode_add_plain(const uint8_t* bits, int64_t n, float scale, const 
 __attribute__((target("avx2"))) static double abs_sum_signs_avx2(const float* x, int64_t n, uint8_t* bits) {
     const __m256 zero = _mm256_setzero_ps();
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    double total = 0.0;
-    for (int64_t start = 0; start < n; start += RUN) {
-        int64_t end = start + RUN < n ? start + RUN : n;
-        __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd(); /* lanes 0-3 and 4-7 */
-        int64_t j = start;
-        for (; j + LANES <= end; j += LANES) {
-            __m256 v = _mm256_loadu_ps(x + j);
-            if (bits != NULL) bits[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ));
-            __m256 a = _mm256_and_ps(v, magnitude);
-            low = _mm256_add_pd(low, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
-            high = _mm256_add_pd(high, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
-        }
-        double lane[LANES];
-        _mm256_storeu_pd(lane, low);
-        _mm256_storeu_pd(lane + 4, high);
-        total += add_tail(x, j, end, combine_lanes(lane), bits);
+    double lane[LANES] = {0.0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        double* at = lane + j % LANES;
+        __m256 v = _mm256_loadu_ps(x + j);
+        if (bits != NULL) bits[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+        __m256 a = _mm256_and_ps(v, magnitude);
+        _mm256_storeu_pd(at, _mm256_add_pd(_mm256_loadu_pd(at), _mm256_cvtps_pd(_mm256_castps256_ps128(a))));
+        _mm256_storeu_pd(at + 4, _mm256_add_pd(_mm256_loadu_pd(at + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1))));
     }
-    return total;
+    add_tail(x, j, n, lane, bits);
+    return fold_lanes(lane);
 }
 
 __attribute__((target("avx2"))) static void decode_avx2(const uint8_t* bits, int64_t n, float scale, float* out) {
