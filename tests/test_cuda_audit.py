@@ -25,6 +25,7 @@ from lightning_localsgd.algorithms.guard import finite_flag, flag_vector
 from lightning_localsgd.comm import ProcessGroupCommunicator, run_simulated
 from lightning_localsgd.comm.grad_sync import gradient_flags
 from lightning_localsgd.comm.simulated import SimulatedCommunicator, run_simulated_nodes
+from lightning_localsgd.compression import packing, sign_format
 from lightning_localsgd.compression.compressors import QSGD, ScaledSign, TopK, _Blocks
 
 LIBRARY = str(Path(lightning_localsgd.__file__).parent) + "/"
@@ -63,6 +64,11 @@ def _syncing_index(index: Any) -> bool:
 @pytest.fixture
 def host_syncs(monkeypatch):
     """Count, per worker thread, what would stall a GPU: ``with host_syncs() as log`` collects them in ``log``."""
+    # The scaled sign's CPU accelerations (the C kernel, NumPy's sign packing and lane sums) read host memory by
+    # design and never run on CUDA: off here, so that these CPU runs take the code a CUDA run takes.
+    monkeypatch.setattr(sign_format, "kernels", lambda: None)
+    monkeypatch.setattr(sign_format, "_numpy", None)
+    monkeypatch.setattr(packing, "_numpy", None)
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, _counting(name, getattr(torch.Tensor, name)))
     for name in ("tensor", "as_tensor", "equal"):

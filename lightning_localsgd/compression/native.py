@@ -3,16 +3,16 @@
 Plain torch needs about a dozen passes over a block to encode it (a float64 copy, its absolute value and sum for the
 scale, then a comparison and the packing for the signs): 0.18 ms per MiB of float32 on one thread here, more than
 twice a memcpy of the same bytes. The C kernel reads the block once and writes the scale's sum and the sign bits
-together (0.04 ms per MiB with AVX2); the decode writes ``+-scale`` straight from the bits. The torch path in
-``compressors.py`` does the same arithmetic in the same order and stays the reference, and the fallback wherever the
-kernel is not available.
+together (about 0.05 ms per MiB with AVX2); the decode writes ``+-scale`` straight from the bits, or adds it to
+another vector. ``sign_format.py`` does the same arithmetic in the same order and stays the reference, and the
+fallback wherever the kernel is not available.
 
 The shared library is built with the C compiler of the platform (``$CC``, else the one Python was built with, else
-``cc``), without Python or torch headers (a second or so), into ``$LIGHTNING_LOCALSGD_CACHE`` (default
-``~/.cache/lightning_localsgd``), named by a hash of the source and the platform, and renamed into place atomically so
-that ranks starting together do not trip over each other. Before first use it is checked against the torch
-reference on a vector that exercises every branch; a build that fails, or does not give the same bits, is not used
-(logged once), and training goes on with the torch path. ``LIGHTNING_LOCALSGD_NATIVE=0`` turns it off.
+``cc``), without Python or torch headers (a fraction of a second), into ``$LIGHTNING_LOCALSGD_CACHE`` (default
+``~/.cache/lightning_localsgd``), named by a hash of the source, compiler and platform, and renamed into place
+atomically so that ranks starting together do not trip over each other. Before first use it is checked against the
+reference on vectors that exercise every branch; a build that fails, or does not give the same bits, is not used
+(logged once), and training goes on with the fallback. ``LIGHTNING_LOCALSGD_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def _load(check: Optional[Callable[[SignKernels], bool]]) -> Optional[SignKernel
         return None
     if check is not None and not check(kernels):
         log.warning(
-            "The scaled sign's C kernels (%s) do not give the torch reference's bits on this machine; using the "
-            "torch implementation. Please report this with your compiler and CPU.",
+            "The scaled sign's C kernels (%s) do not give the reference's bits on this machine; using the torch "
+            "implementation. Please report this with your compiler and CPU.",
             kernels.version,
         )
         return None

@@ -22,7 +22,7 @@
 
 #define LANES 1024
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(LLSGD_PLAIN_ONLY) /* tests build the plain loop alone */
 #include <immintrin.h>
 #define HAVE_AVX2_VERSION 1
 #endif
