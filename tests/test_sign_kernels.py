@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -47,8 +48,11 @@ def awkward_vector(numel: int, seed: int) -> torch.Tensor:
 
 def built_kernels() -> native.SignKernels:
     kernels = sign_format.kernels()
-    if kernels is None:  # only where no C compiler is installed: the torch path is what runs, and is tested below
-        pytest.skip("the C kernels cannot be built on this machine (no C compiler)")
+    if kernels is None:
+        compiler = native._compiler()[0]
+        # Only where no C compiler is installed: the fallback is what runs there, and is tested here too.
+        assert shutil.which(compiler) is None, f"{compiler} is installed, yet the kernels were not built or refused"
+        pytest.skip(f"the C kernels cannot be built on this machine (no {compiler})")
     return kernels
 
 
@@ -115,6 +119,42 @@ def test_the_kernel_adds_what_it_decodes_with_one_rounding(numel):
     assert torch.equal(addend, out)
 
 
+@pytest.mark.parametrize("numel", SIZES)
+def test_the_kernel_splits_a_vector_into_its_compression_and_residual_in_one_pass(numel):
+    kernels = built_kernels()
+    x = awkward_vector(numel, numel + 4)
+    addend = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 1e-3
+    bits = torch.zeros(math.ceil(numel / 8), dtype=torch.uint8)
+    kernels.abs_sum_signs(x, bits)
+    signed = [-0.8125 if v < 0 else 0.8125 for v in x.tolist()]
+    as_float32 = lambda values: torch.tensor(values, dtype=torch.float64).float().tolist()  # noqa: E731
+    residual, decoded = torch.full((numel,), float("nan")), torch.full((numel,), float("nan"))
+    kernels.residual(bits, 0.8125, x, residual, addend, decoded)
+    assert residual.tolist() == as_float32([v - c for v, c in zip(x.tolist(), signed)])
+    assert decoded.tolist() == as_float32([c + a for c, a in zip(signed, addend.tolist())])
+    kernels.residual(bits, 0.8125, x, x, None, decoded)  # in place, and no addend
+    assert torch.equal(x, residual) and decoded.tolist() == signed
+
+
+@pytest.mark.parametrize("block_elements", [16, 1000])
+@pytest.mark.parametrize("encoded", [True, False])
+def test_residual_into_is_decode_subtract_add_on_either_path(block_elements, encoded, monkeypatch):
+    built_kernels()
+    compressor = ScaledSign(4 * block_elements / 2**20)
+    x = awkward_vector(5 * block_elements + 3, block_elements + 9)
+    payload = compressor.encode(x)
+    addend = torch.randn(x.numel(), generator=torch.Generator().manual_seed(2))
+    compressed = compressor.decode(payload, x.numel())
+    expected_residual, expected_decoded = x - compressed, torch.add(compressed, addend)
+    for kernels_on in (True, False):
+        if not kernels_on:
+            monkeypatch.setattr(sign_format, "kernels", lambda: None)
+        tensor, decoded = x.clone(), torch.empty_like(x)
+        given = payload if encoded else None
+        result = compressor.residual_into(tensor, tensor, decoded, addend=addend, payload=given)  # residual in place
+        assert result is decoded and torch.equal(decoded, expected_decoded) and torch.equal(tensor, expected_residual)
+
+
 @pytest.mark.parametrize("block_elements", [16, 1000])
 def test_decode_add_into_is_decode_then_add_on_either_path(block_elements, monkeypatch):
     built_kernels()
@@ -168,6 +208,9 @@ def test_the_plain_c_loop_gives_the_same_bits_as_the_avx2_version(tmp_path):
         out = torch.empty(numel)
         plain.decode_add(bits, 0.25, x, out)
         assert torch.equal(out, torch.add(x, torch.where(x < 0, -0.25, 0.25)))
+        residual = torch.empty(numel)
+        plain.residual(bits, 0.25, x, residual, None, out)
+        assert torch.equal(residual, x - torch.where(x < 0, -0.25, 0.25))
 
 
 def test_a_missing_compiler_leaves_the_torch_path(fresh_native, monkeypatch, caplog):

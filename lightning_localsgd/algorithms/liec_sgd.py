@@ -232,7 +232,7 @@ class LIECSGD(CompressedExchangeAlgorithm):
         compressor, decoded = self.compressor, self._buffer("mean", chunk)
         if not self.shards_server:
             payload = compressor.encode(g)
-            g.sub_(compressor.decode_into(payload, decoded))
+            compressor.residual_into(g, g, decoded, payload=payload)  # C(g_i) into `decoded`, r_i = g_i - C(g_i) in g
             return payload, None
         shards = self._shards(chunk)
         payloads = [compressor.encode(g[start : start + numel]) for start, numel in shards]
@@ -253,12 +253,11 @@ class LIECSGD(CompressedExchangeAlgorithm):
         e, in_place = self._state_chunk(chunk, errors, "scratch")  # a copy goes into the scratch buffer
         # u = mean_j C(g_j) + e in one pass: addcdiv rounds the quotient, then the sum, as dividing and adding do.
         u = torch.addcdiv(e, summed, self._ranks_as_tensor(mean), out=mean)
-        server = compressor.compress_values_into(u, scratch)  # C(u): computed here, never packed or sent
-        if in_place:
-            torch.sub(u, server, out=e)  # e <- u - C(u)
-        else:
-            writer.write(chunk, u.sub_(server))
-        return server.add_(g)  # C(u) + r_i
+        # C(u) + r_i into the scratch buffer and e <- u - C(u) (C(u) is never sent: no payload needed).
+        direction = compressor.residual_into(u, e if in_place else u, scratch, addend=g)
+        if not in_place:
+            writer.write(chunk, u)
+        return direction
 
     def _ranks_as_tensor(self, like: Tensor) -> Tensor:
         """The number of ranks as a 0-dim tensor on ``like``'s device (made once: on CUDA each is a copy)."""

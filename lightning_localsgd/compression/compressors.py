@@ -101,6 +101,25 @@ class Compressor(ABC):
         add as they decode override it: one pass instead of two."""
         return torch.add(addend, self.decode_into(payload, scratch), out=out)
 
+    def residual_into(
+        self,
+        tensor: Tensor,
+        residual: Tensor,
+        decoded: Tensor,
+        addend: Optional[Tensor] = None,
+        payload: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``decoded`` = ``C(tensor)``, plus ``addend`` if given, and ``residual`` = ``tensor - C(tensor)`` (it may be
+        ``tensor`` itself), bit for bit as decoding, ``torch.sub`` and ``torch.add`` do; returns ``decoded``.
+        ``payload``: ``tensor``'s, where it was encoded already; else ``C(tensor)`` is computed here, unpacked where
+        the compressor can (:meth:`compress_values_into`). Compressors that can do it all in one pass override it."""
+        if payload is None:
+            self.compress_values_into(tensor, decoded)
+        else:
+            self.decode_into(payload, decoded)
+        torch.sub(tensor, decoded, out=residual)
+        return decoded if addend is None else decoded.add_(addend)
+
     def compress_values_into(self, tensor: Tensor, out: Tensor) -> Tensor:
         """``decode(encode(tensor))`` written into ``out``, bit for bit, for a result that never crosses a wire
         (LIEC-SGD's server step): compressors that can skip packing and unpacking override it."""
@@ -339,6 +358,29 @@ class ScaledSign(Compressor):
         for b, (block, base, scale) in enumerate(pieces):
             kernels.decode_add(packed[b * rows :], scale, base, block)
         return out
+
+    def residual_into(
+        self,
+        tensor: Tensor,
+        residual: Tensor,
+        decoded: Tensor,
+        addend: Optional[Tensor] = None,
+        payload: Optional[Tensor] = None,
+    ) -> Tensor:
+        blocks = _Blocks(decoded.numel(), self._block_numel)
+        operands = (tensor, residual, decoded) if addend is None else (tensor, residual, decoded, addend)
+        kernels = sign_format.kernels() if all(native.is_plain_cpu_float32(t) for t in operands) else None
+        if kernels is None or blocks.block_numel % 8 or blocks.count == 0:
+            return super().residual_into(tensor, residual, decoded, addend, payload)
+        payload = self.encode(tensor) if payload is None else payload  # one pass: the scales (and bits, unused)
+        _check_payload(payload, self.payload_bytes(decoded.numel()), "ScaledSign")
+        scales = from_bytes(payload[: 4 * blocks.count], torch.float32).tolist()
+        packed, rows, size = payload[4 * blocks.count :], blocks.block_numel // 8, blocks.block_numel
+        for b, scale in enumerate(scales):
+            part = slice(b * size, (b + 1) * size)
+            extra = None if addend is None else addend[part]
+            kernels.residual(packed[b * rows :], scale, tensor[part], residual[part], extra, decoded[part])
+        return decoded
 
     # No `compress_values_into` of its own: writing +-scale per block with `torch.where(block < 0, -scale, scale)`
     # skipped the packing but took 2.2x the time of packing and then decoding through the table (29.6 ms against

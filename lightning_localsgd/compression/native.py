@@ -53,6 +53,9 @@ class SignKernels:
         self._decode_add = library.llsgd_sign_decode_add
         self._decode_add.restype = None
         self._decode_add.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+        self._residual = library.llsgd_sign_residual
+        self._residual.restype = None
+        self._residual.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float] + [ctypes.c_void_p] * 4
         version = library.llsgd_sign_version
         version.restype = ctypes.c_int
         self.version = "avx2" if version() == 2 else "plain C"
@@ -65,6 +68,21 @@ class SignKernels:
     def decode(self, bits: Tensor, scale: float, out: Tensor) -> None:
         """``out`` = ``-scale`` where a bit of ``bits`` is set, ``+scale`` elsewhere."""
         self._decode(bits.data_ptr(), out.numel(), scale, out.data_ptr())
+
+    def residual(
+        self, bits: Tensor, scale: float, x: Tensor, residual: Tensor, addend: Optional[Tensor], decoded: Tensor
+    ) -> None:
+        """``residual`` = ``x`` - what :meth:`decode` would write, ``decoded`` = that (+ ``addend``), in one pass
+        (``residual`` may be ``x``)."""
+        self._residual(
+            bits.data_ptr(),
+            x.numel(),
+            scale,
+            x.data_ptr(),
+            residual.data_ptr(),
+            None if addend is None else addend.data_ptr(),
+            decoded.data_ptr(),
+        )
 
     def decode_add(self, bits: Tensor, scale: float, addend: Tensor, out: Tensor) -> None:
         """``out`` = ``addend`` + what :meth:`decode` would write (``out`` may be ``addend``)."""

@@ -76,8 +76,13 @@ def _matches_reference(kernels: native.SignKernels) -> bool:
         kernels.decode(bits, 0.375, decoded)
         if not torch.equal(decoded, torch.where(x < 0, -0.375, 0.375)):
             return False
+        signed = torch.where(x < 0, -0.375, 0.375)
         kernels.decode_add(bits, 0.375, x, decoded)
-        if not torch.equal(decoded, torch.add(x, torch.where(x < 0, -0.375, 0.375))):
+        if not torch.equal(decoded, torch.add(x, signed)):
+            return False
+        residual = torch.empty_like(x)
+        kernels.residual(bits, 0.375, x, residual, x.flip(0), decoded)
+        if not (torch.equal(residual, x - signed) and torch.equal(decoded, signed + x.flip(0))):
             return False
     return True
 

@@ -11,7 +11,8 @@
  * elementwise additions do: the fallback in sign_format.py needs no loop in Python.)
  *
  * Decoding writes -scale where a bit is set and +scale elsewhere, or adds that to another vector (one rounding, as
- * torch's add), so that summing decoded payloads takes one pass per payload.
+ * torch's add), so that summing decoded payloads takes one pass per payload; or writes it beside what the
+ * compression left out of the vector it was encoded from (x - C(x)), in the same pass.
  *
  * Sign bits: element i is bit i % 8 (least significant first) of byte i / 8, set where x < 0 (not for -0.0 or NaN),
  * the last byte's unused bits zero. A block starts on a byte (its length a multiple of 8 but for the last block).
@@ -67,6 +68,16 @@ static void decode_add_plain(const uint8_t* bits, int64_t n, float scale, const 
     for (int64_t i = 0; i < n; ++i) out[i] = addend[i] + (((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale);
 }
 
+static void residual_plain(const uint8_t* bits, int64_t n, float scale, const float* x, float* residual,
+                           const float* addend, float* decoded) {
+    for (int64_t i = 0; i < n; ++i) {
+        float c = ((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale;
+        float value = x[i];
+        residual[i] = value - c;
+        decoded[i] = addend != NULL ? c + addend[i] : c;
+    }
+}
+
 #ifdef HAVE_AVX2_VERSION
 __attribute__((target("avx2"))) static double abs_sum_signs_avx2(const float* x, int64_t n, uint8_t* bits) {
     const __m256 zero = _mm256_setzero_ps();
@@ -107,6 +118,23 @@ __attribute__((target("avx2"))) static void decode_add_avx2(const uint8_t* bits,
         _mm256_storeu_ps(out + 8 * b, _mm256_add_ps(_mm256_loadu_ps(addend + 8 * b), value));
     }
     for (int64_t i = 8 * whole; i < n; ++i) out[i] = addend[i] + (((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale);
+}
+
+__attribute__((target("avx2"))) static void residual_avx2(const uint8_t* bits, int64_t n, float scale, const float* x,
+                                                           float* residual, const float* addend, float* decoded) {
+    const __m256i weights = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+    int64_t whole = n / 8;
+    for (int64_t b = 0; b < whole; ++b) {
+        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), weights), weights);
+        __m256 c = _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(set));
+        __m256 value = _mm256_loadu_ps(x + 8 * b);
+        __m256 out = addend != NULL ? _mm256_add_ps(c, _mm256_loadu_ps(addend + 8 * b)) : c;
+        _mm256_storeu_ps(residual + 8 * b, _mm256_sub_ps(value, c));
+        _mm256_storeu_ps(decoded + 8 * b, out);
+    }
+    residual_plain(bits + whole, n - 8 * whole, scale, x + 8 * whole, residual + 8 * whole,
+                   addend != NULL ? addend + 8 * whole : NULL, decoded + 8 * whole);
 }
 
 static int use_avx2(void) {
@@ -152,4 +180,17 @@ void llsgd_sign_decode_add(const uint8_t* bits, int64_t n, float scale, const fl
     }
 #endif
     decode_add_plain(bits, n, scale, addend, out);
+}
+
+/* With c = what llsgd_sign_decode writes: residual[i] = x[i] - c[i] and decoded[i] = c[i] (+ addend[i] unless addend
+ * is NULL), for i in [0, n), in one pass. residual may be x; decoded must not alias x, residual or addend. */
+void llsgd_sign_residual(const uint8_t* bits, int64_t n, float scale, const float* x, float* residual,
+                         const float* addend, float* decoded) {
+#ifdef HAVE_AVX2_VERSION
+    if (use_avx2()) {
+        residual_avx2(bits, n, scale, x, residual, addend, decoded);
+        return;
+    }
+#endif
+    residual_plain(bits, n, scale, x, residual, addend, decoded);
 }
