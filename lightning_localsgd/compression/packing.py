@@ -60,9 +60,7 @@ def pack_negatives_into(values: Tensor, scratch: Tensor, out: Tensor) -> Tensor:
     if _numpy is not None and values.device.type == "cpu" and out.device.type == "cpu":
         bits = scratch[:numel].numpy()
         _numpy.less(values.detach().numpy(), 0, out=bits)
-        out.numpy()[:] = _numpy.packbits(
-            bits, bitorder="little"
-        )  # an output of n / 8 bytes: no page faults to speak of
+        out.numpy()[:] = _numpy.packbits(bits, bitorder="little")  # its output is n / 8 bytes: no page faults
         return out
     if sys.byteorder != "little" or scratch.storage_offset() % 8:
         return out.copy_(pack_bits(values < 0))
