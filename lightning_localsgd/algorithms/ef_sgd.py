@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -66,8 +65,7 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
         e, in_place = self._state_chunk(chunk, self._errors_of(indices), "e")  # read, not yet written
         compensated = g.add_(e)  # p_i = g_i + e_i, in g
         payload = self.compressor.encode(compensated)
-        own = self.compressor.decode_into(payload, self._buffer("own", chunk))  # C(p_i), also its mean term
-        return payload, (e, in_place, own)
+        return payload, (e, in_place, payload)
 
     def _exchange_gradients(
         self, optimizer: Optimizer, params: list[nn.Parameter], indices: list[int], scale: float
@@ -75,8 +73,10 @@ class ErrorFeedbackSGD(CompressedExchangeAlgorithm):
         writer = ChunkWriter(self._errors_of(indices).__getitem__)
 
         def finish(chunk: Chunk, compensated: Tensor, context: Any, gathered: list[Tensor]) -> Tensor:
-            e, in_place, own = context
-            torch.sub(compensated, own, out=e)  # e_i <- p_i - C(p_i): only now, once every rank's flags were read
+            e, in_place, payload = context
+            # C(p_i) into `own` (also its mean term) and e_i <- p_i - C(p_i), in one pass: only now, once every rank's
+            # flags were read.
+            own = self.compressor.residual_into(compensated, e, self._buffer("own", chunk), payload=payload)
             if not in_place:
                 writer.write(chunk, e)
             scratch = self._buffer("scratch", chunk) if in_place else e  # e's copy is written: reuse it
