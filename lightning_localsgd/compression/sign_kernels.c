@@ -96,38 +96,33 @@ __attribute__((target("avx2"))) static double abs_sum_signs_avx2(const float* x,
     return fold_lanes(lane);
 }
 
-__attribute__((target("avx2"))) static void decode_avx2(const uint8_t* bits, int64_t n, float scale, float* out) {
+/* The 8 values one byte of sign bits decodes to: -scale where bit k is set, +scale elsewhere. */
+__attribute__((target("avx2"))) static inline __m256 signed_scales(uint8_t byte, float scale) {
     const __m256i weights = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+    __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), weights), weights);
+    return _mm256_blendv_ps(_mm256_set1_ps(scale), _mm256_set1_ps(-scale), _mm256_castsi256_ps(set));
+}
+
+/* Each AVX2 loop below does whole bytes of bits; the plain loop finishes a last byte the vector ends inside. */
+__attribute__((target("avx2"))) static void decode_avx2(const uint8_t* bits, int64_t n, float scale, float* out) {
     int64_t whole = n / 8;
-    for (int64_t b = 0; b < whole; ++b) {
-        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), weights), weights);
-        _mm256_storeu_ps(out + 8 * b, _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(set)));
-    }
-    for (int64_t i = 8 * whole; i < n; ++i) out[i] = ((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale;
+    for (int64_t b = 0; b < whole; ++b) _mm256_storeu_ps(out + 8 * b, signed_scales(bits[b], scale));
+    decode_plain(bits + whole, n - 8 * whole, scale, out + 8 * whole);
 }
 
 __attribute__((target("avx2"))) static void decode_add_avx2(const uint8_t* bits, int64_t n, float scale,
                                                              const float* addend, float* out) {
-    const __m256i weights = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
     int64_t whole = n / 8;
-    for (int64_t b = 0; b < whole; ++b) {
-        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), weights), weights);
-        __m256 value = _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(set));
-        _mm256_storeu_ps(out + 8 * b, _mm256_add_ps(_mm256_loadu_ps(addend + 8 * b), value));
-    }
-    for (int64_t i = 8 * whole; i < n; ++i) out[i] = addend[i] + (((bits[i >> 3] >> (i & 7)) & 1u) ? -scale : scale);
+    for (int64_t b = 0; b < whole; ++b)
+        _mm256_storeu_ps(out + 8 * b, _mm256_add_ps(_mm256_loadu_ps(addend + 8 * b), signed_scales(bits[b], scale)));
+    decode_add_plain(bits + whole, n - 8 * whole, scale, addend + 8 * whole, out + 8 * whole);
 }
 
 __attribute__((target("avx2"))) static void residual_avx2(const uint8_t* bits, int64_t n, float scale, const float* x,
                                                            float* residual, const float* addend, float* decoded) {
-    const __m256i weights = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
     int64_t whole = n / 8;
     for (int64_t b = 0; b < whole; ++b) {
-        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), weights), weights);
-        __m256 c = _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(set));
+        __m256 c = signed_scales(bits[b], scale);
         __m256 value = _mm256_loadu_ps(x + 8 * b);
         __m256 out = addend != NULL ? _mm256_add_ps(c, _mm256_loadu_ps(addend + 8 * b)) : c;
         _mm256_storeu_ps(residual + 8 * b, _mm256_sub_ps(value, c));
