@@ -94,7 +94,7 @@ _loaded: dict[str, Optional[SignKernels]] = {}
 
 def sign_kernels(check: Optional[Callable[[SignKernels], bool]] = None) -> Optional[SignKernels]:
     """The kernels, built and loaded once per process; None where they are turned off, cannot be built here, or fail
-    ``check`` (given by the first caller: the comparison with the torch reference)."""
+    ``check`` (given by the first caller: the comparison with the reference in ``sign_format.py``)."""
     if "kernels" not in _loaded:
         _loaded["kernels"] = _load(check)
     return _loaded["kernels"]
@@ -106,12 +106,12 @@ def _load(check: Optional[Callable[[SignKernels], bool]]) -> Optional[SignKernel
     try:
         kernels = SignKernels(ctypes.CDLL(str(_build())))
     except (OSError, subprocess.SubprocessError, AttributeError) as error:
-        log.info("The scaled sign's C kernels are not available (%s); using the torch implementation.", error)
+        log.info("The scaled sign's C kernels are not available (%s); using the torch and NumPy path.", error)
         return None
     if check is not None and not check(kernels):
         log.warning(
-            "The scaled sign's C kernels (%s) do not give the reference's bits on this machine; using the torch "
-            "implementation. Please report this with your compiler and CPU.",
+            "The scaled sign's C kernels (%s) do not give the reference's bits on this machine; using the torch and "
+            "NumPy path. Please report this with your compiler and CPU.",
             kernels.version,
         )
         return None
@@ -157,15 +157,11 @@ def _build() -> Path:
     return target
 
 
-def available() -> bool:
-    """Whether the C kernels are in use in this process."""
-    return _loaded.get("kernels") is not None
-
-
 def reset() -> None:
     """Forget the loaded kernels (tests: the next use builds or refuses them again)."""
     _loaded.clear()
 
 
 def is_plain_cpu_float32(tensor: Tensor) -> bool:
+    """Whether the kernels can take ``tensor`` as it is (they read raw memory)."""
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()

@@ -72,11 +72,10 @@ def _matches_reference(kernels: native.SignKernels) -> bool:
             return False
         if not torch.equal(bits, pack_bits(x < 0)):  # torch's packing (packing.py)
             return False
-        decoded = torch.empty(x.numel())
+        signed, decoded = torch.where(x < 0, -0.375, 0.375), torch.empty(x.numel())
         kernels.decode(bits, 0.375, decoded)
-        if not torch.equal(decoded, torch.where(x < 0, -0.375, 0.375)):
+        if not torch.equal(decoded, signed):
             return False
-        signed = torch.where(x < 0, -0.375, 0.375)
         kernels.decode_add(bits, 0.375, x, decoded)
         if not torch.equal(decoded, torch.add(x, signed)):
             return False
