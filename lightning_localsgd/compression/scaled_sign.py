@@ -131,7 +131,7 @@ class ScaledSign(Compressor):
         kernels = sign_format.kernels() if native.is_plain_cpu_float32(out) and payload.device.type == "cpu" else None
         if kernels is not None and blocks.block_numel % 8 == 0:  # one pass per block, +-scale straight from the bits
             rows = blocks.block_numel // 8
-            for b, (block, scale) in enumerate(zip(out.split(blocks.block_numel), scales.tolist())):
+            for b, (block, scale) in enumerate(zip(out.view(-1).split(blocks.block_numel), scales.tolist())):
                 kernels.decode(packed[b * rows :], scale, block)
             return out
         if blocks.block_numel % 8:  # a block boundary inside a byte: decode the bits, then scale block by block
