@@ -44,3 +44,17 @@ def local_sgd_trajectories(
         for rank, model in enumerate(models):
             out[rank].append(flat_params(model).clone())
     return out
+
+
+def documented_sum(values: list[float]) -> float:
+    """The scaled sign's float64 sum of |values| in payload format 2 (``sign_kernels.c``): element i into lane
+    i % 1024, each lane in order from 0, then the lanes folded in halves (lane k += lane k + half) until one is left."""
+    lanes = [0.0] * 1024
+    for i, value in enumerate(values):
+        lanes[i % 1024] += abs(value)
+    half = 512
+    while half:
+        for k in range(half):
+            lanes[k] = lanes[k] + lanes[k + half]
+        half //= 2
+    return lanes[0]

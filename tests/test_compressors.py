@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from plain_references import documented_sum
 
 from lightning_localsgd.compression import (
     QSGD,
@@ -76,12 +77,13 @@ def test_scaled_sign_is_the_mean_magnitude_times_the_sign_per_block():
 
 
 def reference_scaled_sign(v: torch.Tensor, block: int) -> torch.Tensor:
-    """(||b||_1 / numel(b)) * sign(b) per block b, in plain torch; a zero gets +scale (one bit cannot say 0)."""
+    """(||b||_1 / numel(b)) * sign(b) per block b, the sum in the payload format's order (plain Python floats); a zero
+    gets +scale (one bit cannot say 0)."""
     out = torch.empty(v.numel(), dtype=torch.float32)
     flat = v.reshape(-1).float()
     for start in range(0, flat.numel(), block):
         part = flat[start : start + block]
-        scale = (part.double().abs().sum() / part.numel()).float()
+        scale = torch.tensor(documented_sum(part.tolist()) / part.numel(), dtype=torch.float64).float()
         out[start : start + block] = torch.where(part < 0, -scale, scale)
     return out
 
@@ -98,11 +100,12 @@ def test_scaled_sign_matches_a_plain_torch_reference_at_odd_sizes_and_blocks(num
 
 @pytest.mark.parametrize("threads", [1, 4])
 def test_scaled_sign_scales_keep_their_bits_on_blocks_of_millions_whatever_the_threads(threads):
-    # Today's payload format: each block's scale is the float64 sum of |v| as `abs().sum(dtype=float64)` computes it
-    # (at this size the order of a sum changes its last bits), divided by the block's length, rounded to float32.
+    # The payload format (2): each block's scale is the float64 sum of |v| in the documented order (at this size the
+    # order of a sum changes its last bits), divided by the block's length, rounded to float32.
     block = 2**20
     v = torch.randn(3 * block + 12_345, generator=torch.Generator().manual_seed(7)) * 1e3
-    expected = torch.stack([(b.abs().sum(dtype=torch.float64) / b.numel()).float() for b in v.split(block)])
+    expected = torch.tensor([documented_sum(b.tolist()) / b.numel() for b in v.split(block)], dtype=torch.float64)
+    expected = expected.float()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -119,7 +122,7 @@ def test_scaled_sign_reuses_its_float64_buffer_for_the_next_vector_and_does_not_
     generator = torch.Generator().manual_seed(3)
     for numel in (3 * 2**16, 2**16 + 5, 17):
         v = torch.randn(numel, generator=generator) * numel
-        expected = torch.stack([(b.abs().sum(dtype=torch.float64) / b.numel()).float() for b in v.split(2**16)])
+        expected = torch.tensor([documented_sum(b.tolist()) / b.numel() for b in v.split(2**16)]).float()
         assert torch.equal(compressor.encode(v)[: 4 * expected.numel()].view(torch.float32), expected)
     assert len(pickle.dumps(compressor)) < 4096
     assert torch.equal(pickle.loads(pickle.dumps(compressor)).encode(v), compressor.encode(v))

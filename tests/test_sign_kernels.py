@@ -1,6 +1,7 @@
 """The scaled sign's payload format 2 and its CPU implementations: the C kernel, and the fallback (NumPy or torch).
 
-The expected sums come from the order ``sign_kernels.c`` documents, written here in plain Python floats (float64);
+The expected sums come from the order ``sign_kernels.c`` documents, written in plain Python floats (float64) in
+``plain_references.documented_sum``;
 the expected sign bits from ``x < 0`` bit by bit. Both implementations must give those bits, and so each other's.
 """
 
@@ -16,24 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from plain_references import documented_sum
 
 from lightning_localsgd.compression import ScaledSign, native, sign_format
 
 SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 2 * 1024 + 8 * 5 + 3, 5000]  # no lane, one pass, 2 and 3 visits
-
-
-def documented_sum(values: list[float]) -> float:
-    """The format's float64 sum of |values|: element i into lane i % 1024, each lane in order from 0, then the lanes
-    folded in halves (lane k += lane k + half) until one is left."""
-    lanes = [0.0] * 1024
-    for i, value in enumerate(values):
-        lanes[i % 1024] += abs(value)
-    half = 512
-    while half:
-        for k in range(half):
-            lanes[k] = lanes[k] + lanes[k + half]
-        half //= 2
-    return lanes[0]
 
 
 def documented_bits(values: list[float]) -> list[int]:
