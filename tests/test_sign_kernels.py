@@ -44,6 +44,24 @@ def built_kernels() -> native.SignKernels:
     return kernels
 
 
+def documented_decode(payload: torch.Tensor, x: torch.Tensor, block_elements: int) -> torch.Tensor:
+    """What ``payload``, encoded from ``x``, decodes to by the format: each block's float32 scale from the payload's
+    head, -scale where x < 0 and +scale elsewhere (independent of the decoders under test)."""
+    out = torch.empty_like(x)
+    for index, start in enumerate(range(0, x.numel(), block_elements)):
+        scale = payload[4 * index : 4 * index + 4].view(torch.float32).item()
+        block = x[start : start + block_elements]
+        out[start : start + block_elements] = torch.where(block < 0, -scale, scale)
+    return out
+
+
+def encoded_bits(kernels: native.SignKernels, x: torch.Tensor) -> torch.Tensor:
+    """``x``'s sign bits, as the kernel's encode writes them (tested against ``documented_bits`` above)."""
+    bits = torch.zeros(math.ceil(x.numel() / 8), dtype=torch.uint8)
+    kernels.abs_sum_signs(x, bits)
+    return bits
+
+
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """A process that has not loaded the kernels yet, building into an empty cache."""
@@ -85,8 +103,7 @@ def test_the_kernel_sums_and_packs_as_documented(numel):
 def test_the_kernel_decodes_plus_minus_scale_from_the_bits(numel):
     kernels = built_kernels()
     x = awkward_vector(numel, numel + 2)
-    bits = torch.zeros(math.ceil(numel / 8), dtype=torch.uint8)
-    kernels.abs_sum_signs(x, bits)
+    bits = encoded_bits(kernels, x)
     out = torch.full((numel,), float("nan"))
     kernels.decode(bits, 0.8125, out)
     assert out.tolist() == [-0.8125 if v < 0 else 0.8125 for v in x.tolist()]
@@ -97,8 +114,7 @@ def test_the_kernel_adds_what_it_decodes_with_one_rounding(numel):
     kernels = built_kernels()
     x = awkward_vector(numel, numel + 3)
     addend = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 1e-3
-    bits = torch.zeros(math.ceil(numel / 8), dtype=torch.uint8)
-    kernels.abs_sum_signs(x, bits)
+    bits = encoded_bits(kernels, x)
     out = torch.full((numel,), float("nan"))
     kernels.decode_add(bits, 0.8125, addend, out)
     expected = [a + (-0.8125 if v < 0 else 0.8125) for a, v in zip(addend.tolist(), x.tolist())]
@@ -112,8 +128,7 @@ def test_the_kernel_splits_a_vector_into_its_compression_and_residual_in_one_pas
     kernels = built_kernels()
     x = awkward_vector(numel, numel + 4)
     addend = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 1e-3
-    bits = torch.zeros(math.ceil(numel / 8), dtype=torch.uint8)
-    kernels.abs_sum_signs(x, bits)
+    bits = encoded_bits(kernels, x)
     signed = [-0.8125 if v < 0 else 0.8125 for v in x.tolist()]
     as_float32 = lambda values: torch.tensor(values, dtype=torch.float64).float().tolist()  # noqa: E731
     residual, decoded = torch.full((numel,), float("nan")), torch.full((numel,), float("nan"))
@@ -132,7 +147,7 @@ def test_residual_into_is_decode_subtract_add_on_either_path(block_elements, enc
     x = awkward_vector(5 * block_elements + 3, block_elements + 9)
     payload = compressor.encode(x)
     addend = torch.randn(x.numel(), generator=torch.Generator().manual_seed(2))
-    compressed = compressor.decode(payload, x.numel())
+    compressed = documented_decode(payload, x, block_elements)
     expected_residual, expected_decoded = x - compressed, torch.add(compressed, addend)
     for kernels_on in (True, False):
         if not kernels_on:
@@ -150,7 +165,7 @@ def test_decode_add_into_is_decode_then_add_on_either_path(block_elements, monke
     x = awkward_vector(5 * block_elements + 3, block_elements + 7)
     payload = compressor.encode(x)
     addend = torch.randn(x.numel(), generator=torch.Generator().manual_seed(1))
-    expected = torch.add(addend, compressor.decode(payload, x.numel()))
+    expected = torch.add(addend, documented_decode(payload, x, block_elements))
     scratch = torch.empty_like(addend)
     assert torch.equal(compressor.decode_add_into(payload, addend, torch.empty_like(addend), scratch), expected)
     monkeypatch.setattr(sign_format, "kernels", lambda: None)

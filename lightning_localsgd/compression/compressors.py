@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_localsgd._validation import check_int, check_positive_float, check_unit_interval
-from lightning_localsgd.compression import sign_format
 from lightning_localsgd.compression.packing import as_bytes, from_bytes
 
 DEFAULT_BLOCK_SIZE_MB = 5.0  # LIEC-SGD's reference code: buckets of 5 MiB (about 10 blocks for ResNet-18)
@@ -171,36 +169,6 @@ class _Blocks:
     def norms(self, flat: Tensor, order: float) -> Tensor:
         """The ``order``-norm of every block."""
         return torch.stack([torch.linalg.vector_norm(block, order) for block in flat.split(self.block_numel)])
-
-    def mean_abs(
-        self, flat: Tensor, scratch: Optional[_Scratch] = None, then: Optional[Callable[[int, Tensor], object]] = None
-    ) -> Tensor:
-        """``||block||_1 / numel(block)`` of every block, as float32, the same bits whatever the thread count.
-
-        Summed in float64: a float32 sum (``vector_norm(block, 1)``) changes with the number of intra-op threads
-        and loses about 1e-2 relative on blocks of millions of elements, and LIEC-SGD's ranks each compute the
-        server's scale themselves, so such differences would drift the ranks apart. On CPU in the order of the
-        payload format (``sign_format.ordered_abs_sum_``, which the C kernel follows too); on CUDA in CUDA's.
-
-        On CPU each block is cast into one float64 buffer (``scratch``, kept between calls; else a fresh one) and
-        made absolute there: fresh temporaries of megabytes are page-faulted in again at every call.
-
-        ``then(index, block)``, if given, is called on each block (CPU only) right after its sum, while the block is
-        still in the CPU's cache: a second pass over the whole vector reads it from memory again.
-        """
-        wide = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
-        if flat.device.type != "cpu":  # CUDA reductions widen as they read: nothing to save
-            sums = torch.stack([block.abs().sum(dtype=wide) for block in flat.split(self.block_numel)])
-        else:
-            scratch = scratch if scratch is not None else _Scratch(torch.float64)
-            buffer = scratch.get(min(self.block_numel, self.numel))
-            each = []
-            for index, block in enumerate(flat.split(self.block_numel)):
-                each.append(sign_format.ordered_abs_sum_(buffer[: block.numel()].copy_(block).abs_()))
-                if then is not None:
-                    then(index, block)
-            sums = torch.stack(each)
-        return (sums / self.lengths(flat.device, wide)).to(torch.float32)
 
     def lengths(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         # Filled on the device: a list built on the host would be a blocking host-to-device copy on CUDA, per call.

@@ -10,6 +10,7 @@ the scale's float64 sum follows the order ``sign_format.py`` fixes (format 2; CU
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -47,6 +48,40 @@ def _sign_table(device: torch.device) -> Tensor:
     return table
 
 
+def _mean_abs(
+    blocks: _Blocks,
+    flat: Tensor,
+    scratch: Optional[_Scratch] = None,
+    then: Optional[Callable[[int, Tensor], object]] = None,
+) -> Tensor:
+    """``||block||_1 / numel(block)`` of every block of ``blocks``, as float32, the same bits whatever the thread count.
+
+    Summed in float64: a float32 sum (``vector_norm(block, 1)``) changes with the number of intra-op threads
+    and loses about 1e-2 relative on blocks of millions of elements, and LIEC-SGD's ranks each compute the
+    server's scale themselves, so such differences would drift the ranks apart. On CPU in the order of the
+    payload format (``sign_format.ordered_abs_sum_``, which the C kernel follows too); on CUDA in CUDA's.
+
+    On CPU each block is cast into one float64 buffer (``scratch``, kept between calls; else a fresh one) and
+    made absolute there: fresh temporaries of megabytes are page-faulted in again at every call.
+
+    ``then(index, block)``, if given, is called on each block (CPU only) right after its sum, while the block is
+    still in the CPU's cache: a second pass over the whole vector reads it from memory again.
+    """
+    wide = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
+    if flat.device.type != "cpu":  # CUDA reductions widen as they read: nothing to save
+        sums = torch.stack([block.abs().sum(dtype=wide) for block in flat.split(blocks.block_numel)])
+    else:
+        scratch = scratch if scratch is not None else _Scratch(torch.float64)
+        buffer = scratch.get(min(blocks.block_numel, blocks.numel))
+        each = []
+        for index, block in enumerate(flat.split(blocks.block_numel)):
+            each.append(sign_format.ordered_abs_sum_(buffer[: block.numel()].copy_(block).abs_()))
+            if then is not None:
+                then(index, block)
+        sums = torch.stack(each)
+    return (sums / blocks.lengths(flat.device, wide)).to(torch.float32)
+
+
 class ScaledSign(Compressor):
     """``C(v) = (||v||_1 / numel(v)) * sign(v)`` per block of ``block_size_mb`` MiB of float32.
 
@@ -60,7 +95,7 @@ class ScaledSign(Compressor):
     def __init__(self, block_size_mb: float = DEFAULT_BLOCK_SIZE_MB) -> None:
         self.block_size_mb = float(block_size_mb)
         self._block_numel = block_numel_of(block_size_mb)
-        self._scratch = _Scratch(torch.float64)  # each block's float64 |v| (see `_Blocks.mean_abs`)
+        self._scratch = _Scratch(torch.float64)  # each block's float64 |v| (see `_mean_abs`)
         self._signs = _Scratch(torch.bool)  # `v < 0`, packed in place (see `pack_negatives_into`)
         self._codes = _Scratch(torch.int32)  # the payload's bytes as gather indices (see `decode_into`)
 
@@ -90,7 +125,7 @@ class ScaledSign(Compressor):
         if blocks.count == 0:
             return torch.zeros(0, dtype=torch.uint8, device=flat.device)
         if flat.device.type != "cpu":  # the caching allocator hands temporaries back at no cost
-            return torch.cat([as_bytes(blocks.mean_abs(flat)), pack_bits(flat < 0)])
+            return torch.cat([as_bytes(_mean_abs(blocks, flat)), pack_bits(flat < 0)])
         payload = torch.empty(self.payload_bytes(flat.numel()), dtype=torch.uint8)
         signs = payload[4 * blocks.count :]
         aligned = blocks.block_numel % 8 == 0  # every block starts on a byte of the sign bits
@@ -110,9 +145,9 @@ class ScaledSign(Compressor):
                 end = start + packed_bits_bytes(block.numel())
                 pack_negatives_into(block, self._signs.get(8 * packed_bits_bytes(block.numel())), signs[start:end])
 
-            scales = blocks.mean_abs(flat, self._scratch, then=pack_signs)
+            scales = _mean_abs(blocks, flat, self._scratch, then=pack_signs)
         else:  # a block boundary inside a byte: the signs of the whole vector at once
-            scales = blocks.mean_abs(flat, self._scratch)
+            scales = _mean_abs(blocks, flat, self._scratch)
             pack_negatives_into(flat, self._signs.get(8 * packed_bits_bytes(flat.numel())), signs)
         payload[: 4 * blocks.count].copy_(as_bytes(scales))
         return payload
