@@ -36,7 +36,14 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter, gather_chunk, gradient_of
-from lightning_localsgd.algorithms.gossip import ROUNDS_PER_STEP, GossipAlgorithm, offset_of, shifted
+from lightning_localsgd.algorithms.gossip import (
+    ROUNDS_PER_STEP,
+    GossipAlgorithm,
+    gather_chunk_checked,
+    offset_of,
+    shifted,
+)
+from lightning_localsgd.algorithms.gossip_native import kernels_for
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology
@@ -128,14 +135,20 @@ class DeTAG(GossipAlgorithm):
         direction = DirectionWriter(params, scale) if scale is not None else None  # the optimizer steps on AG_R(y)
         grads = [p.grad for p in params]  # read before a chunk's direction creates a missing one
         lasts = [last[i] for i in indices]
+        trackers = message.segments[message.first_carried :]
         last_writer = ChunkWriter(lasts.__getitem__)  # g_old <- g_new (a strided view is written at the end)
 
-        def fill(chunk: Chunk, values: Tensor) -> None:
+        def fill(chunk: Chunk, values: Tensor) -> Optional[bool]:
+            at = offset_of(chunk, message.first_carried)
+            part = shifted(chunk, at, message.first_carried)
+            tracked = self._track_in_one_pass(part, values[at:], trackers, grads, lasts) if scale == 1.0 else None
+            if tracked is not None:  # y came straight from the tracker: the rest is x and the buffers
+                gathered = gather_chunk_checked(chunk.part(0, at), message.segments, values)
+                return None if gathered is None else gathered and tracked
             gather_chunk(chunk, message.segments, values)  # x, the buffers, and y as it was
             if scale is not None:  # an overflowed AMP gradient stays out of the tracker
-                at = offset_of(chunk, message.first_carried)
-                part = shifted(chunk, at, message.first_carried)
                 self._track(part, values[at:], grads, lasts, last_writer, scale)
+            return None
 
         def consume(chunk: Chunk, values: Tensor) -> None:
             replica.write(chunk, values)
@@ -148,6 +161,30 @@ class DeTAG(GossipAlgorithm):
         replica.finish()
         if direction is not None:
             direction.finish()
+
+    @staticmethod
+    def _track_in_one_pass(
+        part: Chunk, out: Tensor, trackers: list[Tensor], grads: list[Optional[Tensor]], last: list[Tensor]
+    ) -> Optional[bool]:
+        """``out = (y + g_new) - g_old`` from the tracker's own memory and ``g_old <- g_new``, a pass per piece through
+        the kernels (the bits of :meth:`_track`'s torch path); whether ``out`` is all finite. None, with nothing
+        written, where a piece is not CPU float32 in one flat view (or a gradient is missing)."""
+        operands = []
+        for piece in part.pieces:
+            y, grad, old = trackers[piece.index], grads[piece.index], last[piece.index]
+            if grad is None or not all(t.is_contiguous() for t in (y, grad, old)):
+                return None
+            window = slice(piece.start, piece.start + piece.length)
+            destination = out[piece.at : piece.at + piece.length]
+            operands.append((y.view(-1)[window], grad.view(-1)[window], old.view(-1)[window], destination))
+        if any(kernels_for(*tensors) is None for tensors in operands):
+            return None
+        finite = True
+        for y, g, old, destination in operands:
+            kernels = kernels_for(y)
+            assert kernels is not None
+            finite = kernels.track(y, g, old, destination, old) and finite
+        return finite
 
     def _track(
         self,

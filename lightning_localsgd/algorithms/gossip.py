@@ -54,6 +54,7 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_choice, check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, Piece, gather_chunk
+from lightning_localsgd.algorithms.gossip_native import MAX_NEIGHBOURS, kernels_for
 from lightning_localsgd.algorithms.guard import (
     EXCHANGE,
     SYNC_POINT_KINDS,
@@ -72,8 +73,10 @@ _HEADER = 3  # slots: finite flag, position split in two exact halves (float32 h
 _HALF = 2**22
 ROUNDS_PER_STEP = 64  # at most this many gossip rounds in one step (positions count them)
 
-# One chunk of a message: fill it (the chunk and its values' buffer), or take the gossip's result for it.
+# One chunk of a message: take the gossip's result for it (the chunk and its values' buffer), or fill it, returning
+# whether the values are all finite where the fill found out on the way (None: it did not, the exchange checks).
 ChunkFn = Callable[[Chunk, Tensor], None]
+FillFn = Callable[[Chunk, Tensor], Optional[bool]]
 
 
 def _write_header(message: Tensor, finite: bool, at: int) -> None:
@@ -99,8 +102,37 @@ def _read_headers(messages: Sequence[Tensor]) -> list[tuple[bool, int]]:
 def _finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every element is finite: one read of each tensor, one host sync, and no copy of it (a float64 sum or
     ``isfinite`` would allocate a tensor's size again). Exact: a minimum or maximum is inf/NaN iff an element is."""
-    flags = [torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all() for t in tensors if t.numel() > 0]
+    flags = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        kernels = kernels_for(t)
+        if kernels is not None:  # CPU float32: the kernel reads the exponent bits, no comparisons
+            if not kernels.all_finite(t):
+                return False
+            continue
+        flags.append(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all())
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def gather_chunk_checked(chunk: Chunk, tensors: Sequence[Optional[Tensor]], out: Tensor) -> Optional[bool]:
+    """:func:`~.chunks.gather_chunk`, and whether the chunk is all finite where the kernels could tell on the way
+    (every piece a CPU float32 vector copied into a float32 chunk), else None."""
+    target = out[: chunk.numel]
+    finite: Optional[bool] = True
+    for piece in chunk.pieces:
+        destination = target[piece.at : piece.at + piece.length]
+        source = tensors[piece.index]
+        kernels = kernels_for(source, destination) if source is not None else None
+        if kernels is not None:
+            assert source is not None
+            piece_finite = kernels.copy_finite(source.view(-1)[piece.start : piece.start + piece.length], destination)
+            finite = finite and piece_finite if finite is not None else None
+            continue
+        gather_chunk(Chunk(0, piece.length, (Piece(piece.index, piece.start, piece.length, 0),)), tensors, destination)
+        if source is not None:
+            finite = None
+    return finite
 
 
 def offset_of(chunk: Chunk, first_segment: int) -> int:
@@ -256,35 +288,44 @@ class GossipAlgorithm(PeriodicAlgorithm):
         """A reused buffer for one chunk's message: the header's slots, then the chunk."""
         return self._work.get(name, _HEADER + chunk.numel, self.gossip_dtype, self.flat.buckets[0].device)
 
-    def _fill(self, message: Message) -> ChunkFn:
+    def _fill(self, message: Message) -> FillFn:
         """Reads the chunk of ``message``'s segments, in the gossip dtype."""
 
-        def fill(chunk: Chunk, values: Tensor) -> None:
-            gather_chunk(chunk, message.segments, values)
+        def fill(chunk: Chunk, values: Tensor) -> Optional[bool]:
+            return gather_chunk_checked(chunk, message.segments, values)
 
         return fill
 
     # ------------------------------------------------------------------ the streamed gossip
-    def _stream(self, message: Message, fill: ChunkFn, consume: ChunkFn, rounds: int = 1, eta: float = 0.0) -> None:
+    def _stream(self, message: Message, fill: FillFn, consume: ChunkFn, rounds: int = 1, eta: float = 0.0) -> None:
         """Gossip ``message`` chunk by chunk: ``fill`` each chunk's values, run the rounds on it, hand the result
         to ``consume`` (which writes it back) before the next chunk is filled."""
         if not _finite(message.segments):
             self._announce_nonfinite_message(message, "parameters")
         for chunk in message.chunks:
             current = self._message_buffer("message", chunk)
-            fill(chunk, current[_HEADER:])
+            finite = fill(chunk, current[_HEADER:])
             spare = self._message_buffer("spare", chunk) if eta else current  # z(r-1) is only kept to accelerate
-            result = self._rounds(current, spare, rounds, eta, message.plain(chunk))
+            result = self._rounds(current, spare, rounds, eta, message.plain(chunk), finite)
             consume(chunk, result[_HEADER:])
         self._buffers_gossiped_at = self.step  # the first message of the step carried them
 
-    def _rounds(self, current: Tensor, spare: Tensor, rounds: int, eta: float, plain: slice) -> Tensor:
+    def _rounds(
+        self, current: Tensor, spare: Tensor, rounds: int, eta: float, plain: slice, finite: Optional[bool] = None
+    ) -> Tensor:
         """R rounds on one chunk's message ``current``: ``z(r+1) = W z(r) + eta (W z(r) - z(r-1))`` (plain gossip where
         ``eta`` is 0, and for the ``plain`` elements). Returns the message buffer holding ``z(R)``; ``z(r)`` and
-        ``z(r-1)`` take turns in ``current`` and ``spare``."""
+        ``z(r-1)`` take turns in ``current`` and ``spare``. ``finite``: whether the filled chunk is all finite, where
+        the fill found out (its first exchange then does not read it again)."""
         previous = current  # z(-1) = z(0)
         for round_index in range(rounds):
-            received = self._exchange(current, round_index)
+            received = self._exchange(current, round_index, finite if round_index == 0 else None)
+            kernels = kernels_for(current, spare, *received) if len(received) <= MAX_NEIGHBOURS else None
+            if kernels is not None:  # the round in one pass (the same bits as the torch expressions below)
+                following = current if not eta else spare if previous is current else previous
+                self._mix_round(kernels, current, received, previous if eta else None, eta, plain, following)
+                previous, current = (current, following) if eta else (previous, current)
+                continue
             if not eta:
                 self._mix_(current[_HEADER:], received)
                 continue
@@ -295,11 +336,42 @@ class GossipAlgorithm(PeriodicAlgorithm):
             previous, current = current, following
         return current
 
-    def _exchange(self, message: Tensor, round_index: int) -> list[Tensor]:
+    def _mix_round(
+        self,
+        kernels: Any,
+        current: Tensor,
+        received: list[Tensor],
+        previous: Optional[Tensor],
+        eta: float,
+        plain: slice,
+        out: Tensor,
+    ) -> None:
+        """One round's mix of ``current`` with ``received`` into ``out`` through the kernels, extrapolated from
+        ``previous`` (None: plain gossip) but for the ``plain`` elements."""
+        assert self.topology is not None
+        weights = list(self.topology.neighbours(self.comm.rank).values())
+        own, result = current[_HEADER:], out[_HEADER:]
+        if previous is None:
+            kernels.mix(own, received, weights, None, 0.0, result)
+            return
+        before = previous[_HEADER:]
+        start, stop = plain.start or 0, own.numel() if plain.stop is None else plain.stop
+        for low, high, extrapolated in ((0, start, True), (start, stop, False), (stop, own.numel(), True)):
+            if high > low:
+                kernels.mix(
+                    own[low:high],
+                    [r[low:high] for r in received],
+                    weights,
+                    before[low:high] if extrapolated else None,
+                    eta,
+                    result[low:high],
+                )
+
+    def _exchange(self, message: Tensor, round_index: int, finite: Optional[bool] = None) -> list[Tensor]:
         """Send ``message`` (its chunk after the header's slots) to the neighbours, receive theirs into reused
         buffers and check their headers; returns their chunks in ascending peer order. A non-finite chunk is
-        announced instead of sent, and this rank stops."""
-        if not _finite([message[_HEADER:]]):
+        announced instead of sent, and this rank stops. ``finite``: the chunk's finiteness where already known."""
+        if not (finite if finite is not None else _finite([message[_HEADER:]])):
             self._exchange_checked(message, round_index, announce="parameters")
         return self._exchange_checked(message, round_index)
 

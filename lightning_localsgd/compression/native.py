@@ -7,37 +7,28 @@ together (about 0.05 ms per MiB with AVX2); the decode writes ``+-scale`` straig
 another vector. ``sign_format.py`` does the same arithmetic in the same order and stays the reference, and the
 fallback wherever the kernel is not available.
 
-The shared library is built with the C compiler of the platform (``$CC``, else the one Python was built with, else
-``cc``), without Python or torch headers (a fraction of a second), into ``$LIGHTNING_LOCALSGD_CACHE`` (default
-``~/.cache/lightning_localsgd``), named by a hash of the source, compiler and platform, and renamed into place
-atomically so that ranks starting together do not trip over each other. Before first use it is checked against the
-reference on vectors that exercise every branch; a build that fails, or does not give the same bits, is not used
-(logged once), and training goes on with the fallback. ``LIGHTNING_LOCALSGD_NATIVE=0`` turns it off.
+The library is built and cached on first use (:mod:`lightning_localsgd.native.build`). Before first use it is checked
+against the reference on vectors that exercise every branch; a build that fails, or does not give the same bits, is
+not used (logged once), and training goes on with the fallback. ``LIGHTNING_LOCALSGD_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import subprocess
-import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
+
+from lightning_localsgd.native import build
+from lightning_localsgd.native.build import CACHE_VARIABLE, DISABLE_VARIABLE, is_plain_cpu_float32
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("sign_kernels.c")
 FLAGS = ["-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]  # no FMA: the sum's bits are the format
-DISABLE_VARIABLE = "LIGHTNING_LOCALSGD_NATIVE"
-CACHE_VARIABLE = "LIGHTNING_LOCALSGD_CACHE"
+__all__ = ["CACHE_VARIABLE", "DISABLE_VARIABLE", "SignKernels", "is_plain_cpu_float32", "reset", "sign_kernels"]
 
 
 class SignKernels:
@@ -101,67 +92,13 @@ def sign_kernels(check: Optional[Callable[[SignKernels], bool]] = None) -> Optio
 
 
 def _load(check: Optional[Callable[[SignKernels], bool]]) -> Optional[SignKernels]:
-    if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    try:
-        kernels = SignKernels(ctypes.CDLL(str(_build())))
-    except (OSError, subprocess.SubprocessError, AttributeError) as error:
-        log.info("The scaled sign's C kernels are not available (%s); using the torch and NumPy path.", error)
-        return None
-    if check is not None and not check(kernels):
-        log.warning(
-            "The scaled sign's C kernels (%s) do not give the reference's bits on this machine; using the torch and "
-            "NumPy path. Please report this with your compiler and CPU.",
-            kernels.version,
-        )
-        return None
-    return kernels
+    return build.load("The scaled sign's C kernels", SOURCE, FLAGS, SignKernels, check, log)
 
 
 def _compiler() -> list[str]:
-    command = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return shlex.split(command)[:1]  # the compiler alone: Python's own CC may carry flags for another toolchain
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get(CACHE_VARIABLE)
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lightning_localsgd"
-
-
-def _build() -> Path:
-    """The shared library for this source, platform and compiler, built if it is not in the cache yet."""
-    compiler = _compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + repr((compiler, FLAGS, platform.machine(), platform.system())).encode()).hexdigest()
-    suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
-    directory = _cache_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        directory = Path(tempfile.gettempdir()) / "lightning_localsgd"
-        directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"sign_kernels-{key[:16]}{suffix}"
-    if target.exists():
-        return target
-    partial = directory / f".{target.name}.{os.getpid()}.partial"
-    try:
-        subprocess.run(
-            [*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, timeout=120
-        )
-        os.replace(partial, target)  # atomic: a rank that loses the race replaces it with the same bytes
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+    return build.compiler()
 
 
 def reset() -> None:
     """Forget the loaded kernels (tests: the next use builds or refuses them again)."""
     _loaded.clear()
-
-
-def is_plain_cpu_float32(tensor: Tensor) -> bool:
-    """Whether the kernels can take ``tensor`` as it is (they read raw memory)."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
