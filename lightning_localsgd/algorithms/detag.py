@@ -39,6 +39,7 @@ from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter, gather_chun
 from lightning_localsgd.algorithms.gossip import (
     ROUNDS_PER_STEP,
     GossipAlgorithm,
+    Output,
     gather_chunk_checked,
     offset_of,
     shifted,
@@ -47,6 +48,7 @@ from lightning_localsgd.algorithms.gossip_native import kernels_for
 from lightning_localsgd.algorithms.rank_state import StateInit
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology
+from lightning_localsgd.native.build import is_plain_cpu_float32
 
 
 def accelerated_gossip_coefficient(lambda2: float) -> float:
@@ -156,7 +158,24 @@ class DeTAG(GossipAlgorithm):
                 at = offset_of(chunk, message.first_carried)
                 direction.write(shifted(chunk, at, message.first_carried), values[at:])
 
-        self._stream(message, fill, consume, self.gossip_rounds, self.eta)
+        def targets(chunk: Chunk) -> Optional[list[Output]]:
+            """The replica and y <- AG_R(y) written by the mix itself, and the direction beside y: where every piece
+            is CPU float32 in one flat view and the direction needs no scaling (or missing-gradient accounting)."""
+            outputs = self._direct_targets(message, chunk) if scale == 1.0 else None
+            if outputs is None:
+                return None
+            directions = []
+            for piece, (at, length, out, _) in zip(chunk.pieces, outputs):
+                if piece.index < message.first_carried:
+                    directions.append((at, length, out, None))
+                    continue
+                grad = grads[piece.index - message.first_carried]
+                if grad is None or not is_plain_cpu_float32(grad):
+                    return None
+                directions.append((at, length, out, grad.view(-1)[piece.start : piece.start + length]))
+            return directions
+
+        self._stream(message, fill, consume, self.gossip_rounds, self.eta, targets)
         last_writer.finish()
         replica.finish()
         if direction is not None:

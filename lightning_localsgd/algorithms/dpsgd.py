@@ -22,6 +22,7 @@ heterogeneity and ``lambda2`` (DeTAG's gradient tracking removes it).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -83,5 +84,6 @@ class DPSGD(GossipAlgorithm):
         message = self._message(indices)
         writer = self._write_back(message)
         with torch.no_grad():
-            self._stream(message, self._fill(message), writer.write)
+            targets = partial(self._direct_targets, message)  # the mix writes the replica itself where it can
+            self._stream(message, self._fill(message), writer.write, targets=targets)
         writer.finish()

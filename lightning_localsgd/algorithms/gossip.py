@@ -54,7 +54,7 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_choice, check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, Piece, gather_chunk
-from lightning_localsgd.algorithms.gossip_native import MAX_NEIGHBOURS, kernels_for
+from lightning_localsgd.algorithms.gossip_native import MAX_NEIGHBOURS, GossipKernels, kernels_for
 from lightning_localsgd.algorithms.guard import (
     EXCHANGE,
     SYNC_POINT_KINDS,
@@ -68,6 +68,7 @@ from lightning_localsgd.algorithms.profiling import phase
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology, check_topology_name, make_topology
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError
+from lightning_localsgd.native.build import is_plain_cpu_float32
 
 _HEADER = 3  # slots: finite flag, position split in two exact halves (float32 holds integers below 2**24)
 _HALF = 2**22
@@ -77,6 +78,10 @@ ROUNDS_PER_STEP = 64  # at most this many gossip rounds in one step (positions c
 # whether the values are all finite where the fill found out on the way (None: it did not, the exchange checks).
 ChunkFn = Callable[[Chunk, Tensor], None]
 FillFn = Callable[[Chunk, Tensor], Optional[bool]]
+# Where a chunk's last round may write straight away (no pass through the message buffer): for each range of the
+# chunk, its offset, length, a flat CPU float32 view to write, and an optional second one (DeTAG's direction).
+Output = tuple[int, int, Tensor, Optional[Tensor]]
+TargetsFn = Callable[[Chunk], Optional[list[Output]]]
 
 
 def _write_header(message: Tensor, finite: bool, at: int) -> None:
@@ -297,33 +302,67 @@ class GossipAlgorithm(PeriodicAlgorithm):
         return fill
 
     # ------------------------------------------------------------------ the streamed gossip
-    def _stream(self, message: Message, fill: FillFn, consume: ChunkFn, rounds: int = 1, eta: float = 0.0) -> None:
+    def _stream(
+        self,
+        message: Message,
+        fill: FillFn,
+        consume: ChunkFn,
+        rounds: int = 1,
+        eta: float = 0.0,
+        targets: Optional[TargetsFn] = None,
+    ) -> None:
         """Gossip ``message`` chunk by chunk: ``fill`` each chunk's values, run the rounds on it, hand the result
-        to ``consume`` (which writes it back) before the next chunk is filled."""
+        to ``consume`` (which writes it back) before the next chunk is filled. Where ``targets`` gives a chunk's
+        destinations and the kernels run, the last round writes there itself and ``consume`` is skipped."""
         if not _finite(message.segments):
             self._announce_nonfinite_message(message, "parameters")
         for chunk in message.chunks:
             current = self._message_buffer("message", chunk)
             finite = fill(chunk, current[_HEADER:])
             spare = self._message_buffer("spare", chunk) if eta else current  # z(r-1) is only kept to accelerate
-            result = self._rounds(current, spare, rounds, eta, message.plain(chunk), finite)
-            consume(chunk, result[_HEADER:])
+            outputs = targets(chunk) if targets is not None else None
+            result = self._rounds(current, spare, rounds, eta, message.plain(chunk), finite, outputs)
+            if result is not None:
+                consume(chunk, result[_HEADER:])
         self._buffers_gossiped_at = self.step  # the first message of the step carried them
 
+    def _direct_targets(self, message: Message, chunk: Chunk) -> Optional[list[Output]]:
+        """The chunk's pieces of ``message``'s segments as destinations, where each is a flat CPU float32 tensor."""
+        outputs: list[Output] = []
+        for piece in chunk.pieces:
+            target = message.segments[piece.index]
+            if not is_plain_cpu_float32(target):
+                return None
+            outputs.append((piece.at, piece.length, target.view(-1)[piece.start : piece.start + piece.length], None))
+        return outputs
+
     def _rounds(
-        self, current: Tensor, spare: Tensor, rounds: int, eta: float, plain: slice, finite: Optional[bool] = None
-    ) -> Tensor:
+        self,
+        current: Tensor,
+        spare: Tensor,
+        rounds: int,
+        eta: float,
+        plain: slice,
+        finite: Optional[bool] = None,
+        outputs: Optional[list[Output]] = None,
+    ) -> Optional[Tensor]:
         """R rounds on one chunk's message ``current``: ``z(r+1) = W z(r) + eta (W z(r) - z(r-1))`` (plain gossip where
         ``eta`` is 0, and for the ``plain`` elements). Returns the message buffer holding ``z(R)``; ``z(r)`` and
         ``z(r-1)`` take turns in ``current`` and ``spare``. ``finite``: whether the filled chunk is all finite, where
-        the fill found out (its first exchange then does not read it again)."""
+        the fill found out (its first exchange then does not read it again). Where the kernels run and ``outputs``
+        are given, the last round writes ``z(R)`` into them instead, and None is returned."""
         previous = current  # z(-1) = z(0)
         for round_index in range(rounds):
             received = self._exchange(current, round_index, finite if round_index == 0 else None)
             kernels = kernels_for(current, spare, *received) if len(received) <= MAX_NEIGHBOURS else None
             if kernels is not None:  # the round in one pass (the same bits as the torch expressions below)
+                before = previous if eta else None
+                if outputs is not None and round_index == rounds - 1:
+                    self._mix_round(kernels, current, received, before, eta, plain, outputs)
+                    return None
                 following = current if not eta else spare if previous is current else previous
-                self._mix_round(kernels, current, received, previous if eta else None, eta, plain, following)
+                whole: list[Output] = [(0, following.numel() - _HEADER, following[_HEADER:], None)]
+                self._mix_round(kernels, current, received, before, eta, plain, whole)
                 previous, current = (current, following) if eta else (previous, current)
                 continue
             if not eta:
@@ -338,33 +377,33 @@ class GossipAlgorithm(PeriodicAlgorithm):
 
     def _mix_round(
         self,
-        kernels: Any,
+        kernels: GossipKernels,
         current: Tensor,
         received: list[Tensor],
         previous: Optional[Tensor],
         eta: float,
         plain: slice,
-        out: Tensor,
+        outputs: list[Output],
     ) -> None:
-        """One round's mix of ``current`` with ``received`` into ``out`` through the kernels, extrapolated from
-        ``previous`` (None: plain gossip) but for the ``plain`` elements."""
+        """One round's mix of ``current`` with ``received`` through the kernels, into ``outputs`` (which cover the
+        chunk), extrapolated from ``previous`` (None: plain gossip) but for the ``plain`` elements."""
         assert self.topology is not None
         weights = list(self.topology.neighbours(self.comm.rank).values())
-        own, result = current[_HEADER:], out[_HEADER:]
-        if previous is None:
-            kernels.mix(own, received, weights, None, 0.0, result)
-            return
-        before = previous[_HEADER:]
+        own = current[_HEADER:]
+        before = None if previous is None else previous[_HEADER:]
         start, stop = plain.start or 0, own.numel() if plain.stop is None else plain.stop
-        for low, high, extrapolated in ((0, start, True), (start, stop, False), (stop, own.numel(), True)):
-            if high > low:
+        for at, length, out, copy in outputs:
+            cuts = sorted({at, at + length} | {cut for cut in (start, stop) if at < cut < at + length})
+            for low, high in zip(cuts, cuts[1:]):
+                extrapolated = before is not None and not start <= low < stop
                 kernels.mix(
                     own[low:high],
                     [r[low:high] for r in received],
                     weights,
-                    before[low:high] if extrapolated else None,
+                    before[low:high] if before is not None and extrapolated else None,
                     eta,
-                    result[low:high],
+                    out[low - at : high - at],
+                    None if copy is None else copy[low - at : high - at],
                 )
 
     def _exchange(self, message: Tensor, round_index: int, finite: Optional[bool] = None) -> list[Tensor]:

@@ -58,12 +58,14 @@ static int track_plain(const float* y, const float* g, const float* old, float* 
 }
 
 static void mix_plain(const float* own, const float* const* received, const float* weights, int k,
-                      const float* previous, float eta, float* out, int64_t n) {
+                      const float* previous, float eta, float* out, float* copy, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         float o = own[i];
         float mixed = o;
         for (int j = 0; j < k; ++j) mixed = fmaf(weights[j], received[j][i] - o, mixed);
-        out[i] = previous != NULL ? fmaf(eta, mixed - previous[i], mixed) : mixed;
+        if (previous != NULL) mixed = fmaf(eta, mixed - previous[i], mixed);
+        out[i] = mixed;
+        if (copy != NULL) copy[i] = mixed;
     }
 }
 
@@ -108,7 +110,7 @@ __attribute__((target("avx2"))) static int track_avx2(const float* y, const floa
 
 __attribute__((target("avx2,fma"))) static void mix_avx2(const float* own, const float* const* received,
                                                           const float* weights, int k, const float* previous,
-                                                          float eta, float* out, int64_t n) {
+                                                          float eta, float* out, float* copy, int64_t n) {
     const __m256 extrapolation = _mm256_set1_ps(eta);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -120,11 +122,13 @@ __attribute__((target("avx2,fma"))) static void mix_avx2(const float* own, const
         if (previous != NULL)
             mixed = _mm256_fmadd_ps(extrapolation, _mm256_sub_ps(mixed, _mm256_loadu_ps(previous + i)), mixed);
         _mm256_storeu_ps(out + i, mixed);
+        if (copy != NULL) _mm256_storeu_ps(copy + i, mixed);
     }
     if (i < n) {
         const float* rest[64];
         for (int j = 0; j < k; ++j) rest[j] = received[j] + i;
-        mix_plain(own + i, rest, weights, k, previous != NULL ? previous + i : NULL, eta, out + i, n - i);
+        mix_plain(own + i, rest, weights, k, previous != NULL ? previous + i : NULL, eta, out + i,
+                  copy != NULL ? copy + i : NULL, n - i);
     }
 }
 
@@ -162,14 +166,15 @@ int llsgd_track(const float* y, const float* g, const float* old, float* out, fl
 
 /* One gossip round on n elements, k <= 64 neighbours: mixed = own, then mixed = fma(weights[j], received[j] - own,
  * mixed) for j in order; out = fma(eta, mixed - previous, mixed) (the acceleration's extrapolation), or mixed where
- * previous is NULL. out may be own or previous; received[j] alias nothing written. */
+ * previous is NULL; the same into copy unless it is NULL (DeTAG's tracker and direction). out may be own or
+ * previous; received[j] and copy alias nothing else. */
 void llsgd_gossip_mix(const float* own, const float* const* received, const float* weights, int k,
-                      const float* previous, float eta, float* out, int64_t n) {
+                      const float* previous, float eta, float* out, float* copy, int64_t n) {
 #ifdef HAVE_AVX2_VERSION
     if (use_avx2()) {
-        mix_avx2(own, received, weights, k, previous, eta, out, n);
+        mix_avx2(own, received, weights, k, previous, eta, out, copy, n);
         return;
     }
 #endif
-    mix_plain(own, received, weights, k, previous, eta, out, n);
+    mix_plain(own, received, weights, k, previous, eta, out, copy, n);
 }

@@ -46,7 +46,7 @@ class GossipKernels:
         self._mix = library.llsgd_gossip_mix
         self._mix.restype = None
         self._mix.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_float]
-        self._mix.argtypes += [ctypes.c_void_p, ctypes.c_int64]
+        self._mix.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         version = library.llsgd_gossip_version
         version.restype = ctypes.c_int
         self.version = "avx2" if version() == 2 else "plain C"
@@ -72,15 +72,19 @@ class GossipKernels:
         previous: Optional[Tensor],
         eta: float,
         out: Tensor,
+        copy: Optional[Tensor] = None,
     ) -> None:
         """``out`` = ``own + sum_j w_j (received_j - own)`` (each weighted term added in order, as torch's ``add``
-        with ``alpha`` rounds it), then ``+ eta (that - previous)`` unless ``previous`` is None. ``out`` may be
-        ``own`` or ``previous``."""
+        with ``alpha`` rounds it), then ``+ eta (that - previous)`` unless ``previous`` is None; the same into
+        ``copy`` unless it is None. ``out`` may be ``own`` or ``previous``."""
         count = len(received)
         pointers = (ctypes.c_void_p * max(count, 1))(*[r.data_ptr() for r in received])
         floats = (ctypes.c_float * max(count, 1))(*weights)
         previous_pointer = None if previous is None else previous.data_ptr()
-        self._mix(own.data_ptr(), pointers, floats, count, previous_pointer, eta, out.data_ptr(), out.numel())
+        copy_pointer = None if copy is None else copy.data_ptr()
+        self._mix(
+            own.data_ptr(), pointers, floats, count, previous_pointer, eta, out.data_ptr(), copy_pointer, out.numel()
+        )
 
 
 def reference_mix(
@@ -113,9 +117,10 @@ def _matches_reference(kernels: GossipKernels) -> bool:
         received = [awkward_floats(numel, seed + 200 + j) for j in range(3)]
         for count, weights in ((1, [2 / 3]), (2, [1 / 3, 1 / 3]), (3, [0.3, 0.1, 0.45])):
             for eta, before in ((0.0, None), (0.0294, previous), (0.41, own)):
-                out = torch.empty(numel)
-                kernels.mix(own, received[:count], weights, before, eta, out)
-                if not torch.equal(out, reference_mix(own, received[:count], weights, before, eta)):
+                out, copy = torch.empty(numel), torch.empty(numel)
+                kernels.mix(own, received[:count], weights, before, eta, out, copy)
+                expected = reference_mix(own, received[:count], weights, before, eta)
+                if not (torch.equal(out, expected) and torch.equal(copy, expected)):
                     return False
         in_place = previous.clone()
         kernels.mix(own, received[:2], [0.25, 0.5], in_place, 0.3, in_place)
