@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_localsgd.algorithms import DPSGD, DeTAG
+from lightning_localsgd.algorithms import DPSGD, DeTAG, gossip_native
 from lightning_localsgd.comm import run_simulated
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError, PeerFailureError
 
@@ -81,6 +81,33 @@ ALGORITHMS: dict[str, Callable[[], Any]] = {
     "detag_r3": lambda: DeTAG("ring", gossip_rounds=3, acceleration=ETA, bucket_cap_mb=TINY_CAP_MB),
 }
 ROUNDS = {"dpsgd_atc": 1, "dpsgd_cta": 1, "detag_r1": 1, "detag_r2": 2, "detag_r3": 3}
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def gossip_path(request, monkeypatch):
+    """Run the gossip through the C kernels (counting their calls) or through torch alone; both must give the
+    reference's bits."""
+    if request.param == "torch":
+        monkeypatch.setitem(gossip_native._loaded, "kernels", None)
+        yield None
+        return
+    kernels = gossip_native.gossip_kernels()
+    if kernels is None:
+        pytest.skip("no C compiler here (tests/test_gossip_kernels.py fails where one is installed)")
+    calls = {"mix": 0, "track": 0}
+
+    def counting(name: str) -> Callable[..., Any]:
+        method = getattr(gossip_native.GossipKernels, name)
+
+        def call(self: Any, *args: Any) -> Any:
+            calls[name] += 1
+            return method(self, *args)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(gossip_native.GossipKernels, name, counting(name))
+    yield calls
 
 
 def run(name: str, world: int, dtype: torch.dtype, steps: int = 3) -> list[list[dict[str, Any]]]:
@@ -193,9 +220,11 @@ def expected_exchanges(world: int, dtype: torch.dtype, rounds: int, carried: boo
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("name", list(ALGORITHMS))
-def test_streamed_gossip_is_whole_vector_gossip_bit_for_bit(name, world):
+def test_streamed_gossip_is_whole_vector_gossip_bit_for_bit(name, world, gossip_path):
     dtype = torch.float32
     records = run(name, world, dtype)
+    if gossip_path is not None:  # the kernels did the rounds (and DeTAG's tracking)
+        assert gossip_path["mix"] > 0 and (gossip_path["track"] > 0) == name.startswith("detag")
     if name.startswith("dpsgd"):
         check_dpsgd(records, world, dtype)
     else:
@@ -218,19 +247,22 @@ def test_float64_gossips_in_float64_and_bfloat16_in_float32_chunks_bit_for_bit(n
 
 
 # ---------------------------------------------------------------------------------------------- the guard
-def guarded_step(name: str, world: int, poison: Callable[[int, nn.Module, Any], None]) -> list[tuple[str, ...]]:
+def guarded_step(
+    name: str, world: int, poison: Callable[[int, nn.Module, Any], None], dtype: torch.dtype = torch.float64
+) -> list[tuple[str, ...]]:
     """One gossip step after ``poison(rank, model, algorithm)``: per rank, the error's type and text, whether the
-    replica and (DeTAG) tracker are as before the step, and whether they are finite."""
+    replica and (DeTAG) tracker are as before the step, and whether they are finite. Float32 goes through the C
+    kernels where they are built, float64 through torch."""
 
     def worker(rank: int, comm: Any) -> tuple[Any, ...]:
-        model = make_model(0, torch.float64)
+        model = make_model(0, dtype)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         algorithm = ALGORITHMS[name]()
         algorithm.setup(model, comm, [opt])
         with torch.no_grad():
-            for p, q in zip(model.parameters(), make_model(rank + 1, torch.float64).parameters()):
+            for p, q in zip(model.parameters(), make_model(rank + 1, dtype).parameters()):
                 p.copy_(q)
-        model(batch(rank, 0, torch.float64)).pow(2).mean().backward()
+        model(batch(rank, 0, dtype)).pow(2).mean().backward()
         poison(rank, model, algorithm)
         state = flat(list(model.parameters()) + algorithm.flat.buckets)
         try:
@@ -246,13 +278,14 @@ def guarded_step(name: str, world: int, poison: Callable[[int, nn.Module, Any], 
     return run_simulated(world, worker, timeout=5.0)
 
 
-def test_a_nan_in_the_last_chunk_is_announced_before_the_first_chunk_is_mixed():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_nan_in_the_last_chunk_is_announced_before_the_first_chunk_is_mixed(dtype):
     def poison(rank: int, model: nn.Module, algorithm: Any) -> None:
         if rank == 1:
             with torch.no_grad():
                 model[5].bias.view(-1)[0] = float("nan")  # the last parameter: the message's last chunk
 
-    outcomes = guarded_step("dpsgd_cta", 3, poison)
+    outcomes = guarded_step("dpsgd_cta", 3, poison, dtype)
     assert outcomes[1][0] == "NonFiniteError" and "rank 1 held inf/NaN parameters" in outcomes[1][1]
     for neighbour in (0, 2):
         kind, text, unchanged, finite = outcomes[neighbour]
@@ -260,16 +293,19 @@ def test_a_nan_in_the_last_chunk_is_announced_before_the_first_chunk_is_mixed():
         assert unchanged and finite  # not one chunk of rank 1's message was mixed in
 
 
-def test_a_tracker_that_overflows_in_a_later_chunk_is_announced_there_and_neighbours_stop_naming_it():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tracker_that_overflows_in_a_later_chunk_is_announced_there_and_neighbours_stop_naming_it(dtype):
+    huge = 0.9 * torch.finfo(dtype).max
+
     def poison(rank: int, model: nn.Module, algorithm: Any) -> None:
         # A finite tracker and last gradient whose difference overflows: only the tracker's update y + g - g_old,
         # in the message's last chunk, is inf (the guard's check of the message before its first chunk passes).
         if rank == 0:
             with torch.no_grad():
-                algorithm.state_views("tracker")[-1].fill_(1.5e308)
-                algorithm.state_views("last_gradient")[-1].fill_(-1.5e308)
+                algorithm.state_views("tracker")[-1].fill_(huge)
+                algorithm.state_views("last_gradient")[-1].fill_(-huge)
 
-    outcomes = guarded_step("detag_r2", 3, poison)
+    outcomes = guarded_step("detag_r2", 3, poison, dtype)
     assert outcomes[0][0] == "NonFiniteError" and "rank 0 held inf/NaN parameters" in outcomes[0][1]
     for neighbour in (1, 2):
         kind, text, _, finite = outcomes[neighbour]
