@@ -19,14 +19,16 @@ from typing import Any, Callable, Optional
 
 import pytest
 import torch
+from dist_utils import run_processes
 from torch import Tensor, nn
 
 from lightning_localsgd.algorithms import DPSGD, DeTAG, gossip_native
-from lightning_localsgd.comm import run_simulated
+from lightning_localsgd.comm import ProcessGroupCommunicator, run_simulated
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError, PeerFailureError
 
-# 44 bytes: chunks of 11 float32 (5 float64) elements, so every parameter of the model below (40, 8, 8, 8, 64, 8, 8
-# and 1 elements) has a chunk boundary inside it, and a chunk holds the end of one and the start of the next.
+# 44 bytes: chunks of half that (two travel at once), 5 float32 (2 float64) elements, so every parameter of the model
+# below (40, 8, 8, 8, 64, 8, 8 and 1 elements) but the last has a chunk boundary inside it, and a chunk holds the end
+# of one and the start of the next.
 TINY_CAP_MB = 44 / 2**20
 ETA = 0.2  # contractive with 1 to 3 rounds on the rings of 2, 3 and 4 ranks below
 LR = 0.05
@@ -110,40 +112,47 @@ def gossip_path(request, monkeypatch):
     yield calls
 
 
-def run(name: str, world: int, dtype: torch.dtype, steps: int = 3) -> list[list[dict[str, Any]]]:
-    """Per rank and step: the replica, gradients and buffers just before and just after the hook that gossips, the
-    tracker after it, and the neighbour exchanges the hook issued."""
+def gossip_steps(rank: int, comm: Any, name: str, dtype: torch.dtype, steps: int = 3) -> list[dict[str, Any]]:
+    """One rank's run: per step, the replica, gradients and buffers just before and just after the hook that
+    gossips, the tracker after it, and the neighbour exchanges the hook issued."""
     gossips_after_step = name == "dpsgd_atc"
+    model = make_model(0, dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    algorithm = ALGORITHMS[name]()
+    algorithm.setup(model, comm, [opt])  # copies rank 0's model everywhere: then make the replicas differ
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), make_model(rank + 1, dtype).parameters()):
+            p.copy_(q)
+    records = []
+    for step in range(steps):
+        opt.zero_grad()
+        model(batch(rank, step, dtype)).pow(2).mean().backward()  # also moves the running statistics
+        if not gossips_after_step:
+            before, exchanges = snapshot(model), comm.stats.collectives
+            algorithm.before_optimizer_step(opt)
+            after, exchanges = snapshot(model), comm.stats.collectives - exchanges
+            opt.step()
+        else:
+            algorithm.before_optimizer_step(opt)
+            opt.step()
+            before, exchanges = snapshot(model), comm.stats.collectives
+            algorithm.after_optimizer_step(opt)
+            after, exchanges = snapshot(model), comm.stats.collectives - exchanges
+        tracker = flat(algorithm.state_views("tracker")) if name.startswith("detag") else None
+        records.append({"before": before, "after": after, "tracker": tracker, "exchanges": exchanges})
+        algorithm.end_step()
+    return records
 
-    def worker(rank: int, comm: Any) -> list[dict[str, Any]]:
-        model = make_model(0, dtype)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
-        algorithm = ALGORITHMS[name]()
-        algorithm.setup(model, comm, [opt])  # copies rank 0's model everywhere: then make the replicas differ
-        with torch.no_grad():
-            for p, q in zip(model.parameters(), make_model(rank + 1, dtype).parameters()):
-                p.copy_(q)
-        records = []
-        for step in range(steps):
-            opt.zero_grad()
-            model(batch(rank, step, dtype)).pow(2).mean().backward()  # also moves the running statistics
-            if not gossips_after_step:
-                before, exchanges = snapshot(model), comm.stats.collectives
-                algorithm.before_optimizer_step(opt)
-                after, exchanges = snapshot(model), comm.stats.collectives - exchanges
-                opt.step()
-            else:
-                algorithm.before_optimizer_step(opt)
-                opt.step()
-                before, exchanges = snapshot(model), comm.stats.collectives
-                algorithm.after_optimizer_step(opt)
-                after, exchanges = snapshot(model), comm.stats.collectives - exchanges
-            tracker = flat(algorithm.state_views("tracker")) if name.startswith("detag") else None
-            records.append({"before": before, "after": after, "tracker": tracker, "exchanges": exchanges})
-            algorithm.end_step()
-        return records
 
-    return run_simulated(world, worker)
+def run(name: str, world: int, dtype: torch.dtype, steps: int = 3) -> list[list[dict[str, Any]]]:
+    """:func:`gossip_steps` on simulated ranks, per rank."""
+    return run_simulated(world, lambda rank, comm: gossip_steps(rank, comm, name, dtype, steps))
+
+
+def gloo_gossip_steps(rank: int, name: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """:func:`gossip_steps` over gloo: real non-blocking neighbour exchanges, the next chunk filled while one
+    travels."""
+    return gossip_steps(rank, ProcessGroupCommunicator(), name, dtype)
 
 
 def mix(w: Tensor, vectors: list[Tensor]) -> list[Tensor]:
@@ -214,7 +223,7 @@ def expected_exchanges(world: int, dtype: torch.dtype, rounds: int, carried: boo
     model = make_model(0, dtype)
     numel = sum(p.numel() for p in model.parameters())
     message = numel * (2 if carried else 1) + 16  # the replica, DeTAG's tracker, running mean and variance
-    chunk = 44 // torch.empty(0, dtype=wide(dtype)).element_size()
+    chunk = 44 // torch.empty(0, dtype=wide(dtype)).element_size() // 2
     return -(-message // chunk) * rounds
 
 
@@ -244,6 +253,18 @@ def test_float64_gossips_in_float64_and_bfloat16_in_float32_chunks_bit_for_bit(n
     else:
         check_detag(records, world, dtype, ROUNDS[name])
     assert records[0][0]["after"]["x"].dtype == dtype
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", ["dpsgd_atc", "detag_r1", "detag_r2"])
+def test_the_pipelined_gossip_over_gloo_gives_the_reference_bits(name, world):
+    # Over gloo the next chunk is filled while the last one travels (into another pair of buffers): a buffer reused
+    # too early would show here, where the simulated exchanges complete at once.
+    records = run_processes(world, gloo_gossip_steps, name, torch.float32, timeout=120)
+    if name.startswith("dpsgd"):
+        check_dpsgd(records, world, torch.float32)
+    else:
+        check_detag(records, world, torch.float32, ROUNDS[name])
 
 
 # ---------------------------------------------------------------------------------------------- the guard
@@ -309,6 +330,36 @@ def test_a_tracker_that_overflows_in_a_later_chunk_is_announced_there_and_neighb
     assert outcomes[0][0] == "NonFiniteError" and "rank 0 held inf/NaN parameters" in outcomes[0][1]
     for neighbour in (1, 2):
         kind, text, _, finite = outcomes[neighbour]
+        assert kind == "NonFiniteError" and "neighbour rank 0 sent inf/NaN" in text, text
+        assert finite
+
+
+def gloo_overflowing_tracker(rank: int) -> tuple[str, str, bool]:
+    """Over gloo, rank 0's tracker update overflows in the message's last chunk (a float32 DeTAG step of one round:
+    pipelined): per rank, the error's type and text, and whether the replica and tracker stayed finite."""
+    comm = ProcessGroupCommunicator()
+    model = make_model(0, torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    algorithm = ALGORITHMS["detag_r1"]()
+    algorithm.setup(model, comm, [opt])
+    model(batch(rank, 0, torch.float32)).pow(2).mean().backward()
+    if rank == 0:
+        with torch.no_grad():
+            algorithm.state_views("tracker")[-1].fill_(3e38)
+            algorithm.state_views("last_gradient")[-1].fill_(-3e38)
+    try:
+        algorithm.before_optimizer_step(opt)
+    except (NonFiniteError, OutOfStepError, PeerFailureError) as error:
+        state = [*model.parameters(), *algorithm.state_buckets("tracker")]
+        return type(error).__name__, str(error), all(bool(torch.isfinite(t).all()) for t in state)
+    return "finished", "", True
+
+
+def test_a_chunk_announced_while_the_one_before_travels_stops_the_ranks_over_gloo():
+    outcomes = run_processes(3, gloo_overflowing_tracker, timeout=60)
+    assert outcomes[0][0] == "NonFiniteError" and "rank 0 held inf/NaN parameters" in outcomes[0][1]
+    for neighbour in (1, 2):
+        kind, text, finite = outcomes[neighbour]
         assert kind == "NonFiniteError" and "neighbour rank 0 sent inf/NaN" in text, text
         assert finite
 

@@ -218,8 +218,8 @@ class DeTAG(GossipAlgorithm):
         g = gather_chunk(part, grads, self._message_buffer("spare", part)[: part.numel])  # the spare is free now
         if scale != 1.0:
             g.div_(scale)
-        # The first neighbour's receive buffer is free too until the chunk's exchange.
-        old = gather_chunk(part, last, self._work.get("from 0", part.numel, y.dtype, y.device))
+        # Its own buffer: the receive buffers may be in flight (the previous chunk's exchange).
+        old = gather_chunk(part, last, self._work.get("tracking", part.numel, y.dtype, y.device))
         y.add_(g).sub_(old)
         last_writer.write(part, g)
 

@@ -10,6 +10,9 @@ next is read, through a few chunk-sized buffers kept between steps (the message,
 previous round). Extra memory is a few chunks whatever the model size, and a half-precision model is never widened
 into a whole-model vector. Mixing is elementwise, so the chunks give the same bits as one whole-model vector would;
 all ranks cut the same chunks and exchange them in the same order (DeTAG: every round of a chunk, then the next).
+On CPU float32 the copy into the message (with its inf/NaN check), DeTAG's tracker update and a round's mix go
+through one-pass C kernels (:mod:`.gossip_native`), the last round writing straight into the replica; the torch
+expressions here are their reference and fallback, with the same bits.
 
 The guard, without a whole-world collective on the critical path of a step:
 
@@ -65,6 +68,7 @@ from lightning_localsgd.algorithms.guard import (
 )
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.profiling import phase
+from lightning_localsgd.comm.communicator import PendingNeighbourExchange
 from lightning_localsgd.comm.flat import DEFAULT_BUCKET_CAP_MB
 from lightning_localsgd.comm.topology import Topology, check_topology_name, make_topology
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError
@@ -74,9 +78,10 @@ _HEADER = 3  # slots: finite flag, position split in two exact halves (float32 h
 _HALF = 2**22
 ROUNDS_PER_STEP = 64  # at most this many gossip rounds in one step (positions count them)
 
-# One chunk of a message: take the gossip's result for it (the chunk and its values' buffer), or fill it, returning
-# whether the values are all finite where the fill found out on the way (None: it did not, the exchange checks).
+# One chunk of a message (the chunk and its values' buffer): take the gossip's result for it.
 ChunkFn = Callable[[Chunk, Tensor], None]
+# ... or fill it, and say whether the values are all finite where the fill found out on the way (None: it did not,
+# and the exchange reads them once more to check).
 FillFn = Callable[[Chunk, Tensor], Optional[bool]]
 # Where a chunk's last round may write straight away (no pass through the message buffer): for each range of the
 # chunk, its offset, length, a flat CPU float32 view to write, and an optional second one (DeTAG's direction).
@@ -132,7 +137,8 @@ def gather_chunk_checked(chunk: Chunk, tensors: Sequence[Optional[Tensor]], out:
         if kernels is not None:
             assert source is not None
             piece_finite = kernels.copy_finite(source.view(-1)[piece.start : piece.start + piece.length], destination)
-            finite = finite and piece_finite if finite is not None else None
+            if finite is not None:
+                finite = finite and piece_finite
             continue
         gather_chunk(Chunk(0, piece.length, (Piece(piece.index, piece.start, piece.length, 0),)), tensors, destination)
         if source is not None:
@@ -178,6 +184,16 @@ class Message:
     def plain(self, chunk: Chunk) -> slice:
         """The chunk's elements that are buffers."""
         return slice(offset_of(chunk, self.first_buffer), offset_of(chunk, self.first_carried))
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A chunk's neighbour exchange on its way: the peers it pairs with (ascending), its position, and where."""
+
+    exchange: PendingNeighbourExchange
+    peers: list[int]
+    at: int
+    where: str
 
 
 class GossipAlgorithm(PeriodicAlgorithm):
@@ -285,7 +301,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
         buffers = self.averaged_buffers() if self._buffers_gossiped_at != self.step else []
         segments = [*params, *buffers, *carried]
         itemsize = torch.empty(0, dtype=self.gossip_dtype).element_size()
-        chunk_numel = max(1, int(self.bucket_cap_mb * 2**20) // itemsize)
+        chunk_numel = max(1, int(self.bucket_cap_mb * 2**20) // itemsize // 2)  # two chunks travel at once
         plan = ChunkPlan([t.numel() for t in segments], chunk_numel)
         return Message(segments, plan, len(params), len(params) + len(buffers))
 
@@ -312,19 +328,58 @@ class GossipAlgorithm(PeriodicAlgorithm):
         targets: Optional[TargetsFn] = None,
     ) -> None:
         """Gossip ``message`` chunk by chunk: ``fill`` each chunk's values, run the rounds on it, hand the result
-        to ``consume`` (which writes it back) before the next chunk is filled. Where ``targets`` gives a chunk's
-        destinations and the kernels run, the last round writes there itself and ``consume`` is skipped."""
+        to ``consume`` (which writes it back). Where ``targets`` gives a chunk's destinations and the kernels run,
+        the last round writes there itself and ``consume`` is skipped.
+
+        With one round the chunks are pipelined: chunk k+1 is filled while chunk k travels, and travels while chunk
+        k is mixed. Only one exchange is ever in flight, and the next starts only once every header of the last
+        one has been checked, so a rank that stops (a bad header, or a chunk of its own to announce) leaves nothing
+        in flight: it stops where the sequential order would, its neighbours waiting in the exchange it answers.
+        Several rounds go chunk after chunk."""
         if not _finite(message.segments):
             self._announce_nonfinite_message(message, "parameters")
-        for chunk in message.chunks:
-            current = self._message_buffer("message", chunk)
-            finite = fill(chunk, current[_HEADER:])
-            spare = self._message_buffer("spare", chunk) if eta else current  # z(r-1) is only kept to accelerate
-            outputs = targets(chunk) if targets is not None else None
-            result = self._rounds(current, spare, rounds, eta, message.plain(chunk), finite, outputs)
-            if result is not None:
-                consume(chunk, result[_HEADER:])
+        if rounds == 1:
+            self._stream_pipelined(message, fill, consume, eta, targets)
+        else:
+            for chunk in message.chunks:
+                current = self._message_buffer("message", chunk)
+                finite = fill(chunk, current[_HEADER:])
+                spare = self._message_buffer("spare", chunk) if eta else current  # z(r-1) is kept to accelerate
+                outputs = targets(chunk) if targets is not None else None
+                result = self._rounds(current, spare, rounds, eta, message.plain(chunk), finite, outputs)
+                if result is not None:
+                    consume(chunk, result[_HEADER:])
         self._buffers_gossiped_at = self.step  # the first message of the step carried them
+
+    def _stream_pipelined(
+        self, message: Message, fill: FillFn, consume: ChunkFn, eta: float, targets: Optional[TargetsFn]
+    ) -> None:
+        """One round of :meth:`_stream`, the next chunk filled and sent while this one travels and is mixed."""
+        chunks = message.chunks
+
+        def prepared(k: int) -> tuple[Tensor, bool]:
+            buffer = self._message_buffer(f"message {k % 2}", chunks[k])
+            finite = fill(chunks[k], buffer[_HEADER:])
+            return buffer, _finite([buffer[_HEADER:]]) if finite is None else finite
+
+        current, finite = prepared(0)
+        in_flight = self._start_exchange(current, 0, slot=0) if finite else None
+        for k, chunk in enumerate(chunks):
+            if in_flight is None:  # this chunk holds inf/NaN: tell the neighbours waiting in its exchange, and stop
+                self._exchange_checked(current, 0, announce="parameters")
+            upcoming = prepared(k + 1) if k + 1 < len(chunks) else None  # while chunk k travels
+            assert in_flight is not None
+            received = self._finish_exchange(in_flight)  # raises on a bad header, with nothing else in flight
+            in_flight = None
+            if upcoming is not None and upcoming[1]:
+                in_flight = self._start_exchange(upcoming[0], 0, slot=(k + 1) % 2)  # travels while k is mixed
+            spare = self._message_buffer("spare", chunk) if eta else current
+            outputs = targets(chunk) if targets is not None else None
+            mixed = self._round_mix(current, spare, current, received, eta, message.plain(chunk), outputs)
+            if mixed is not None:
+                consume(chunk, mixed[1][_HEADER:])
+            if upcoming is not None:
+                current = upcoming[0]
 
     def _direct_targets(self, message: Message, chunk: Chunk) -> Optional[list[Output]]:
         """The chunk's pieces of ``message``'s segments as destinations, where each is a flat CPU float32 tensor."""
@@ -354,26 +409,43 @@ class GossipAlgorithm(PeriodicAlgorithm):
         previous = current  # z(-1) = z(0)
         for round_index in range(rounds):
             received = self._exchange(current, round_index, finite if round_index == 0 else None)
-            kernels = kernels_for(current, spare, *received) if len(received) <= MAX_NEIGHBOURS else None
-            if kernels is not None:  # the round in one pass (the same bits as the torch expressions below)
-                before = previous if eta else None
-                if outputs is not None and round_index == rounds - 1:
-                    self._mix_round(kernels, current, received, before, eta, plain, outputs)
-                    return None
-                following = current if not eta else spare if previous is current else previous
-                whole: list[Output] = [(0, following.numel() - _HEADER, following[_HEADER:], None)]
-                self._mix_round(kernels, current, received, before, eta, plain, whole)
-                previous, current = (current, following) if eta else (previous, current)
-                continue
-            if not eta:
-                self._mix_(current[_HEADER:], received)
-                continue
-            mixed = self._mix_into_first(current[_HEADER:], received)
-            following = spare if previous is current else previous  # z(r-1) is not needed once this is computed
-            _extrapolate(mixed, previous[_HEADER:], eta, following[_HEADER:])
-            following[_HEADER:][plain] = mixed[plain]  # buffers: plain gossip (no extrapolation below zero)
-            previous, current = current, following
+            last = outputs if round_index == rounds - 1 else None
+            mixed = self._round_mix(current, spare, previous, received, eta, plain, last)
+            if mixed is None:
+                return None
+            previous, current = mixed
         return current
+
+    def _round_mix(
+        self,
+        current: Tensor,
+        spare: Tensor,
+        previous: Tensor,
+        received: list[Tensor],
+        eta: float,
+        plain: slice,
+        outputs: Optional[list[Output]] = None,
+    ) -> Optional[tuple[Tensor, Tensor]]:
+        """One round's mix of ``received`` into ``current`` (``z(r)``, ``previous`` is ``z(r-1)``): returns the buffers
+        that now hold ``z(r)`` and ``z(r+1)``, or None where the kernels wrote ``z(r+1)`` into ``outputs``."""
+        kernels = kernels_for(current, spare, *received) if len(received) <= MAX_NEIGHBOURS else None
+        if kernels is not None:  # the round in one pass (the same bits as the torch expressions below)
+            before = previous if eta else None
+            if outputs is not None:
+                self._mix_round(kernels, current, received, before, eta, plain, outputs)
+                return None
+            following = current if not eta else spare if previous is current else previous
+            whole: list[Output] = [(0, following.numel() - _HEADER, following[_HEADER:], None)]
+            self._mix_round(kernels, current, received, before, eta, plain, whole)
+            return (current, following) if eta else (previous, current)
+        if not eta:
+            self._mix_(current[_HEADER:], received)
+            return previous, current
+        mixed = self._mix_into_first(current[_HEADER:], received)
+        following = spare if previous is current else previous  # z(r-1) is not needed once this is computed
+        _extrapolate(mixed, previous[_HEADER:], eta, following[_HEADER:])
+        following[_HEADER:][plain] = mixed[plain]  # buffers: plain gossip (no extrapolation below zero)
+        return current, following
 
     def _mix_round(
         self,
@@ -417,24 +489,36 @@ class GossipAlgorithm(PeriodicAlgorithm):
     def _exchange_checked(self, message: Tensor, round_index: int, announce: Optional[str] = None) -> list[Tensor]:
         """One exchange of ``message``, checked before anything is mixed. ``announce``: this rank holds inf/NaN of
         that kind; the exchange only tells the neighbours (zeros, flagged non-finite), then raises."""
-        assert self.topology is not None
-        rank = self.comm.rank
-        where = f"the gossip of step {self.step}"
-        at = position(self.step, EXCHANGE) * ROUNDS_PER_STEP + round_index
         if announce is not None:
             message[_HEADER:].zero_()  # a non-finite replica is announced, not sent
-        _write_header(message, announce is None, at)
-        peers = self.topology.neighbours(rank)
+        pending = self._start_exchange(message, round_index, finite=announce is None)
+        if announce is not None:
+            pending.exchange.wait()
+            raise nonfinite_error(self.label, pending.where, announce, [self.comm.rank], self.step)
+        return self._finish_exchange(pending)
+
+    def _start_exchange(self, message: Tensor, round_index: int, finite: bool = True, slot: int = 0) -> _InFlight:
+        """Write ``message``'s header and start sending it to the neighbours, receiving theirs into the receive
+        buffers of ``slot`` (two slots: one exchange travels while the next chunk is filled)."""
+        assert self.topology is not None
+        rank = self.comm.rank
+        at = position(self.step, EXCHANGE) * ROUNDS_PER_STEP + round_index
+        _write_header(message, finite, at)
+        peers = list(self.topology.neighbours(rank))
+        suffix = "" if slot == 0 else f" slot {slot}"
         out = {
-            peer: self._work.get(f"from {k}", message.numel(), message.dtype, message.device)
+            peer: self._work.get(f"from {k}{suffix}", message.numel(), message.dtype, message.device)
             for k, peer in enumerate(peers)
         }
-        received = self.comm.neighbour_exchange_(message, self.topology.phases(rank), out=out)
-        if announce is not None:
-            raise nonfinite_error(self.label, where, announce, [rank], self.step)
-        for peer, header in zip(peers, _read_headers([received[peer] for peer in peers])):
-            self._check_header(peer, header, at, where)
-        return [received[peer][_HEADER:] for peer in peers]  # ascending peer order: deterministic sums
+        exchange = self.comm.start_neighbour_exchange_(message, self.topology.phases(rank), out)
+        return _InFlight(exchange, peers, at, f"the gossip of step {self.step}")
+
+    def _finish_exchange(self, pending: _InFlight) -> list[Tensor]:
+        """Wait for an exchange and check the neighbours' headers; their chunks in ascending peer order."""
+        received = pending.exchange.wait()
+        for peer, header in zip(pending.peers, _read_headers([received[peer] for peer in pending.peers])):
+            self._check_header(peer, header, pending.at, pending.where)
+        return [received[peer][_HEADER:] for peer in pending.peers]  # ascending peer order: deterministic sums
 
     def _check_header(self, peer: int, header: tuple[bool, int], at: int, where: str) -> None:
         their_finite, their_at = header

@@ -121,11 +121,9 @@ class Communicator(ABC):
         payload. ``out``: a contiguous buffer per sender (``tensor``'s shape and dtype) to receive into, reused from
         call to call instead of fresh tensors (a streamed gossip's chunk buffers); the result is then ``out``.
         """
-        phases = [(int(to), int(source)) for to, source in phases]
+        phases = self._checked_phases(phases)
         if not phases:
             return {}
-        if any(self.rank in pair for pair in phases) or len({source for _, source in phases}) != len(phases):
-            raise ValueError(f"Rank {self.rank}'s gossip phases must pair it with other ranks, once each: {phases}.")
         if out is not None:
             _check_receive_buffers(tensor, [source for _, source in phases], out)
         start = time.perf_counter()
@@ -139,6 +137,24 @@ class Communicator(ABC):
         self._wait_for_device([tensor])
         self.stats.seconds += time.perf_counter() - start
         return received
+
+    def start_neighbour_exchange_(
+        self, tensor: Tensor, phases: Sequence[tuple[int, int]], out: dict[int, Tensor]
+    ) -> PendingNeighbourExchange:
+        """:meth:`neighbour_exchange_` into ``out`` without blocking where the transport allows it; ``.wait()``
+        returns ``out``. For a streamed gossip that prepares its next chunk while this one travels: one exchange in
+        flight at a time, nothing else issued on this communicator until it is waited for, and neither ``tensor``
+        nor ``out`` touched until then. Counted as :meth:`neighbour_exchange_`."""
+        phases = self._checked_phases(phases)
+        _check_receive_buffers(tensor, [source for _, source in phases], out)
+        pending = PendingNeighbourExchange(self, tensor, out)
+        if phases:
+            self.stats.collectives += 1
+            self.stats.bytes_sent += len(phases) * tensor.numel() * tensor.element_size()
+            pending._started = time.perf_counter()
+            pending._join = self._start_neighbour_exchange_into_(tensor.contiguous(), phases, out)
+        pending.done = not phases
+        return pending
 
     def start_all_reduce_mean_(self, tensor: Tensor) -> PendingAllReduce:
         """Start averaging ``tensor`` in place without blocking; call ``.wait()`` on the result before reading it.
@@ -232,6 +248,20 @@ class Communicator(ABC):
         for source, received in self._neighbour_exchange_(tensor, phases).items():
             out[source].copy_(received)
 
+    def _start_neighbour_exchange_into_(
+        self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]
+    ) -> Callable[[], None]:
+        """Start :meth:`_neighbour_exchange_into_`; return a function that waits for it. By default it runs now,
+        blocking, and the wait has nothing left to do."""
+        self._neighbour_exchange_into_(tensor, phases, out)
+        return lambda: None
+
+    def _checked_phases(self, phases: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        checked = [(int(to), int(source)) for to, source in phases]
+        if any(self.rank in pair for pair in checked) or len({source for _, source in checked}) != len(checked):
+            raise ValueError(f"Rank {self.rank}'s gossip phases must pair it with other ranks, once each: {checked}.")
+        return checked
+
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank (for small metadata)."""
@@ -318,6 +348,25 @@ class PendingAllGather(_PendingTransfer):
         self._result = gathered
         self._count_wait(start)
         return gathered
+
+
+class PendingNeighbourExchange(_PendingTransfer):
+    """A neighbour exchange in flight; :meth:`wait` returns the receive buffers by sender and times the wait."""
+
+    def __init__(self, comm: Communicator, tensor: Tensor, out: dict[int, Tensor]) -> None:
+        super().__init__(comm, tensor)
+        self.out = out
+        self._join: Optional[Callable[[], None]] = None
+
+    def wait(self) -> dict[int, Tensor]:
+        if self.done:
+            return self.out
+        start = time.perf_counter()
+        assert self._join is not None
+        self._join()
+        self._completed = time.perf_counter()
+        self._count_wait(start)
+        return self.out
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -434,14 +483,35 @@ class ProcessGroupCommunicator(Communicator):
             return
         self._neighbour_exchange_here(tensor, phases, out)
 
+    def _start_neighbour_exchange_into_(
+        self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]
+    ) -> Callable[[], None]:
+        if self._stages_through_host(tensor):  # through host copies: blocking, as the blocking form
+            return super()._start_neighbour_exchange_into_(tensor, phases, out)
+        # The first phase travels now; later ones (rings of more than 2 ranks) start when it is waited for, so that
+        # each link still carries one message at a time.
+        works = self._post_phase(tensor, phases[0], out)
+
+        def wait() -> None:
+            for work in works:
+                work.wait()
+            if len(phases) > 1:
+                self._neighbour_exchange_here(tensor, phases[1:], out)
+
+        return wait
+
+    def _post_phase(self, tensor: Tensor, phase: tuple[int, int], out: dict[int, Tensor]) -> list[Any]:
+        send_to, receive_from = phase
+        ops = [
+            dist.P2POp(dist.isend, tensor, self._global(send_to), self.group),
+            dist.P2POp(dist.irecv, out[receive_from], self._global(receive_from), self.group),
+        ]
+        return list(dist.batch_isend_irecv(ops))
+
     def _neighbour_exchange_here(self, tensor: Tensor, phases: list[tuple[int, int]], out: dict[int, Tensor]) -> None:
         # One phase at a time: each link carries one message at once (see Topology.phases for what that bought).
-        for send_to, receive_from in phases:
-            ops = [
-                dist.P2POp(dist.isend, tensor, self._global(send_to), self.group),
-                dist.P2POp(dist.irecv, out[receive_from], self._global(receive_from), self.group),
-            ]
-            for work in dist.batch_isend_irecv(ops):
+        for phase in phases:
+            for work in self._post_phase(tensor, phase, out):
                 work.wait()
 
     def _global(self, rank: int) -> int:
