@@ -20,3 +20,13 @@ def test_slow_link_smoke_writes_a_table_with_our_strategy_and_the_peers(tmp_path
     assert "compute limit" in table and "post-local SGD" in table and "local_sgd" in table
     assert "FAILED" not in proc.stdout
     assert (tmp_path / "mlp-loopback-smoke" / "loss_vs_seconds.png").stat().st_size > 0
+
+
+def test_the_loopback_transfer_benchmark_prints_every_operation():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loopback_transfer", "--mib", "1", "--chunks", "4", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 5 and all(float(row.split("|")[2]) > 0 for row in rows), proc.stdout

@@ -21,6 +21,7 @@ from sim_utils import SMALL_BUCKET_MB, loss_of, make_layered_model
 
 import lightning_localsgd
 from lightning_localsgd import algorithms as algos
+from lightning_localsgd.algorithms import gossip_native
 from lightning_localsgd.algorithms.guard import finite_flag, flag_vector
 from lightning_localsgd.comm import ProcessGroupCommunicator, run_simulated
 from lightning_localsgd.comm.grad_sync import gradient_flags
@@ -64,9 +65,10 @@ def _syncing_index(index: Any) -> bool:
 @pytest.fixture
 def host_syncs(monkeypatch):
     """Count, per worker thread, what would stall a GPU: ``with host_syncs() as log`` collects them in ``log``."""
-    # The scaled sign's CPU accelerations (the C kernel, NumPy's sign packing and lane sums) read host memory by
-    # design and never run on CUDA: off here, so that these CPU runs take the code a CUDA run takes.
+    # The scaled sign's and the gossip's CPU accelerations (the C kernels, NumPy's sign packing and lane sums) read
+    # host memory by design and never run on CUDA: off here, so that these CPU runs take the code a CUDA run takes.
     monkeypatch.setattr(sign_format, "kernels", lambda: None)
+    monkeypatch.setitem(gossip_native._loaded, "kernels", None)
     monkeypatch.setattr(sign_format, "_numpy", None)
     monkeypatch.setattr(packing, "_numpy", None)
     for name in READS:
@@ -82,15 +84,18 @@ def host_syncs(monkeypatch):
             return _original(self, index, *rest)
 
         monkeypatch.setattr(torch.Tensor, name, indexing)
-    exchanges = SimulatedCommunicator.neighbour_exchange_
 
-    def counted_exchange(self, *args, **kwargs):
-        log = getattr(_tls, "log", None)
-        if log is not None:
-            log.append(("exchange", ""))  # not a read: gossip's bound is per exchange
-        return exchanges(self, *args, **kwargs)
+    def counted(exchange):
+        def counted_exchange(self, *args, **kwargs):
+            log = getattr(_tls, "log", None)
+            if log is not None:
+                log.append(("exchange", ""))  # not a read: gossip's bound is per exchange
+            return exchange(self, *args, **kwargs)
 
-    monkeypatch.setattr(SimulatedCommunicator, "neighbour_exchange_", counted_exchange)
+        return counted_exchange
+
+    for name in ("neighbour_exchange_", "start_neighbour_exchange_"):  # blocking, and the pipelined gossip's
+        monkeypatch.setattr(SimulatedCommunicator, name, counted(getattr(SimulatedCommunicator, name)))
 
     class Scope:
         def __init__(self) -> None:

@@ -153,6 +153,7 @@ class Communicator(ABC):
             self.stats.bytes_sent += len(phases) * tensor.numel() * tensor.element_size()
             pending._started = time.perf_counter()
             pending._join = self._start_neighbour_exchange_into_(tensor.contiguous(), phases, out)
+            self.stats.seconds += time.perf_counter() - pending._started  # posting (or the whole blocking form)
         pending.done = not phases
         return pending
 

@@ -1,0 +1,98 @@
+"""What moving a model's bytes costs on loopback gloo here: the floor under a per-step exchange's time.
+
+    python -m benchmarks.loopback_transfer [--mib 382] [--chunks 32] [--repeats 3]
+
+Two ranks (one thread each, loopback gloo) time, means over ``--repeats`` after one warm-up: a ring all-reduce of
+``--mib`` MiB of float32 (what DDP sends per step, there hidden under backward); a neighbour exchange of the same
+bytes each way in one message and in ``--chunks`` messages one after the other (what ``dpsgd`` sends per step; DeTAG
+sends twice that, its tracker too); the same chunks pipelined as the gossip does (the next one posted before the
+last is waited for); and a memcpy of the bytes on one rank. A benchmark, not a test: the numbers belong to this
+machine (here a 2-core VM, where the transfers are CPU copies on the cores the ranks train on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def exchange(tensor: torch.Tensor, out: torch.Tensor, peer: int) -> list[dist.Work]:
+    ops = [dist.P2POp(dist.isend, tensor, peer), dist.P2POp(dist.irecv, out, peer)]
+    return list(dist.batch_isend_irecv(ops))
+
+
+def rank_main(rank: int, port: int, args: argparse.Namespace, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    peer = 1 - rank
+    numel = int(args.mib * 2**20) // 4
+    x, received = torch.randn(numel), torch.empty(numel)
+    cut = numel // args.chunks
+
+    def chunked() -> None:
+        for k in range(args.chunks):
+            part = slice(k * cut, numel if k == args.chunks - 1 else (k + 1) * cut)
+            for work in exchange(x[part], received[part], peer):
+                work.wait()
+
+    def pipelined() -> None:
+        pending: list[dist.Work] = []
+        for k in range(args.chunks):
+            part = slice(k * cut, numel if k == args.chunks - 1 else (k + 1) * cut)
+            following = exchange(x[part], received[part], peer)
+            for work in pending:
+                work.wait()
+            pending = following
+        for work in pending:
+            work.wait()
+
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("ring all-reduce", lambda: dist.all_reduce(x)),
+        ("neighbour exchange, one message", lambda: [w.wait() for w in exchange(x, received, peer)]),
+        (f"neighbour exchange, {args.chunks} messages in turn", chunked),
+        (f"neighbour exchange, {args.chunks} messages pipelined", pipelined),
+        ("memcpy on one rank", lambda: received.copy_(x)),
+    ]
+    for name, run in cases:
+        dist.barrier()
+        run()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            run()
+        dist.barrier()
+        if rank == 0:
+            results[name] = (time.perf_counter() - start) / args.repeats
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=float, default=382.0, help="MiB of float32 (default: the 100 M-parameter MLP)")
+    parser.add_argument("--chunks", type=int, default=32, help="messages per exchange, as the gossip cuts them")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(rank_main, args=(port, args, results), nprocs=2)
+        print(f"{args.mib:g} MiB of float32, 2 ranks on loopback gloo, one thread each, mean of {args.repeats}")
+        print()
+        print("| operation | seconds | per GiB each way |")
+        print("|---|---:|---:|")
+        for name, seconds in results.items():
+            print(f"| {name} | {seconds:.3f} | {seconds / (args.mib / 1024):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
