@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import shutil
 import subprocess
 
 import pytest
 import torch
+from native_utils import empty_cache, required
 
 from lightning_localsgd.algorithms import gossip_native
 from lightning_localsgd.native import build
@@ -25,12 +25,7 @@ SIZES = [1, 5, 8, 9, 16, 23, 64, 1001, 4099]
 
 
 def built() -> gossip_native.GossipKernels:
-    kernels = gossip_native.gossip_kernels()
-    if kernels is None:
-        compiler = build.compiler()[0]
-        assert shutil.which(compiler) is None, f"{compiler} is installed, yet the gossip kernels were not built"
-        pytest.skip(f"the C kernels cannot be built on this machine (no {compiler})")
-    return kernels
+    return required(gossip_native.gossip_kernels(), "the gossip's C kernels")
 
 
 def floats(numel: int, seed: int) -> torch.Tensor:
@@ -58,10 +53,10 @@ def expected_mix(own, received, weights, previous, eta):
 
 @pytest.fixture
 def fresh_gossip_native(monkeypatch, tmp_path):
-    monkeypatch.setenv(build.CACHE_VARIABLE, str(tmp_path / "cache"))
-    monkeypatch.delenv(build.DISABLE_VARIABLE, raising=False)
+    """A process that has not loaded the gossip kernels yet, building into an empty cache."""
+    cache = empty_cache(monkeypatch, tmp_path)
     gossip_native.reset()
-    yield tmp_path / "cache"
+    yield cache
     gossip_native.reset()
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from native_utils import empty_cache, required
 from plain_references import documented_sum
 
 from lightning_localsgd.compression import ScaledSign, native, sign_format
@@ -35,13 +35,7 @@ def awkward_vector(numel: int, seed: int) -> torch.Tensor:
 
 
 def built_kernels() -> native.SignKernels:
-    kernels = sign_format.kernels()
-    if kernels is None:
-        compiler = native._compiler()[0]
-        # Only where no C compiler is installed: the fallback is what runs there, and is tested here too.
-        assert shutil.which(compiler) is None, f"{compiler} is installed, yet the kernels were not built or refused"
-        pytest.skip(f"the C kernels cannot be built on this machine (no {compiler})")
-    return kernels
+    return required(sign_format.kernels(), "the scaled sign's C kernels")
 
 
 def documented_decode(payload: torch.Tensor, x: torch.Tensor, block_elements: int) -> torch.Tensor:
@@ -65,10 +59,9 @@ def encoded_bits(kernels: native.SignKernels, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """A process that has not loaded the kernels yet, building into an empty cache."""
-    monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
-    monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
+    cache = empty_cache(monkeypatch, tmp_path)
     native.reset()
-    yield tmp_path / "cache"
+    yield cache
     native.reset()
 
 
