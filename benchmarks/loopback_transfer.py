@@ -88,10 +88,10 @@ def main() -> None:
         mp.spawn(rank_main, args=(port, args, results), nprocs=2)
         print(f"{args.mib:g} MiB of float32, 2 ranks on loopback gloo, one thread each, mean of {args.repeats}")
         print()
-        print("| operation | seconds | per GiB each way |")
+        print("| operation | ms | ms per GiB each way |")
         print("|---|---:|---:|")
         for name, seconds in results.items():
-            print(f"| {name} | {seconds:.3f} | {seconds / (args.mib / 1024):.3f} |")
+            print(f"| {name} | {seconds * 1e3:.3f} | {seconds * 1e3 / (args.mib / 1024):.1f} |")
 
 
 if __name__ == "__main__":
