@@ -4,11 +4,12 @@ Each rank keeps its own replica and, at every optimizer step, mixes it with its 
 (:mod:`lightning_localsgd.comm.topology`): ``x_i <- sum_j W_ij x_j``. Messages go point to point to the neighbours
 only (:meth:`~lightning_localsgd.comm.Communicator.neighbour_exchange_`, one neighbour per phase). A message reads
 the parameters of the optimizer about to step (and, once per step, the averaged normalisation buffers), then what
-the algorithm gossips beside them (DeTAG's tracker), as one long vector, and streams it: chunks of about
+the algorithm gossips beside them (DeTAG's tracker), as one long vector, and streams it: chunks of half
 ``bucket_cap_mb`` (:mod:`.chunks`) in float32 (float64 for a float64 model), each mixed and written back before the
-next is read, through a few chunk-sized buffers kept between steps (the message, the neighbours' messages, DeTAG's
-previous round). Extra memory is a few chunks whatever the model size, and a half-precision model is never widened
-into a whole-model vector. Mixing is elementwise, so the chunks give the same bits as one whole-model vector would;
+next is read, through a few chunk-sized buffers kept between steps (two messages and the neighbours' messages: one
+chunk travels while the next is filled, see :meth:`GossipAlgorithm._stream`; DeTAG's previous round). Extra
+memory is a few chunks whatever the model size, and a half-precision model is never widened into a whole-model
+vector. Mixing is elementwise, so the chunks give the same bits as one whole-model vector would;
 all ranks cut the same chunks and exchange them in the same order (DeTAG: every round of a chunk, then the next).
 On CPU float32 the copy into the message (with its inf/NaN check), DeTAG's tracker update and a round's mix go
 through one-pass C kernels (:mod:`.gossip_native`), the last round writing straight into the replica; the torch

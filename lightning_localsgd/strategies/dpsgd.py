@@ -25,7 +25,8 @@ class DPSGDStrategy(LocalUpdateStrategy):
         check_every: steps between the guard's world checks (a few dozen bytes: finiteness, position, learning
             rates, SIGTERM / requeue agreement). Signals are acted on at the next check.
         warmup_steps: initial steps of synchronous SGD (all-reduced gradients).
-        bucket_cap_mb: flat bucket size of the parameters (consensus averages are one collective per bucket).
+        bucket_cap_mb: flat bucket size of the parameters (consensus averages are one collective per bucket); the
+            gossip sends chunks of half this, two at a time.
         buffers: which module buffers are gossiped with the replicas (see :class:`LocalSGDStrategy`).
         gossip_order: ``"adapt_then_combine"`` (default: step, then mix the stepped replicas; with a fully connected
             topology this is synchronous SGD) or ``"combine_then_adapt"`` (mix, then step: the paper's statement).
