@@ -68,7 +68,7 @@ def host_syncs(monkeypatch):
     # The scaled sign's and the gossip's CPU accelerations (the C kernels, NumPy's sign packing and lane sums) read
     # host memory by design and never run on CUDA: off here, so that these CPU runs take the code a CUDA run takes.
     monkeypatch.setattr(sign_format, "kernels", lambda: None)
-    monkeypatch.setitem(gossip_native._loaded, "kernels", None)
+    monkeypatch.setattr(gossip_native, "gossip_kernels", lambda: None)
     monkeypatch.setattr(sign_format, "_numpy", None)
     monkeypatch.setattr(packing, "_numpy", None)
     for name in READS:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -169,3 +171,28 @@ def test_only_contiguous_cpu_float32_goes_to_the_kernels():
     assert gossip_native.kernels_for(x, x.t()) is None
     assert gossip_native.kernels_for(x.double()) is None
     assert gossip_native.kernels_for(x.bfloat16()) is None
+
+
+def test_threads_that_build_at_once_all_get_the_library(fresh_gossip_native):
+    # Simulated ranks are threads of one process: they reach their first gossip together, into an empty cache.
+    built()  # a compiler is here (else this skips)
+    gossip_native.reset()
+    start = threading.Barrier(6)
+
+    def first_use(_: int) -> object:
+        start.wait()
+        return gossip_native.gossip_kernels()
+
+    def raw_build(_: int) -> object:
+        start.wait()
+        return build.build(gossip_native.SOURCE, gossip_native.FLAGS)
+
+    with ThreadPoolExecutor(6) as pool:
+        loaded = list(pool.map(first_use, range(6)))
+    assert loaded[0] is not None and all(kernels is loaded[0] for kernels in loaded)
+    for path in fresh_gossip_native.glob("gossip_kernels-*"):
+        path.unlink()
+    with ThreadPoolExecutor(6) as pool:  # the builds themselves, side by side
+        paths = list(pool.map(raw_build, range(6)))
+    assert len(set(paths)) == 1 and paths[0].exists()
+    assert not list(fresh_gossip_native.glob(".*partial"))

@@ -143,15 +143,13 @@ def _matches_reference(kernels: GossipKernels) -> bool:
     return True
 
 
-_loaded: dict[str, Optional[GossipKernels]] = {}
+_loaded = build.Loaded()
 
 
 def gossip_kernels() -> Optional[GossipKernels]:
     """The kernels, built, checked and loaded once per process; None where they are turned off, cannot be built
     here, or do not give the torch expressions' bits."""
-    if "kernels" not in _loaded:
-        _loaded["kernels"] = build.load("Gossip's C kernels", SOURCE, FLAGS, GossipKernels, _matches_reference, log)
-    return _loaded["kernels"]
+    return _loaded.get(lambda: build.load("Gossip's C kernels", SOURCE, FLAGS, GossipKernels, _matches_reference, log))
 
 
 def kernels_for(*tensors: Tensor) -> Optional[GossipKernels]:
@@ -163,4 +161,4 @@ def kernels_for(*tensors: Tensor) -> Optional[GossipKernels]:
 
 def reset() -> None:
     """Forget the loaded kernels (tests: the next use builds or refuses them again)."""
-    _loaded.clear()
+    _loaded.reset()

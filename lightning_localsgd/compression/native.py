@@ -80,15 +80,13 @@ class SignKernels:
         self._decode_add(bits.data_ptr(), out.numel(), scale, addend.data_ptr(), out.data_ptr())
 
 
-_loaded: dict[str, Optional[SignKernels]] = {}
+_loaded = build.Loaded()
 
 
 def sign_kernels(check: Optional[Callable[[SignKernels], bool]] = None) -> Optional[SignKernels]:
     """The kernels, built and loaded once per process; None where they are turned off, cannot be built here, or fail
     ``check`` (given by the first caller: the comparison with the reference in ``sign_format.py``)."""
-    if "kernels" not in _loaded:
-        _loaded["kernels"] = _load(check)
-    return _loaded["kernels"]
+    return _loaded.get(lambda: _load(check))
 
 
 def _load(check: Optional[Callable[[SignKernels], bool]]) -> Optional[SignKernels]:
@@ -101,4 +99,4 @@ def _compiler() -> list[str]:
 
 def reset() -> None:
     """Forget the loaded kernels (tests: the next use builds or refuses them again)."""
-    _loaded.clear()
+    _loaded.reset()

@@ -19,8 +19,9 @@ import shlex
 import subprocess
 import sysconfig
 import tempfile
+import threading
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -65,7 +66,8 @@ def build(source: Path, flags: list[str]) -> Path:
     target = directory / f"{source.stem}-{key[:16]}{suffix}"
     if target.exists():
         return target
-    partial = directory / f".{target.name}.{os.getpid()}.partial"
+    # Named per process and thread: simulated ranks are threads of one process, and may build at the same moment.
+    partial = directory / f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial"
     try:
         libraries = [flag for flag in flags if flag.startswith("-l")]
         options = [flag for flag in flags if not flag.startswith("-l")]
@@ -104,6 +106,30 @@ def load(
         )
         return None
     return kernels
+
+
+class Loaded:
+    """A library's kernels, loaded once per process by the first caller; later callers (other threads included: the
+    simulated ranks are threads) wait for that load and share its result."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+        self._kernels: Any = None
+
+    def get(self, load: Callable[[], Optional[Wrapper]]) -> Optional[Wrapper]:
+        """The kernels, from ``load()`` on the first call."""
+        if not self._done:
+            with self._lock:
+                if not self._done:
+                    self._kernels = load()
+                    self._done = True
+        return self._kernels
+
+    def reset(self) -> None:
+        """Forget the loaded kernels: the next :meth:`get` builds or refuses them again."""
+        with self._lock:
+            self._kernels, self._done = None, False
 
 
 def is_plain_cpu_float32(tensor: Tensor) -> bool:
