@@ -20,6 +20,7 @@ from native_utils import empty_cache, required
 from plain_references import documented_sum
 
 from lightning_localsgd.compression import ScaledSign, native, sign_format
+from lightning_localsgd.native import build
 
 SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 2 * 1024 + 8 * 5 + 3, 5000]  # no lane, one pass, 2 and 3 visits
 
@@ -47,6 +48,16 @@ def documented_decode(payload: torch.Tensor, x: torch.Tensor, block_elements: in
         block = x[start : start + block_elements]
         out[start : start + block_elements] = torch.where(block < 0, -scale, scale)
     return out
+
+
+def signs_times(scale: float, x: torch.Tensor) -> list[float]:
+    """``-scale`` where ``x < 0``, ``+scale`` elsewhere, as Python floats (what the bits decode to)."""
+    return [-scale if v < 0 else scale for v in x.tolist()]
+
+
+def rounded_once(values: list[float]) -> list[float]:
+    """Python floats (exact sums of two float32 here) rounded once to float32."""
+    return torch.tensor(values, dtype=torch.float64).float().tolist()
 
 
 def encoded_bits(kernels: native.SignKernels, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +110,7 @@ def test_the_kernel_decodes_plus_minus_scale_from_the_bits(numel):
     bits = encoded_bits(kernels, x)
     out = torch.full((numel,), float("nan"))
     kernels.decode(bits, 0.8125, out)
-    assert out.tolist() == [-0.8125 if v < 0 else 0.8125 for v in x.tolist()]
+    assert out.tolist() == signs_times(0.8125, x)
 
 
 @pytest.mark.parametrize("numel", SIZES)
@@ -110,8 +121,8 @@ def test_the_kernel_adds_what_it_decodes_with_one_rounding(numel):
     bits = encoded_bits(kernels, x)
     out = torch.full((numel,), float("nan"))
     kernels.decode_add(bits, 0.8125, addend, out)
-    expected = [a + (-0.8125 if v < 0 else 0.8125) for a, v in zip(addend.tolist(), x.tolist())]
-    assert out.tolist() == torch.tensor(expected, dtype=torch.float64).float().tolist()  # rounded once to float32
+    expected = [a + c for a, c in zip(addend.tolist(), signs_times(0.8125, x))]
+    assert out.tolist() == rounded_once(expected)
     kernels.decode_add(bits, 0.8125, addend, addend)  # in place: the addend is the output
     assert torch.equal(addend, out)
 
@@ -122,12 +133,11 @@ def test_the_kernel_splits_a_vector_into_its_compression_and_residual_in_one_pas
     x = awkward_vector(numel, numel + 4)
     addend = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 1e-3
     bits = encoded_bits(kernels, x)
-    signed = [-0.8125 if v < 0 else 0.8125 for v in x.tolist()]
-    as_float32 = lambda values: torch.tensor(values, dtype=torch.float64).float().tolist()  # noqa: E731
+    signed = signs_times(0.8125, x)
     residual, decoded = torch.full((numel,), float("nan")), torch.full((numel,), float("nan"))
     kernels.residual(bits, 0.8125, x, residual, addend, decoded)
-    assert residual.tolist() == as_float32([v - c for v, c in zip(x.tolist(), signed)])
-    assert decoded.tolist() == as_float32([c + a for c, a in zip(signed, addend.tolist())])
+    assert residual.tolist() == rounded_once([v - c for v, c in zip(x.tolist(), signed)])
+    assert decoded.tolist() == rounded_once([c + a for c, a in zip(signed, addend.tolist())])
     kernels.residual(bits, 0.8125, x, x, None, decoded)  # in place, and no addend
     assert torch.equal(x, residual) and decoded.tolist() == signed
 
@@ -191,7 +201,7 @@ def test_the_plain_c_loop_gives_the_same_bits_as_the_avx2_version(tmp_path):
     built_kernels()
     library = tmp_path / "plain.so"
     subprocess.run(
-        [*native._compiler(), *native.FLAGS, "-DLLSGD_PLAIN_ONLY", str(native.SOURCE), "-o", str(library)], check=True
+        [*build.compiler(), *native.FLAGS, "-DLLSGD_PLAIN_ONLY", str(native.SOURCE), "-o", str(library)], check=True
     )
     plain = native.SignKernels(ctypes.CDLL(str(library)))
     assert plain.version == "plain C"

@@ -188,20 +188,17 @@ class DeTAG(GossipAlgorithm):
         """``out = (y + g_new) - g_old`` from the tracker's own memory and ``g_old <- g_new``, a pass per piece through
         the kernels (the bits of :meth:`_track`'s torch path); whether ``out`` is all finite. None, with nothing
         written, where a piece is not CPU float32 in one flat view (or a gradient is missing)."""
+        kernels = kernels_for(out)
         operands = []
         for piece in part.pieces:
             y, grad, old = trackers[piece.index], grads[piece.index], last[piece.index]
-            if grad is None or not all(t.is_contiguous() for t in (y, grad, old)):
+            if kernels is None or grad is None or not all(is_plain_cpu_float32(t) for t in (y, grad, old)):
                 return None
             window = slice(piece.start, piece.start + piece.length)
             destination = out[piece.at : piece.at + piece.length]
             operands.append((y.view(-1)[window], grad.view(-1)[window], old.view(-1)[window], destination))
-        if any(kernels_for(*tensors) is None for tensors in operands):
-            return None
         finite = True
         for y, g, old, destination in operands:
-            kernels = kernels_for(y)
-            assert kernels is not None
             finite = kernels.track(y, g, old, destination, old) and finite
         return finite
 

@@ -93,10 +93,6 @@ def _load(check: Optional[Callable[[SignKernels], bool]]) -> Optional[SignKernel
     return build.load("The scaled sign's C kernels", SOURCE, FLAGS, SignKernels, check, log)
 
 
-def _compiler() -> list[str]:
-    return build.compiler()
-
-
 def reset() -> None:
     """Forget the loaded kernels (tests: the next use builds or refuses them again)."""
     _loaded.reset()
