@@ -28,6 +28,12 @@ def test_the_loopback_transfer_benchmark_prints_every_operation():
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    milliseconds = [float(row.split("|")[2]) for row in rows]
-    assert len(rows) == 5 and all(ms > 0 for ms in milliseconds[:4]) and milliseconds[4] >= 0, proc.stdout
+    transfers, overlaps = (
+        [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        for table in proc.stdout.split("\n\n")[1:3]
+    )
+    milliseconds = [float(row[1]) for row in transfers]
+    assert len(transfers) == 5 and all(ms > 0 for ms in milliseconds[:4]) and milliseconds[4] >= 0, proc.stdout
+    assert [row[0].strip() for row in overlaps] == ["neighbour exchange, one message", "ring all-reduce"], proc.stdout
+    for row in overlaps:  # compute alone, the transfer alone, both at once: each took time; "hidden" is a share
+        assert all(float(cell) > 0 for cell in row[1:4]) and row[4].strip().endswith("%"), proc.stdout
