@@ -36,9 +36,9 @@ from torch.optim import Optimizer
 from lightning_localsgd._validation import check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
 from lightning_localsgd.algorithms.chunks import Chunk, ChunkWriter, gather_chunk, gradient_of
-from lightning_localsgd.algorithms.gossip import (
+from lightning_localsgd.algorithms.gossip import GossipAlgorithm
+from lightning_localsgd.algorithms.gossip_message import (
     ROUNDS_PER_STEP,
-    GossipAlgorithm,
     Output,
     gather_chunk_checked,
     offset_of,

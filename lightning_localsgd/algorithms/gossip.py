@@ -1,19 +1,19 @@
 """What every decentralised (gossip) algorithm shares: a neighbour exchange at every step, and no all-reduce.
 
 Each rank keeps its own replica and, at every optimizer step, mixes it with its neighbours' over a topology
-(:mod:`lightning_localsgd.comm.topology`): ``x_i <- sum_j W_ij x_j``. Messages go point to point to the neighbours
-only (:meth:`~lightning_localsgd.comm.Communicator.neighbour_exchange_`, one neighbour per phase). A message reads
-the parameters of the optimizer about to step (and, once per step, the averaged normalisation buffers), then what
-the algorithm gossips beside them (DeTAG's tracker), as one long vector, and streams it: chunks of half
-``bucket_cap_mb`` (:mod:`.chunks`) in float32 (float64 for a float64 model), each mixed and written back before the
-next is read, through a few chunk-sized buffers kept between steps (two messages and the neighbours' messages: one
-chunk travels while the next is filled, see :meth:`GossipAlgorithm._stream`; DeTAG's previous round). Extra
-memory is a few chunks whatever the model size, and a half-precision model is never widened into a whole-model
-vector. Mixing is elementwise, so the chunks give the same bits as one whole-model vector would;
-all ranks cut the same chunks and exchange them in the same order (DeTAG: every round of a chunk, then the next).
-On CPU float32 the copy into the message (with its inf/NaN check), DeTAG's tracker update and a round's mix go
-through one-pass C kernels (:mod:`.gossip_native`), the last round writing straight into the replica; the torch
-expressions here are their reference and fallback, with the same bits.
+(:mod:`lightning_localsgd.comm.topology`): ``x_i <- sum_j W_ij x_j``. Messages go point to point to the neighbours only
+(:meth:`~lightning_localsgd.comm.Communicator.neighbour_exchange_`, one neighbour per phase). A message reads the
+parameters of the optimizer about to step (and, once per step, the averaged normalisation buffers), then what the
+algorithm gossips beside them (DeTAG's tracker), as one long vector (:mod:`.gossip_message`), and streams it: chunks of
+half ``bucket_cap_mb`` (:mod:`.chunks`) in float32 (float64 for a float64 model), each mixed and written back before the
+next is read, through a few chunk-sized buffers kept between steps (two messages and the neighbours' messages: one chunk
+travels while the next is filled, see :meth:`GossipAlgorithm._stream`; DeTAG's previous round). Extra memory is a few
+chunks whatever the model size, and a half-precision model is never widened into a whole-model vector. Mixing is
+elementwise, so the chunks give the same bits as one whole-model vector would; all ranks cut the same chunks and
+exchange them in the same order (DeTAG: every round of a chunk, then the next). On CPU float32 the copy into the message
+(with its inf/NaN check), DeTAG's tracker update and a round's mix go through one-pass C kernels
+(:mod:`.gossip_native`), the last round writing straight into the replica; the torch expressions here are their
+reference and fallback, with the same bits.
 
 The guard, without a whole-world collective on the critical path of a step:
 
@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -57,16 +57,23 @@ from torch.optim import Optimizer
 
 from lightning_localsgd._validation import check_choice, check_int
 from lightning_localsgd.algorithms.buffers import BufferSelection
-from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter, Piece, gather_chunk
-from lightning_localsgd.algorithms.gossip_native import MAX_NEIGHBOURS, GossipKernels, kernels_for
-from lightning_localsgd.algorithms.guard import (
-    EXCHANGE,
-    SYNC_POINT_KINDS,
-    all_finite,
-    failures_named,
-    nonfinite_error,
-    position,
+from lightning_localsgd.algorithms.chunks import Chunk, ChunkBuffers, ChunkPlan, ChunkWriter
+from lightning_localsgd.algorithms.gossip_message import (
+    HEADER,
+    ROUNDS_PER_STEP,
+    ChunkFn,
+    FillFn,
+    Message,
+    Output,
+    TargetsFn,
+    describe_position,
+    gather_chunk_checked,
+    read_headers,
+    values_finite,
+    write_header,
 )
+from lightning_localsgd.algorithms.gossip_native import MAX_NEIGHBOURS, GossipKernels, kernels_for
+from lightning_localsgd.algorithms.guard import EXCHANGE, all_finite, failures_named, nonfinite_error, position
 from lightning_localsgd.algorithms.periodic import PeriodicAlgorithm
 from lightning_localsgd.algorithms.profiling import phase
 from lightning_localsgd.comm.communicator import PendingNeighbourExchange
@@ -75,116 +82,12 @@ from lightning_localsgd.comm.topology import Topology, check_topology_name, make
 from lightning_localsgd.errors import NonFiniteError, OutOfStepError
 from lightning_localsgd.native.build import is_plain_cpu_float32
 
-_HEADER = 3  # slots: finite flag, position split in two exact halves (float32 holds integers below 2**24)
-_HALF = 2**22
-ROUNDS_PER_STEP = 64  # at most this many gossip rounds in one step (positions count them)
-
-# One chunk of a message (the chunk and its values' buffer): take the gossip's result for it.
-ChunkFn = Callable[[Chunk, Tensor], None]
-# ... or fill it, and say whether the values are all finite where the fill found out on the way (None: it did not,
-# and the exchange reads them once more to check).
-FillFn = Callable[[Chunk, Tensor], Optional[bool]]
-# Where a chunk's last round may write straight away (no pass through the message buffer): for each range of the
-# chunk, its offset, length, a flat CPU float32 view to write, and an optional second one (DeTAG's direction).
-Output = tuple[int, int, Tensor, Optional[Tensor]]
-TargetsFn = Callable[[Chunk], Optional[list[Output]]]
-
-
-def _write_header(message: Tensor, finite: bool, at: int) -> None:
-    # Filled on the message's device: a header built on the host would be a blocking copy to the GPU per exchange.
-    message[0] = 1.0 if finite else 0.0
-    message[1] = float(at // _HALF)
-    message[2] = float(at % _HALF)
-
-
-def _describe(at: int) -> str:
-    step = at // ROUNDS_PER_STEP // len(SYNC_POINT_KINDS)
-    return f"step {step}, gossip round {at % ROUNDS_PER_STEP}"
-
-
-def _read_headers(messages: Sequence[Tensor]) -> list[tuple[bool, int]]:
-    """Each message's header: finite, position. One host read for all of them (one sync per exchange on a GPU)."""
-    if not messages:
-        return []
-    values = torch.stack([m[:_HEADER] for m in messages]).tolist()
-    return [(flag == 1.0, int(high) * _HALF + int(low)) for flag, high, low in values]
-
-
-def _finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element is finite: one read of each tensor, one host sync, and no copy of it (a float64 sum or
-    ``isfinite`` would allocate a tensor's size again). Exact: a minimum or maximum is inf/NaN iff an element is."""
-    flags = []
-    for t in tensors:
-        if t.numel() == 0:
-            continue
-        kernels = kernels_for(t)
-        if kernels is not None:  # CPU float32: the kernel reads the exponent bits, no comparisons
-            if not kernels.all_finite(t):
-                return False
-            continue
-        flags.append(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all())
-    return bool(torch.stack(flags).all()) if flags else True
-
-
-def gather_chunk_checked(chunk: Chunk, tensors: Sequence[Optional[Tensor]], out: Tensor) -> Optional[bool]:
-    """:func:`~.chunks.gather_chunk`, and whether the chunk is all finite where the kernels could tell on the way
-    (every piece a CPU float32 vector copied into a float32 chunk), else None."""
-    target = out[: chunk.numel]
-    finite: Optional[bool] = True
-    for piece in chunk.pieces:
-        destination = target[piece.at : piece.at + piece.length]
-        source = tensors[piece.index]
-        kernels = kernels_for(source, destination) if source is not None else None
-        if kernels is not None:
-            assert source is not None
-            piece_finite = kernels.copy_finite(source.view(-1)[piece.start : piece.start + piece.length], destination)
-            if finite is not None:
-                finite = finite and piece_finite
-            continue
-        gather_chunk(Chunk(0, piece.length, (Piece(piece.index, piece.start, piece.length, 0),)), tensors, destination)
-        if source is not None:
-            finite = None
-    return finite
-
-
-def offset_of(chunk: Chunk, first_segment: int) -> int:
-    """Where in ``chunk`` the elements of segment ``first_segment`` and later begin (segments come in order)."""
-    return next((piece.at for piece in chunk.pieces if piece.index >= first_segment), chunk.numel)
-
-
-def shifted(chunk: Chunk, at: int, first_segment: int) -> Chunk:
-    """Elements ``[at, numel)`` of ``chunk`` as a chunk of their own, segment ``first_segment`` renumbered 0 (the
-    part of a message that one list of tensors, e.g. DeTAG's per-parameter tracker, fills)."""
-    part = chunk.part(at, chunk.numel - at)
-    pieces = tuple(Piece(piece.index - first_segment, piece.start, piece.length, piece.at) for piece in part.pieces)
-    return Chunk(part.start, part.numel, pieces)
-
 
 def _extrapolate(mixed: Tensor, previous: Tensor, eta: float, out: Tensor) -> None:
     """``out = mixed + eta (mixed - previous)``, i.e. ``(1 + eta) W z(r) - eta z(r-1)`` written so that it is exact
     where nothing changes; ``out`` may be ``previous``."""
     torch.sub(mixed, previous, out=out)
     torch.add(mixed, out, alpha=eta, out=out)
-
-
-@dataclass(frozen=True)
-class Message:
-    """What one optimizer's gossip carries, read as one vector: ``segments`` in order (the replica's parameters,
-    then the buffers gossiped this step, then the carried per-parameter state), cut into ``plan``'s chunks."""
-
-    segments: list[Tensor]
-    plan: ChunkPlan
-    first_buffer: int  # segments [first_buffer, first_carried) are normalisation buffers: mixed by plain gossip
-    first_carried: int
-
-    @property
-    def chunks(self) -> list[Chunk]:
-        # An empty message is still one (empty) exchange: every rank issues the same exchanges, and a guard flag.
-        return self.plan.chunks or [Chunk(0, 0, ())]
-
-    def plain(self, chunk: Chunk) -> slice:
-        """The chunk's elements that are buffers."""
-        return slice(offset_of(chunk, self.first_buffer), offset_of(chunk, self.first_carried))
 
 
 @dataclass(frozen=True)
@@ -308,7 +211,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
 
     def _message_buffer(self, name: str, chunk: Chunk) -> Tensor:
         """A reused buffer for one chunk's message: the header's slots, then the chunk."""
-        return self._work.get(name, _HEADER + chunk.numel, self.gossip_dtype, self.flat.buckets[0].device)
+        return self._work.get(name, HEADER + chunk.numel, self.gossip_dtype, self.flat.buckets[0].device)
 
     def _fill(self, message: Message) -> FillFn:
         """Reads the chunk of ``message``'s segments, in the gossip dtype."""
@@ -337,19 +240,19 @@ class GossipAlgorithm(PeriodicAlgorithm):
         one has been checked, so a rank that stops (a bad header, or a chunk of its own to announce) leaves nothing
         in flight: it stops where the sequential order would, its neighbours waiting in the exchange it answers.
         Several rounds go chunk after chunk."""
-        if not _finite(message.segments):
+        if not values_finite(message.segments):
             self._announce_nonfinite_message(message, "parameters")
         if rounds == 1:
             self._stream_pipelined(message, fill, consume, eta, targets)
         else:
             for chunk in message.chunks:
                 current = self._message_buffer("message", chunk)
-                finite = fill(chunk, current[_HEADER:])
+                finite = fill(chunk, current[HEADER:])
                 spare = self._message_buffer("spare", chunk) if eta else current  # z(r-1) is kept to accelerate
                 outputs = targets(chunk) if targets is not None else None
                 result = self._rounds(current, spare, rounds, eta, message.plain(chunk), finite, outputs)
                 if result is not None:
-                    consume(chunk, result[_HEADER:])
+                    consume(chunk, result[HEADER:])
         self._buffers_gossiped_at = self.step  # the first message of the step carried them
 
     def _stream_pipelined(
@@ -360,8 +263,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
 
         def prepared(k: int) -> tuple[Tensor, bool]:
             buffer = self._message_buffer(f"message {k % 2}", chunks[k])
-            finite = fill(chunks[k], buffer[_HEADER:])
-            return buffer, _finite([buffer[_HEADER:]]) if finite is None else finite
+            finite = fill(chunks[k], buffer[HEADER:])
+            return buffer, values_finite([buffer[HEADER:]]) if finite is None else finite
 
         current, finite = prepared(0)
         in_flight = self._start_exchange(current, 0, slot=0) if finite else None
@@ -378,7 +281,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
             outputs = targets(chunk) if targets is not None else None
             mixed = self._round_mix(current, spare, current, received, eta, message.plain(chunk), outputs)
             if mixed is not None:
-                consume(chunk, mixed[1][_HEADER:])
+                consume(chunk, mixed[1][HEADER:])
             if upcoming is not None:
                 current = upcoming[0]
 
@@ -436,16 +339,16 @@ class GossipAlgorithm(PeriodicAlgorithm):
                 self._mix_round(kernels, current, received, before, eta, plain, outputs)
                 return None
             following = current if not eta else spare if previous is current else previous
-            whole: list[Output] = [(0, following.numel() - _HEADER, following[_HEADER:], None)]
+            whole: list[Output] = [(0, following.numel() - HEADER, following[HEADER:], None)]
             self._mix_round(kernels, current, received, before, eta, plain, whole)
             return (current, following) if eta else (previous, current)
         if not eta:
-            self._mix_(current[_HEADER:], received)
+            self._mix_(current[HEADER:], received)
             return previous, current
-        mixed = self._mix_into_first(current[_HEADER:], received)
+        mixed = self._mix_into_first(current[HEADER:], received)
         following = spare if previous is current else previous  # z(r-1) is not needed once this is computed
-        _extrapolate(mixed, previous[_HEADER:], eta, following[_HEADER:])
-        following[_HEADER:][plain] = mixed[plain]  # buffers: plain gossip (no extrapolation below zero)
+        _extrapolate(mixed, previous[HEADER:], eta, following[HEADER:])
+        following[HEADER:][plain] = mixed[plain]  # buffers: plain gossip (no extrapolation below zero)
         return current, following
 
     def _mix_round(
@@ -462,8 +365,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
         chunk), extrapolated from ``previous`` (None: plain gossip) but for the ``plain`` elements."""
         assert self.topology is not None
         weights = list(self.topology.neighbours(self.comm.rank).values())
-        own = current[_HEADER:]
-        before = None if previous is None else previous[_HEADER:]
+        own = current[HEADER:]
+        before = None if previous is None else previous[HEADER:]
         start, stop = plain.start or 0, own.numel() if plain.stop is None else plain.stop
         for at, length, out, copy in outputs:
             cuts = sorted({at, at + length} | {cut for cut in (start, stop) if at < cut < at + length})
@@ -483,7 +386,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
         """Send ``message`` (its chunk after the header's slots) to the neighbours, receive theirs into reused
         buffers and check their headers; returns their chunks in ascending peer order. A non-finite chunk is
         announced instead of sent, and this rank stops. ``finite``: the chunk's finiteness where already known."""
-        if not (finite if finite is not None else _finite([message[_HEADER:]])):
+        if not (finite if finite is not None else values_finite([message[HEADER:]])):
             self._exchange_checked(message, round_index, announce="parameters")
         return self._exchange_checked(message, round_index)
 
@@ -491,7 +394,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
         """One exchange of ``message``, checked before anything is mixed. ``announce``: this rank holds inf/NaN of
         that kind; the exchange only tells the neighbours (zeros, flagged non-finite), then raises."""
         if announce is not None:
-            message[_HEADER:].zero_()  # a non-finite replica is announced, not sent
+            message[HEADER:].zero_()  # a non-finite replica is announced, not sent
         pending = self._start_exchange(message, round_index, finite=announce is None)
         if announce is not None:
             pending.exchange.wait()
@@ -504,7 +407,7 @@ class GossipAlgorithm(PeriodicAlgorithm):
         assert self.topology is not None
         rank = self.comm.rank
         at = position(self.step, EXCHANGE) * ROUNDS_PER_STEP + round_index
-        _write_header(message, finite, at)
+        write_header(message, finite, at)
         peers = list(self.topology.neighbours(rank))
         suffix = "" if slot == 0 else f" slot {slot}"
         out = {
@@ -517,9 +420,9 @@ class GossipAlgorithm(PeriodicAlgorithm):
     def _finish_exchange(self, pending: _InFlight) -> list[Tensor]:
         """Wait for an exchange and check the neighbours' headers; their chunks in ascending peer order."""
         received = pending.exchange.wait()
-        for peer, header in zip(pending.peers, _read_headers([received[peer] for peer in pending.peers])):
+        for peer, header in zip(pending.peers, read_headers([received[peer] for peer in pending.peers])):
             self._check_header(peer, header, pending.at, pending.where)
-        return [received[peer][_HEADER:] for peer in pending.peers]  # ascending peer order: deterministic sums
+        return [received[peer][HEADER:] for peer in pending.peers]  # ascending peer order: deterministic sums
 
     def _check_header(self, peer: int, header: tuple[bool, int], at: int, where: str) -> None:
         their_finite, their_at = header
@@ -533,8 +436,8 @@ class GossipAlgorithm(PeriodicAlgorithm):
             )
         if their_at != at:
             raise OutOfStepError(
-                f"{self.label}: rank {rank} is at {_describe(at)} and its neighbour rank {peer} at "
-                f"{_describe(their_at)}. Their data or control flow differ: give every rank the same number of "
+                f"{self.label}: rank {rank} is at {describe_position(at)} and its neighbour rank {peer} at "
+                f"{describe_position(their_at)}. Their data or control flow differ: give every rank the same number of "
                 "batches and take optimizer steps on all ranks alike. Nothing was mixed."
             )
 
