@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -146,13 +147,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--save-at", type=int, default=0, help="step after which one checkpoint is timed (0: none)")
-    args = parser.parse_args()
+    run(parser.parse_args())
 
+
+def run(args: argparse.Namespace, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """One configuration: fit, then write this rank's record (also returned) into ``args.out``."""
     torch.set_num_threads(1)  # one core per rank: 2 ranks on the machine's 2 cores
     width = mlp_width(args.params_millions, args.layers)
     module = WideMLP(width, args.layers, args.batch_size, args.steps)
     timer = StepTimer()
-    callbacks: list[Callback] = [timer]
+    callbacks: list[Callback] = [timer, *extra_callbacks]
     probe = SaveProbe(args.save_at, args.out) if args.save_at else None
     callbacks += [probe] if probe is not None else []
     single = args.strategy == "single"
@@ -186,6 +190,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+    return record
 
 
 if __name__ == "__main__":
