@@ -51,7 +51,7 @@ PARTS: list[tuple[str, str, str, tuple[str, ...]]] = [
         ("copy_finite", "all_finite"),
     ),
     (
-        "compressed exchange",
+        "gradient exchange (warm-up or compressed)",
         "lightning_localsgd.algorithms.gradient_exchange",
         "GradientExchange",
         ("before_optimizer_step",),
@@ -65,7 +65,7 @@ PARTS: list[tuple[str, str, str, tuple[str, ...]]] = [
         ("abs_sum_signs", "decode", "residual", "decode_add"),
     ),
 ]
-INSIDE_THE_OPTIMIZER_STEP = ("forward", "backward", "gossip", "compressed exchange")
+INSIDE_THE_OPTIMIZER_STEP = ("forward", "backward", "gossip", "gradient exchange (warm-up or compressed)")
 
 
 class PartTimers:
