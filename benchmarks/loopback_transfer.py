@@ -38,13 +38,12 @@ def exchange(tensor: torch.Tensor, out: torch.Tensor, peer: int) -> list[dist.Wo
 PRODUCT_SIZE = 1024  # the compute: square float32 matrix products of this size, one thread
 
 
-def calibrated_products(seconds: float) -> int:
-    """How many one-thread matrix products take about ``seconds`` on this rank (at least one)."""
-    a, b = torch.randn(PRODUCT_SIZE, PRODUCT_SIZE), torch.randn(PRODUCT_SIZE, PRODUCT_SIZE)
-    torch.mm(a, b)
+def calibrated_products(seconds: float, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
+    """How many products ``a @ b`` (one thread) take about ``seconds`` on this rank (at least one)."""
+    torch.mm(a, b, out=out)
     start = time.perf_counter()
     for _ in range(3):
-        torch.mm(a, b)
+        torch.mm(a, b, out=out)
     return max(1, round(seconds / ((time.perf_counter() - start) / 3)))
 
 
@@ -72,10 +71,10 @@ def overlap_cases(x: torch.Tensor, received: torch.Tensor, peer: int, repeats: i
         ("ring all-reduce", lambda: [dist.all_reduce(x, async_op=True)]),
     ]
     alone_transfer = {name: timed(lambda start=start: wait_all(start()), repeats) for name, start in transfers}
-    products = torch.tensor([calibrated_products(alone_transfer[transfers[0][0]])])
-    dist.broadcast(products, 0)  # every rank computes alike
     a, b = torch.randn(PRODUCT_SIZE, PRODUCT_SIZE), torch.randn(PRODUCT_SIZE, PRODUCT_SIZE)
     out = torch.empty(PRODUCT_SIZE, PRODUCT_SIZE)
+    products = torch.tensor([calibrated_products(alone_transfer[transfers[0][0]], a, b, out)])
+    dist.broadcast(products, 0)  # every rank computes alike
 
     def compute() -> None:
         for _ in range(int(products)):

@@ -28,44 +28,32 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks import exchange_memory_worker
 
+STRATEGY = "lightning.pytorch.strategies.strategy"
+GOSSIP = "lightning_localsgd.algorithms.gossip"
+GOSSIP_KERNELS = "lightning_localsgd.algorithms.gossip_native"
+COMM = "lightning_localsgd.comm.communicator"
+EXCHANGE = "lightning_localsgd.algorithms.gradient_exchange"
+SIGN_KERNELS = "lightning_localsgd.compression.native"
+GRADIENT_EXCHANGE = "gradient exchange (warm-up or compressed)"
+
 # (label, module, class, methods): the methods' times add up under the label. A method that calls another one of
 # the same label (an override calling its parent) counts once.
 PARTS: list[tuple[str, str, str, tuple[str, ...]]] = [
-    ("forward", "lightning.pytorch.strategies.strategy", "Strategy", ("training_step",)),
-    ("backward", "lightning.pytorch.strategies.strategy", "Strategy", ("backward",)),
+    ("forward", STRATEGY, "Strategy", ("training_step",)),
+    ("backward", STRATEGY, "Strategy", ("backward",)),
     ("optimizer step, all of it", "torch.optim", "SGD", ("step",)),
-    ("gossip", "lightning_localsgd.algorithms.gossip", "GossipAlgorithm", ("before_optimizer_step",)),
-    ("- posting neighbour exchanges", "lightning_localsgd.algorithms.gossip", "GossipAlgorithm", ("_start_exchange",)),
-    (
-        "- waiting for neighbour exchanges",
-        "lightning_localsgd.comm.communicator",
-        "PendingNeighbourExchange",
-        ("wait",),
-    ),
-    ("- gossip kernels: mix", "lightning_localsgd.algorithms.gossip_native", "GossipKernels", ("mix",)),
-    ("- gossip kernels: tracker", "lightning_localsgd.algorithms.gossip_native", "GossipKernels", ("track",)),
-    (
-        "- gossip kernels: copies and checks",
-        "lightning_localsgd.algorithms.gossip_native",
-        "GossipKernels",
-        ("copy_finite", "all_finite"),
-    ),
-    (
-        "gradient exchange (warm-up or compressed)",
-        "lightning_localsgd.algorithms.gradient_exchange",
-        "GradientExchange",
-        ("before_optimizer_step",),
-    ),
-    ("- all-gathers, blocking (the flags)", "lightning_localsgd.comm.communicator", "Communicator", ("all_gather_",)),
-    ("- waiting for all-gathers", "lightning_localsgd.comm.communicator", "PendingAllGather", ("wait",)),
-    (
-        "- sign kernels",
-        "lightning_localsgd.compression.native",
-        "SignKernels",
-        ("abs_sum_signs", "decode", "residual", "decode_add"),
-    ),
+    ("gossip", GOSSIP, "GossipAlgorithm", ("before_optimizer_step",)),
+    ("- posting neighbour exchanges", GOSSIP, "GossipAlgorithm", ("_start_exchange",)),
+    ("- waiting for neighbour exchanges", COMM, "PendingNeighbourExchange", ("wait",)),
+    ("- gossip kernels: mix", GOSSIP_KERNELS, "GossipKernels", ("mix",)),
+    ("- gossip kernels: tracker", GOSSIP_KERNELS, "GossipKernels", ("track",)),
+    ("- gossip kernels: copies and checks", GOSSIP_KERNELS, "GossipKernels", ("copy_finite", "all_finite")),
+    (GRADIENT_EXCHANGE, EXCHANGE, "GradientExchange", ("before_optimizer_step",)),
+    ("- all-gathers, blocking (the flags)", COMM, "Communicator", ("all_gather_",)),
+    ("- waiting for all-gathers", COMM, "PendingAllGather", ("wait",)),
+    ("- sign kernels", SIGN_KERNELS, "SignKernels", ("abs_sum_signs", "decode", "residual", "decode_add")),
 ]
-INSIDE_THE_OPTIMIZER_STEP = ("forward", "backward", "gossip", "gradient exchange (warm-up or compressed)")
+INSIDE_THE_OPTIMIZER_STEP = ("forward", "backward", "gossip", GRADIENT_EXCHANGE)
 
 
 class PartTimers:

@@ -11,14 +11,13 @@ is held to the whole-vector reference in ``test_gossip_streaming.py``.
 from __future__ import annotations
 
 import ctypes
-import logging
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from native_utils import empty_cache, required
+from native_utils import assert_refused, fresh_load, required
 
 from lightning_localsgd.algorithms import gossip_native
 from lightning_localsgd.native import build
@@ -56,10 +55,7 @@ def expected_mix(own, received, weights, previous, eta):
 @pytest.fixture
 def fresh_gossip_native(monkeypatch, tmp_path):
     """A process that has not loaded the gossip kernels yet, building into an empty cache."""
-    cache = empty_cache(monkeypatch, tmp_path)
-    gossip_native.reset()
-    yield cache
-    gossip_native.reset()
+    yield from fresh_load(monkeypatch, tmp_path, gossip_native.reset)
 
 
 def test_torch_adds_with_alpha_in_one_rounding_as_the_kernels_assume():
@@ -149,13 +145,7 @@ def test_a_build_that_rounds_twice_is_refused(fresh_gossip_native, monkeypatch, 
         "+ i), o)),",
     )
     assert wrong.count("_mm256_add_ps(_mm256_mul_ps") == 1 and "mixed + weights[j]" in wrong
-    mutated = tmp_path / "gossip_kernels.c"
-    mutated.write_text(wrong)
-    monkeypatch.setattr(gossip_native, "SOURCE", mutated)
-    gossip_native.reset()
-    with caplog.at_level(logging.WARNING, logger=gossip_native.__name__):
-        assert gossip_native.gossip_kernels() is None
-    assert "do not give the reference's bits" in caplog.text
+    assert_refused(monkeypatch, tmp_path, caplog, gossip_native, wrong, gossip_native.gossip_kernels)
 
 
 def test_the_environment_turns_the_kernels_off(fresh_gossip_native, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from native_utils import empty_cache, required
+from native_utils import assert_refused, fresh_load, required
 from plain_references import documented_sum
 
 from lightning_localsgd.compression import ScaledSign, native, sign_format
@@ -70,10 +70,7 @@ def encoded_bits(kernels: native.SignKernels, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """A process that has not loaded the kernels yet, building into an empty cache."""
-    cache = empty_cache(monkeypatch, tmp_path)
-    native.reset()
-    yield cache
-    native.reset()
+    yield from fresh_load(monkeypatch, tmp_path, native.reset)
 
 
 @pytest.mark.parametrize("with_numpy", [True, False])
@@ -241,13 +238,7 @@ def test_a_build_that_gives_other_bits_is_refused(fresh_native, monkeypatch, tmp
     source = native.SOURCE.read_text()
     wrong = source.replace("lane[k] = lane[k] + lane[k + half];", "lane[k] = lane[2 * k] + lane[2 * k + 1];")
     assert wrong != source
-    mutated = tmp_path / "sign_kernels.c"
-    mutated.write_text(wrong)
-    monkeypatch.setattr(native, "SOURCE", mutated)
-    native.reset()
-    with caplog.at_level(logging.WARNING, logger=native.__name__):
-        assert sign_format.kernels() is None
-    assert "do not give the reference's bits" in caplog.text
+    assert_refused(monkeypatch, tmp_path, caplog, native, wrong, sign_format.kernels)
 
 
 def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh_native):
